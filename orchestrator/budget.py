@@ -1,0 +1,89 @@
+"""Budgets: hard limits on size_bytes, macs and bops, parsed from `size=40KB,macs=2M`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from orchestrator.cost import Cost
+
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}  # fmt: skip
+COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+# budget key -> (Cost field, unit table)
+LIMITS = {"size": ("size_bytes", SIZE_UNITS), "macs": ("macs", COUNT_UNITS),
+          "bops": ("bops", COUNT_UNITS)}  # fmt: skip
+_AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+class BudgetError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class Budget:
+    size_bytes: int | None = None
+    macs: int | None = None
+    bops: int | None = None
+
+    @property
+    def limits(self) -> dict[str, int]:
+        return {f: getattr(self, f) for f, _ in LIMITS.values() if getattr(self, f) is not None}
+
+    def __bool__(self) -> bool:
+        return bool(self.limits)
+
+    def violations(self, cost: Cost) -> dict[str, float]:
+        """Per limit, the relative excess (> 0: over budget; <= 0: within). Optuna constraints."""
+        return {f: getattr(cost, f) / limit - 1.0 for f, limit in self.limits.items()}
+
+    def allows(self, cost: Cost) -> bool:
+        return all(v <= 0 for v in self.violations(cost).values())
+
+    def describe(self) -> str:
+        names = {f: k for k, (f, _) in LIMITS.items()}
+        return ",".join(f"{names[f]}={v}" for f, v in self.limits.items()) or "none"
+
+
+def _amount(key: str, text: str, units: dict[str, int]) -> int:
+    match = _AMOUNT.match(text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in units:
+        names = ", ".join(u for u in units if u) or "none"
+        raise BudgetError(f"budget '{key}={text}' is not an amount; write e.g. {key}=40KB "
+                          f"(units: {names})")  # fmt: skip
+    value = float(match.group(1)) * units[unit]
+    if value <= 0:
+        raise BudgetError(f"budget '{key}={text}' must be positive")
+    return int(value)
+
+
+def parse_budget(spec: str | dict | None) -> Budget:
+    """`"size=40KB,macs=2M"` or `{"size": "40KB", "macs": 2000000}` -> Budget."""
+    if spec is None or spec == "" or spec == {}:
+        return Budget()
+    if isinstance(spec, str):
+        pairs = []
+        for part in spec.split(","):
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise BudgetError(f"budget part '{part.strip()}' needs KEY=VALUE, e.g. size=40KB")
+            pairs.append((key.strip(), value.strip()))
+    elif isinstance(spec, dict):
+        pairs = [(str(k), str(v)) for k, v in spec.items()]
+    else:
+        raise BudgetError("budget must be a string like 'size=40KB' or a mapping")
+    fields = {}
+    for key, value in pairs:
+        if key not in LIMITS:
+            raise BudgetError(f"unknown budget '{key}'; use {', '.join(LIMITS)}")
+        field, units = LIMITS[key]
+        fields[field] = _amount(key, value, units)
+    return Budget(**fields)
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("MB", 10**6), ("KB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"

@@ -1,0 +1,1 @@
+"""How a policy is applied to a model: quantization, pruning, rebuild."""

@@ -1,0 +1,39 @@
+"""Per-output-channel symmetric weight quantization (ours: small and exact).
+
+Each output row r gets scale_r = max|w_r| / qmax with qmax = 2^(bits-1) - 1, and values
+q = clamp(round(w / scale_r), -qmax, qmax). The range is symmetric and restricted (no
+-2^(bits-1)), so the row's largest magnitude is represented exactly and every error is
+at most half a step: |w - q * scale| <= scale / 2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def qmax(bits: int) -> int:
+    if bits < 2:
+        raise ValueError(f"symmetric quantization needs at least 2 bits, got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+def quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (same shape as `weight`, int8/int16) and one float32 scale per row."""
+    rows = weight.detach().reshape(weight.shape[0], -1).float()
+    top = qmax(bits)
+    scale = rows.abs().amax(dim=1) / top
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
+    codes = torch.clamp(torch.round(rows / scale[:, None]), -top, top)
+    dtype = torch.int8 if bits <= 8 else torch.int16
+    return codes.to(dtype).reshape(weight.shape), scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    rows = codes.reshape(codes.shape[0], -1).float() * scale[:, None]
+    return rows.reshape(codes.shape).to(dtype)
+
+
+def fake_quantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The float tensor the quantized model computes with (what scoring uses)."""
+    codes, scale = quantize(weight, bits)
+    return dequantize(codes, scale, weight.dtype)

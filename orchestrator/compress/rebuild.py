@@ -1,0 +1,87 @@
+"""Rebuild: apply a canonical policy to the base model, giving the model that is scored.
+
+A Rebuilder is made once per worker and reused for every candidate: it keeps the base
+weights and one working copy, restores only the weights the previous candidate changed,
+then masks and fake-quantizes each layer as its setting says. The pruning step is a
+lookup table by mode, so the structured mode (issue 3) slots in beside it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from orchestrator.compress.prune import magnitude_masks
+from orchestrator.compress.quantize import fake_quantize
+from search_spaces import LayerInfo, LayerSetting, SearchSpace
+from search_spaces.config import FLOAT_BITS
+
+PruneStep = Callable[[LayerInfo, list[torch.Tensor], LayerSetting], list[torch.Tensor]]
+
+
+def _prune_unstructured(
+    layer: LayerInfo, weights: list[torch.Tensor], setting: LayerSetting
+) -> list[torch.Tensor]:
+    if setting.keep_count >= layer.numel:
+        return weights
+    masks = magnitude_masks(weights, setting.keep_count)
+    return [w * m for w, m in zip(weights, masks, strict=True)]
+
+
+def _prune_none(
+    layer: LayerInfo, weights: list[torch.Tensor], setting: LayerSetting
+) -> list[torch.Tensor]:
+    return weights
+
+
+PRUNE_STEPS: dict[str, PruneStep] = {"unstructured": _prune_unstructured, "none": _prune_none}
+
+
+class Rebuilder:
+    def __init__(self, base: nn.Module, space: SearchSpace) -> None:
+        self.space = space
+        self.model = copy.deepcopy(base).eval()
+        self._params = dict(self.model.named_parameters())
+        self._params.update(self.model.named_buffers())
+        self._base = {k: v.detach().clone() for k, v in self._params.items()}
+        self._prune = PRUNE_STEPS[space.pruning]
+        self._dirty: set[str] = set()
+
+    def to(self, device: torch.device | str) -> Rebuilder:
+        self.model.to(device)
+        self._params = dict(self.model.named_parameters())
+        self._params.update(self.model.named_buffers())
+        self._base = {k: v.to(device) for k, v in self._base.items()}
+        return self
+
+    def restore(self) -> None:
+        """Put back every tensor a previous candidate changed (weights, BatchNorm state)."""
+        with torch.no_grad():
+            for key in self._dirty:
+                self._params[key].copy_(self._base[key])
+        self._dirty.clear()
+
+    def mark_dirty(self, keys: set[str]) -> None:
+        self._dirty |= keys
+
+    @torch.no_grad()
+    def __call__(self, policy: Mapping[str, int | float]) -> nn.Module:
+        self.restore()
+        settings = self.space.layer_settings(policy)
+        for layer in self.space.profile.layers:
+            self._apply(layer, settings[layer.name])
+        return self.model
+
+    def _apply(self, layer: LayerInfo, setting: LayerSetting) -> None:
+        if setting.bits >= FLOAT_BITS and setting.keep_count >= layer.numel:
+            return
+        keys = [w.key for w in layer.weights]
+        weights = self._prune(layer, [self._base[k] for k in keys], setting)
+        if setting.bits < FLOAT_BITS:
+            weights = [fake_quantize(w, setting.bits) for w in weights]
+        for key, value in zip(keys, weights, strict=True):
+            self._params[key].copy_(value)
+        self._dirty.update(keys)

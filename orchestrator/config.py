@@ -1,0 +1,184 @@
+"""SearchConfig: one YAML file validated up front; every CLI flag overrides a key.
+
+A bad config raises ConfigError with one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+
+from orchestrator.budget import Budget, BudgetError, parse_budget
+from orchestrator.errors import ConfigError
+from search_spaces.config import PruningMode, SpaceConfig
+
+Number = StrictInt | float
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorkersConfig(_Frozen):
+    count: StrictInt | Literal["auto"] = "auto"  # auto: one per CPU core (cpus_per_worker)
+    cpus_per_worker: Number = Field(default=1, gt=0)
+    gpus_per_worker: Number = Field(default=0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("count", mode="before")
+    @classmethod
+    def _count(cls, v):
+        if isinstance(v, bool) or not (v == "auto" or isinstance(v, int)):
+            raise ValueError(f"must be a whole number of workers or 'auto', got {v!r}")
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1, or auto")
+        return v
+
+
+class RecoveryConfig(_Frozen):
+    bn_recalibration: StrictBool = True
+    calibration_batches: StrictInt | None = Field(default=None, ge=1)
+
+
+SAMPLERS = ("auto", "tpe", "nsga2", "random")
+
+
+class SearchConfig(_Frozen):
+    task: StrictStr = "digits-cnn"
+    study: StrictStr | None = None  # default: <task>-<timestamp>
+    out: StrictStr = "runs"
+    trials: StrictInt = Field(default=60, ge=1)
+    seed: StrictInt | None = 0
+    sampler: Literal["auto", "tpe", "nsga2", "random"] = "auto"
+    budget: StrictStr | dict[str, StrictStr | Number] | None = None
+    pruning: PruningMode = "unstructured"
+    space: SpaceConfig = SpaceConfig()
+    workers: WorkersConfig = WorkersConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
+    baselines: StrictBool = True  # evaluate the uniform float/8/4/2-bit policies first
+    retries: StrictInt = Field(default=2, ge=0)  # re-dispatches of a candidate whose worker died
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v):
+        parse_budget(v)  # raise early with the budget's own message
+        return v
+
+    @field_validator("study")
+    @classmethod
+    def _study(cls, v):
+        if v is not None and (not v or "/" in v or v.startswith(".")):
+            raise ValueError("must be a plain directory name (no '/', not starting with '.')")
+        return v
+
+    @property
+    def parsed_budget(self) -> Budget:
+        return parse_budget(self.budget)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The config model inside an annotation (`X`, `tuple[X, ...]`, `X | None`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _fields_at(path: list[str | int]) -> list[str]:
+    """Field names at `path` in the config tree, for did-you-mean."""
+    model: type[BaseModel] | None = SearchConfig
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model else None
+        model = _submodel(field.annotation) if field else None
+    return list(model.model_fields) if model else []
+
+
+def _dotted(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+# Type tags pydantic puts in error locations of union fields; they are not config keys.
+_TAGS = {"int", "float", "str", "bool", "list", "tuple", "dict", "literal", "none"}
+
+
+def _explain(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    # Drop pydantic's union/type tags from the location: keep only config keys and indexes.
+    loc = tuple(
+        p for p in err["loc"] if isinstance(p, int) or (p.isidentifier() and p not in _TAGS)
+    )
+    key = _dotted(loc)
+    if err["type"] == "extra_forbidden":
+        parent = loc[:-1]
+        close = difflib.get_close_matches(str(loc[-1]), _fields_at(list(parent)), n=1, cutoff=0.6)
+        hint = f"; did you mean '{_dotted((*parent, close[0]))}'?" if close else ""
+        return f"unknown config key '{key}'{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = (
+        ""
+        if isinstance(got, (dict, list, tuple)) or err["type"].startswith("value_error")
+        else f" (got {got!r})"
+    )
+    return f"config key '{key}': {msg}{shown}"
+
+
+def make_config(data: dict[str, Any] | None = None, **overrides: Any) -> SearchConfig:
+    """Validate a config mapping, with dotted-key overrides (`workers.count=2`) from flags."""
+    merged: dict[str, Any] = dict(data or {})
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = merged
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {}) if isinstance(node.get(p, {}), dict) else {}
+        node[last] = value
+    try:
+        return SearchConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+    except BudgetError as exc:
+        raise ConfigError(f"config key 'budget': {exc}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; give a YAML file or no argument "
+                          "for the embedded default")  # fmt: skip
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"config file '{path}' is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys (task:, trials:, ...)")
+    return data

@@ -1,0 +1,79 @@
+"""Policy: one canonical value per knob; hashable, and JSON round-trips exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from search_spaces import SearchSpace, SpaceError
+
+Value = int | float
+
+
+@dataclass(frozen=True)
+class Policy(Mapping[str, Value]):
+    """Canonical knob values (build with `Policy.from_values(space, values)`).
+
+    Keep ratios are rounded to whole element (or channel) counts, so two policies that
+    build the same model are equal, hash equal and are evaluated once.
+    """
+
+    items_: tuple[tuple[str, Value], ...]
+
+    @classmethod
+    def from_values(cls, space: SearchSpace, values: Mapping[str, Any]) -> Policy:
+        return cls(tuple(sorted(space.canonicalize(values).items())))
+
+    @classmethod
+    def uniform(cls, space: SearchSpace, bits: int, keep: float = 1.0) -> Policy:
+        """Every bits knob at `bits`, every keep knob at `keep` (the uniform baselines)."""
+        by_kind = {"bits": bits, "keep": keep}
+        return cls.from_values(space, {k.name: by_kind[k.kind] for k in space.knobs})
+
+    @classmethod
+    def parse(cls, space: SearchSpace, text: str) -> Policy:
+        """`uniform:BITS[:KEEP]`, or JSON text of {knob: value} (optionally under "policy")."""
+        if text.startswith("uniform:"):
+            parts = text.split(":")[1:]
+            try:
+                bits, keep = int(parts[0]), float(parts[1]) if len(parts) > 1 else 1.0
+            except (ValueError, IndexError):
+                raise SpaceError(f"policy '{text}': write uniform:BITS or uniform:BITS:KEEP, "
+                                 "e.g. uniform:4 or uniform:4:0.5") from None  # fmt: skip
+            return cls.uniform(space, bits, keep)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpaceError(f"policy is not valid JSON: {exc}") from None
+        if isinstance(data, dict) and isinstance(data.get("policy"), dict):
+            data = data["policy"]
+        if not isinstance(data, dict):
+            raise SpaceError("policy JSON must be an object of {knob: value}")
+        return cls.from_values(space, data)
+
+    def __getitem__(self, key: str) -> Value:
+        for name, value in self.items_:
+            if name == key:
+                return value
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, _ in self.items_)
+
+    def __len__(self) -> int:
+        return len(self.items_)
+
+    def to_json(self) -> str:
+        # repr-exact floats, sorted keys, no spaces: the canonical text that is hashed.
+        return json.dumps(dict(self.items_), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, space: SearchSpace, text: str) -> Policy:
+        return cls.from_values(space, json.loads(text))
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]

@@ -1,0 +1,138 @@
+"""Everything checked before any work starts: task, space, budget, study directory.
+
+`prepare` raises ConfigError (one line: what is wrong and how to fix it) and neither
+starts Ray nor writes a file, so bad input never costs a worker or touches a study.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from orchestrator.budget import Budget, format_bytes
+from orchestrator.config import SearchConfig
+from orchestrator.cost import Cost, policy_cost
+from orchestrator.errors import ConfigError
+from orchestrator.policy import Policy
+from orchestrator.task import Task, resolve_task
+from search_spaces import SearchSpace, SpaceError, derive_space, profile_model
+
+_BUDGET_NAMES = {"size_bytes": "size", "macs": "macs", "bops": "bops"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prepared:
+    config: SearchConfig
+    task: Task
+    base_model: nn.Module
+    space: SearchSpace
+    budget: Budget
+    base_cost: Cost
+    study: str
+    study_dir: Path
+    resume: bool
+
+
+def build_space(config: SearchConfig) -> tuple[Task, nn.Module, SearchSpace]:
+    task = resolve_task(config.task)
+    try:
+        model = task.model()
+        example = task.example_inputs()
+    except Exception as exc:
+        raise ConfigError(f"task '{config.task}': loading its model or example inputs failed "
+                          f"with {type(exc).__name__}: {exc}") from exc  # fmt: skip
+    try:
+        profile = profile_model(model, example)
+    except Exception as exc:
+        raise ConfigError(f"task '{config.task}': the model failed on its example inputs: "
+                          f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
+    if not profile.layers:
+        raise ConfigError(f"task '{config.task}': the model has no Conv/Linear/LSTM/GRU layer "
+                          "to compress")  # fmt: skip
+    try:
+        space = derive_space(profile, config.space, pruning=config.pruning)
+    except SpaceError as exc:
+        raise ConfigError(str(exc)) from None
+    return task, model, space
+
+
+def check_budget(space: SearchSpace, budget: Budget) -> None:
+    """Refuse a budget that even the smallest policy in the space cannot meet."""
+    smallest = policy_cost(space, Policy.from_values(space, space.extreme_values("min")))
+    for field, limit in budget.limits.items():
+        least = getattr(smallest, field)
+        if least > limit:
+            shown = format_bytes if field == "size_bytes" else str
+            raise ConfigError(
+                f"budget {_BUDGET_NAMES[field]}={shown(limit)} is below the smallest model this "
+                f"space can build ({shown(least)}); raise the budget or widen the space's choices"
+            )
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "study"
+
+
+def _latest_study(out: Path, task_spec: str) -> str | None:
+    candidates = []
+    for run_json in out.glob("*/run.json"):
+        try:
+            if json.loads(run_json.read_text())["config"]["task"] == task_spec:
+                candidates.append((run_json.stat().st_mtime, run_json.parent.name))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return max(candidates)[1] if candidates else None
+
+
+def resolve_study(config: SearchConfig, task: Task, *, resume: bool) -> tuple[str, Path]:
+    out = Path(config.out)
+    name = config.study
+    if name is None and resume:
+        name = _latest_study(out, config.task)
+        if name is None:
+            raise ConfigError(f"--resume: no study of task '{config.task}' in '{out}'; give "
+                              "--study NAME (and --out DIR) of the study to continue")  # fmt: skip
+    if name is None:
+        name = f"{_slug(task.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    study_dir = out / name
+    if resume and not (study_dir / "run.json").is_file():
+        raise ConfigError(f"--resume: '{study_dir}' is not a prunesearch study (no run.json); "
+                          "check --study and --out")  # fmt: skip
+    if not resume and study_dir.exists() and any(study_dir.iterdir()):
+        raise ConfigError(f"study '{name}' already exists in '{out}'; add --resume to continue it "
+                          "or give --study NEW_NAME for a new one")  # fmt: skip
+    return name, study_dir
+
+
+def check_resume(study_dir: Path, config: SearchConfig, space: SearchSpace) -> None:
+    try:
+        recorded = json.loads((study_dir / "run.json").read_text())
+        knobs = recorded["space"]["knobs"]
+        task = recorded["config"]["task"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--resume: '{study_dir}/run.json' is damaged ({exc}); start a new "
+                          "study with --study NEW_NAME") from None  # fmt: skip
+    if task != config.task:
+        raise ConfigError(f"--resume: study '{study_dir.name}' searched task '{task}', not "
+                          f"'{config.task}'; use the study's task or a new --study")  # fmt: skip
+    if knobs != space.to_dict()["knobs"]:
+        raise ConfigError(f"--resume: the search space differs from the one study "
+                          f"'{study_dir.name}' was started with; keep its space settings or "
+                          "start a new --study")  # fmt: skip
+
+
+def prepare(config: SearchConfig, *, resume: bool = False) -> Prepared:
+    task, model, space = build_space(config)
+    budget = config.parsed_budget
+    check_budget(space, budget)
+    study, study_dir = resolve_study(config, task, resume=resume)
+    if resume:
+        check_resume(study_dir, config, space)
+    base = policy_cost(space, Policy.uniform(space, 32, 1.0))
+    return Prepared(config=config, task=task, base_model=model, space=space, budget=budget,
+                    base_cost=base, study=study, study_dir=study_dir, resume=resume)  # fmt: skip

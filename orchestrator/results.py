@@ -1,0 +1,163 @@
+"""What is recorded: the Parquet schema, immutable part files, the front, load_results.
+
+Every flush writes one new `trials/part-*.parquet` (temporary name, fsync, `os.replace`)
+and rewrites `pareto.parquet` the same way, so a crash never leaves a torn file and
+`pd.read_parquet("<out>/<study>/trials")` always reads. Temporary names start with '.',
+which pyarrow, pandas, DuckDB and Polars skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STATES = ("COMPLETE", "FAIL", "PRUNED", "INFEASIBLE")
+
+SCHEMA = pa.schema(
+    [
+        ("study", pa.string()),
+        ("trial", pa.int64()),
+        ("state", pa.string()),
+        ("metric", pa.float64()),
+        ("size_bytes", pa.int64()),
+        ("macs", pa.int64()),
+        ("bops", pa.int64()),
+        ("feasible", pa.bool_()),
+        ("policy", pa.string()),
+        ("policy_hash", pa.string()),
+        ("fidelity", pa.float64()),
+        ("eval_seconds", pa.float64()),
+        ("rebuild_seconds", pa.float64()),
+        ("worker", pa.string()),
+        ("node", pa.string()),
+        ("attempt", pa.int64()),
+        ("error", pa.string()),
+        ("cached_from", pa.int64()),  # trial whose result a duplicate policy reused
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+COLUMNS = tuple(SCHEMA.names)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _atomic_write_table(path: Path, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def _cell(column: str, value: Any) -> Any:
+    # Rows travel as JSON (Optuna user attrs): timestamps are ISO strings until here.
+    if column == "finished_at" and isinstance(value, str):
+        return datetime.fromisoformat(value)
+    return value
+
+
+def to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{c: _cell(c, r.get(c)) for c in COLUMNS} for r in rows], schema=SCHEMA
+    )
+
+
+def nondominated(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the (size, metric) points no other point dominates (size lower is better,
+    metric higher is better). Equal points do not dominate each other: all are kept."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    kept: list[int] = []
+    best = float("-inf")
+    for i in order:
+        size, metric = points[i]
+        last = points[kept[-1]] if kept else None
+        if metric > best or (last is not None and (size, metric) == last):
+            kept.append(i)
+            best = max(best, metric)
+    return sorted(kept, key=lambda i: (points[i][0], -points[i][1], i))
+
+
+def compute_front(trials: pd.DataFrame) -> pd.DataFrame:
+    """The front over feasible COMPLETE trials; one row per distinct policy (lowest trial)."""
+    done = trials[(trials["state"] == "COMPLETE") & trials["feasible"].astype(bool)]
+    done = done.sort_values("trial").drop_duplicates("policy_hash", keep="first")
+    points = list(zip(done["size_bytes"].astype(float), done["metric"].astype(float), strict=True))
+    return done.iloc[nondominated(points)].reset_index(drop=True)
+
+
+def read_trials(study_dir: Path) -> pd.DataFrame:
+    parts = sorted((study_dir / "trials").glob("part-*.parquet"))
+    if not parts:
+        return SCHEMA.empty_table().to_pandas()
+    return pq.read_table(study_dir / "trials", schema=SCHEMA).to_pandas()
+
+
+class ResultSink:
+    """Buffers finished-trial rows and flushes them as immutable Parquet parts."""
+
+    def __init__(self, study_dir: Path) -> None:
+        self.dir = Path(study_dir)
+        (self.dir / "trials").mkdir(parents=True, exist_ok=True)
+        self.table = pa.Table.from_pandas(read_trials(self.dir), schema=SCHEMA,
+                                          preserve_index=False)  # fmt: skip
+        self.recorded: set[int] = set(self.table.column("trial").to_pylist())
+        self.pending: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        if row["trial"] in self.recorded:  # exactly one row per trial, whatever happens
+            return
+        self.recorded.add(row["trial"])
+        self.pending.append(row)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        new = to_table(self.pending)
+        name = f"part-{len(list((self.dir / 'trials').glob('part-*.parquet'))):06d}-{uuid.uuid4().hex[:8]}.parquet"
+        _atomic_write_table(self.dir / "trials" / name, new)
+        self.pending.clear()
+        self.table = pa.concat_tables([self.table, new])
+        front = compute_front(self.table.to_pandas())
+        _atomic_write_table(self.dir / "pareto.parquet",
+                            pa.Table.from_pandas(front, schema=SCHEMA, preserve_index=False))  # fmt: skip
+
+    def frame(self) -> pd.DataFrame:
+        rows = self.table.to_pandas()
+        if self.pending:
+            rows = pd.concat([rows, to_table(self.pending).to_pandas()], ignore_index=True)
+        return rows.sort_values("trial").reset_index(drop=True)
+
+
+def load_results(study_dir: str | Path) -> pd.DataFrame:
+    """All finished trials of a study directory, one row each, sorted by trial number."""
+    path = Path(study_dir)
+    if not (path / "run.json").is_file():
+        raise FileNotFoundError(f"'{study_dir}' is not a prunesearch study directory (no run.json)")
+    return read_trials(path).sort_values("trial").reset_index(drop=True)
+
+
+def load_front(study_dir: str | Path) -> pd.DataFrame:
+    return compute_front(load_results(study_dir))

@@ -1,0 +1,373 @@
+"""The driver: one Optuna study via ask/tell, dispatch to free workers, record every trial.
+
+The driver never builds a model. Per candidate it asks the sampler, canonicalizes the
+policy, prices it with the cost model, and then either records it at once (over budget:
+INFEASIBLE; already evaluated: the earlier result) or sends it to a free worker.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from orchestrator.config import SearchConfig
+from orchestrator.cost import Cost, policy_cost
+from orchestrator.policy import Policy
+from orchestrator.prepare import Prepared, prepare
+from orchestrator.progress import Progress
+from orchestrator.results import ResultSink, atomic_write_json, compute_front
+from orchestrator.store import INTERRUPTED, ROW_ATTR, Recorder, open_study, sqlite_storage
+from search_spaces import Knob, SearchSpace
+
+DIRECTIONS = ["minimize", "maximize"]  # size_bytes, metric
+UNIFORM_BASELINE_BITS = (32, 8, 4, 2)
+INFEASIBLE_METRIC = 0.0  # told for over-budget trials; constraints rank them, not this value
+
+# sampler name -> factory(seed, trials). Costs per ask measured here (DESIGN §5):
+# multi-objective TPE ~160 ms at 40 knobs x 300 trials, NSGA-II ~5 ms.
+SAMPLERS: dict[str, Callable[[int | None, int], optuna.samplers.BaseSampler]] = {
+    "tpe": lambda seed, trials: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+    "nsga2": lambda seed, trials: optuna.samplers.NSGAIISampler(
+        seed=seed, population_size=max(10, min(50, trials // 10))
+    ),
+    "random": lambda seed, trials: optuna.samplers.RandomSampler(seed=seed),
+}
+TPE_MAX_KNOB_TRIALS = 4000
+
+
+def auto_sampler(knobs: int, trials: int) -> str:
+    """TPE learns most per trial but its ask cost grows with knobs x trials; past ~4,000
+    (about 40 ms per ask here) it would leave workers idle, so NSGA-II takes over."""
+    return "tpe" if knobs * trials <= TPE_MAX_KNOB_TRIALS else "nsga2"
+
+
+def distribution(knob: Knob) -> BaseDistribution:
+    choices = knob.choices
+    steps = {round(b - a, 9) for a, b in zip(choices, choices[1:])}
+    if knob.kind == "keep" and len(steps) == 1:  # an even grid: let the sampler see the order
+        return FloatDistribution(choices[0], choices[-1], step=steps.pop())
+    return CategoricalDistribution(choices)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchResult:
+    study: str
+    study_dir: Path
+    trials: pd.DataFrame
+    front: pd.DataFrame
+    base_metric: float
+    base_size: int
+    sampler: str
+    interrupted: bool
+    seconds: float
+
+    def best_within_budget(self) -> pd.Series | None:
+        if self.front.empty:
+            return None
+        return self.front.sort_values(["metric", "size_bytes"], ascending=[False, True]).iloc[0]
+
+
+@dataclass
+class _Candidate:
+    trial: Trial
+    policy: Policy
+    cost: Cost
+    feasible: bool
+    duplicates: list[Trial] = field(default_factory=list)
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for dist in ("prunesearch", "torch", "ray", "optuna", "pandas", "pyarrow", "scikit-learn"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = "not installed"
+    return found
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class Driver:
+    def __init__(self, prepared: Prepared, pool: Any, *, sampler: str, quiet: bool) -> None:
+        self.p, self.pool = prepared, pool
+        self.space: SearchSpace = prepared.space
+        self.target = prepared.config.trials
+        self.sampler_name = sampler
+        self.quiet = quiet
+        self.distributions = {k.name: distribution(k) for k in self.space.searchable}
+        self.fixed = {k.name: k.choices[0] for k in self.space.knobs if not k.searchable}
+        self.cache: dict[str, tuple[int, dict[str, Any]]] = {}  # policy hash -> (trial, result)
+        self.inflight: dict[str, _Candidate] = {}  # policy hash -> candidate at a worker
+        self.by_trial: dict[int, _Candidate] = {}
+        self.failures_in_a_row = 0
+        self.evaluated_ok = 0
+        self.interrupted = False
+
+    # -- set-up -----------------------------------------------------------------------
+    def open(self) -> None:
+        p = self.p
+        p.study_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(p.study_dir, 0o700)  # the study is the user's alone
+        storage = sqlite_storage(p.study_dir / "study.db")
+        opened = open_study(storage, p.study, DIRECTIONS, resume=p.resume)
+        sampler = SAMPLERS[self.sampler_name](p.config.seed, self.target)
+        self.study = optuna.create_study(directions=DIRECTIONS, sampler=sampler,
+                                         study_name=p.study)  # fmt: skip
+        self.study.add_trials(opened.finished)
+        self.sink = ResultSink(p.study_dir)
+        self._reconcile(opened.finished)
+        self.recorder = Recorder(storage, opened.study_id, self.sink)
+        self.finished = len(opened.finished)
+        self.issued = self.finished
+        self.requeue = opened.requeue
+        if not p.resume and p.config.baselines:
+            self.requeue += self._baselines()
+
+    def _baselines(self) -> list[dict[str, Any]]:
+        """The uniform policies (float, 8, 4, 2 bits; nothing pruned) go first, so the study
+        always holds the baselines the search has to beat. Each knob takes the choice
+        nearest the uniform value, so presets that protect a layer are respected."""
+        params = []
+        for bits in UNIFORM_BASELINE_BITS:
+            target = {"bits": bits, "keep": 1.0}
+            values = {k.name: min(k.choices, key=lambda c, t=target[k.kind]: (abs(c - t), c))
+                      for k in self.space.searchable}  # fmt: skip
+            if values not in params:
+                params.append(values)
+        return params[: max(0, self.target - self.finished)]
+
+    def _reconcile(self, finished: list[FrozenTrial]) -> None:
+        """Rows for finished trials the Parquet files lack (a crash between the two writes),
+        and the evaluation cache from every completed trial."""
+        for trial in finished:
+            row = trial.user_attrs.get(ROW_ATTR) or self._row_of_interrupted(trial)
+            self.sink.add(row)
+            if row["state"] == "COMPLETE" and row["cached_from"] is None:
+                self.cache[row["policy_hash"]] = (trial.number, row)
+        self.sink.flush()
+
+    def _row_of_interrupted(self, trial: FrozenTrial) -> dict[str, Any]:
+        policy = Policy.from_values(self.space, {**self.fixed, **trial.params})
+        return self._row(trial.number, "FAIL", policy, policy_cost(self.space, policy),
+                         feasible=True, result={"error": trial.user_attrs.get("error", INTERRUPTED)})  # fmt: skip
+
+    # -- the loop ---------------------------------------------------------------------
+    def run(self) -> None:
+        best = self._best()
+        with Progress(total=self.target, initial=self.finished, quiet=self.quiet) as bar:
+            self.bar = bar
+            bar.update_status(self.pool.busy, self.pool.size, best)
+            try:
+                while True:
+                    while self.pool.free and self.issued < self.target and not self._give_up():
+                        self._issue()
+                    if not self.pool.busy:
+                        break
+                    bar.update_status(self.pool.busy, self.pool.size, self._best())
+                    for job, result in self.pool.wait(timeout=0.2):
+                        self._complete(self.by_trial.pop(job.trial), job, result)
+            except KeyboardInterrupt:
+                self.interrupted = True
+        self.recorder.close()
+
+    def _give_up(self) -> bool:
+        """A task that fails every evaluation stops the run instead of burning the budget."""
+        return self.evaluated_ok == 0 and self.failures_in_a_row >= max(5, 2 * self.pool.size)
+
+    def _issue(self) -> None:
+        if self.requeue:
+            self.study.enqueue_trial(self.requeue.pop(0), skip_if_exists=False)
+        trial = self.study.ask(self.distributions)
+        policy = Policy.from_values(self.space, {**self.fixed, **trial.params})
+        cost = policy_cost(self.space, policy)
+        violations = self.p.budget.violations(cost)
+        for key, excess in violations.items():
+            trial.set_constraint(key, excess)
+        candidate = _Candidate(trial, policy, cost, all(v <= 0 for v in violations.values()))
+        self.issued += 1
+        self.recorder.created(copy.deepcopy(self.study._storage.get_trial(trial._trial_id)))
+        if not candidate.feasible:
+            self._tell(candidate, trial, "INFEASIBLE", {})
+        elif policy.hash in self.cache:
+            number, row = self.cache[policy.hash]
+            self._tell(candidate, trial, "COMPLETE", {**row, "cached_from": number,
+                                                      "eval_seconds": 0.0, "rebuild_seconds": 0.0})  # fmt: skip
+        elif policy.hash in self.inflight:
+            self.inflight[policy.hash].duplicates.append(trial)
+        else:
+            from orchestrator.workers import Job
+
+            self.inflight[policy.hash] = candidate
+            self.by_trial[trial.number] = candidate
+            self.pool.submit(Job(trial=trial.number, policy=dict(policy)))
+
+    def _complete(self, candidate: _Candidate, job: Any, result: dict[str, Any]) -> None:
+        del self.inflight[candidate.policy.hash]
+        result = {**result, "attempt": job.attempt}
+        state = "FAIL" if "error" in result else "COMPLETE"
+        self.failures_in_a_row = self.failures_in_a_row + 1 if state == "FAIL" else 0
+        self.evaluated_ok += state == "COMPLETE"
+        row = self._tell(candidate, candidate.trial, state, result)
+        if state == "COMPLETE":
+            self.cache[candidate.policy.hash] = (row["trial"], row)
+        for trial in candidate.duplicates:
+            cached = {**result, "cached_from": row["trial"], "eval_seconds": 0.0,
+                      "rebuild_seconds": 0.0}  # fmt: skip
+            self._tell(candidate, trial, state, cached)
+
+    def _tell(self, candidate: _Candidate, trial: Trial, state: str, result: dict) -> dict:
+        row = self._row(trial.number, state, candidate.policy, candidate.cost,
+                        feasible=candidate.feasible, result=result)  # fmt: skip
+        trial.set_user_attr(ROW_ATTR, row)
+        if state == "FAIL":
+            frozen = self.study.tell(trial, state=TrialState.FAIL)
+        else:
+            metric = INFEASIBLE_METRIC if state == "INFEASIBLE" else row["metric"]
+            frozen = self.study.tell(trial, [candidate.cost.size_bytes, metric])
+        self.recorder.finished(frozen, row)
+        self.finished += 1
+        self.bar.advance()
+        return row
+
+    def _row(self, number: int, state: str, policy: Policy, cost: Cost, *, feasible: bool,
+             result: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+        metric = result.get("metric") if state == "COMPLETE" else None
+        return {
+            "study": self.p.study, "trial": number, "state": state, "metric": metric,
+            **cost.as_dict(), "feasible": feasible, "policy": policy.to_json(),
+            "policy_hash": policy.hash, "fidelity": result.get("fidelity"),
+            "eval_seconds": result.get("eval_seconds"),
+            "rebuild_seconds": result.get("rebuild_seconds"),
+            "worker": result.get("worker"), "node": result.get("node"),
+            "attempt": result.get("attempt", 0), "error": result.get("error"),
+            "cached_from": result.get("cached_from"), "finished_at": _now(),
+        }  # fmt: skip
+
+    def _best(self) -> tuple[float, int] | None:
+        best = None
+        for number, row in self.cache.values():
+            key = (row["metric"], -row["size_bytes"])
+            if best is None or key > (best[0], -best[1]):
+                best = (row["metric"], row["size_bytes"])
+        return best
+
+
+def write_run_json(prepared: Prepared, *, sampler: str, base_metric: float | None,
+                   workers: list[dict[str, Any]]) -> None:  # fmt: skip
+    path = prepared.study_dir / "run.json"
+    previous = {}
+    if path.is_file():
+        import json
+
+        previous = json.loads(path.read_text())
+    runs = previous.get("runs", []) + [
+        {"started_at": _now(), "trials": prepared.config.trials, "sampler": sampler,
+         "resume": prepared.resume, "workers": workers}
+    ]  # fmt: skip
+    config = {**prepared.config.to_dict(), "study": prepared.study}
+    atomic_write_json(path, {
+        "format": "prunesearch-study/1",
+        "study": prepared.study,
+        "created_at": previous.get("created_at", _now()),
+        "config": config,
+        "versions": versions(),
+        "sampler": sampler,
+        "budget": prepared.budget.limits,
+        "space": prepared.space.to_dict(),
+        "base": {**prepared.base_cost.as_dict(), "metric": base_metric},
+        "runs": runs,
+    })  # fmt: skip
+
+
+def _ray_init(config: SearchConfig) -> bool:
+    """Start a local Ray unless one is running in this process. Returns whether we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    w = config.workers
+    cpus = os.cpu_count() or 1
+    if w.count != "auto":
+        cpus = max(cpus, math.ceil(w.count * w.cpus_per_worker))
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR", configure_logging=True, object_store_memory=200 * 2**20)  # fmt: skip
+    return True
+
+
+def worker_count(config: SearchConfig) -> int:
+    import ray
+
+    w = config.workers
+    if w.count != "auto":
+        return w.count
+    resources = ray.cluster_resources()
+    if w.gpus_per_worker > 0 and resources.get("GPU", 0) > 0:
+        return max(1, int(resources["GPU"] / w.gpus_per_worker))
+    return max(1, int(resources.get("CPU", 1) / w.cpus_per_worker))
+
+
+def run_search(config: SearchConfig, *, resume: bool = False, quiet: bool = True,
+               evaluator_factory: Any = None, sys_path: tuple[str, ...] = ()) -> SearchResult:  # fmt: skip
+    """Run (or resume) a search. Validates everything before Ray starts (ConfigError)."""
+    prepared = prepare(config, resume=resume)
+    return run_prepared(prepared, quiet=quiet, evaluator_factory=evaluator_factory,
+                        sys_path=sys_path)  # fmt: skip
+
+
+def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: Any = None,
+                 sys_path: tuple[str, ...] = ()) -> SearchResult:  # fmt: skip
+    import ray
+
+    from orchestrator.evaluate import RecoverySettings
+    from orchestrator.workers import PoolSettings, TaskEvaluatorFactory, WorkerPool
+
+    config = prepared.config
+    sampler = config.sampler
+    if sampler == "auto":
+        sampler = auto_sampler(len(prepared.space.searchable), config.trials)
+    started = time.monotonic()
+    started_ray = _ray_init(config)
+    factory = evaluator_factory or TaskEvaluatorFactory(
+        config.task, prepared.space, RecoverySettings(**config.recovery.model_dump())
+    )
+    settings = PoolSettings(count=worker_count(config), cpus_per_worker=config.workers.cpus_per_worker,
+                            gpus_per_worker=config.workers.gpus_per_worker,
+                            device=config.workers.device, retries=config.retries,
+                            sys_path=tuple(sys_path) or (os.getcwd(),))  # fmt: skip
+    pool = WorkerPool(factory, settings)
+    try:
+        infos = pool.start()
+        base_metric = pool.base_metric()
+        driver = Driver(prepared, pool, sampler=sampler, quiet=quiet)
+        driver.open()
+        write_run_json(prepared, sampler=sampler, base_metric=base_metric, workers=infos)
+        driver.run()
+    finally:
+        pool.shutdown()
+        if started_ray:
+            ray.shutdown()
+    trials = driver.sink.frame()
+    return SearchResult(study=prepared.study, study_dir=prepared.study_dir, trials=trials,
+                        front=compute_front(trials), base_metric=base_metric,
+                        base_size=prepared.base_cost.size_bytes, sampler=sampler,
+                        interrupted=driver.interrupted, seconds=time.monotonic() - started)  # fmt: skip
+
+
+__all__ = ["SearchResult", "auto_sampler", "prepare", "run_prepared", "run_search"]

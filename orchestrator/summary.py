@@ -1,0 +1,86 @@
+"""Human-readable tables: the space, the front, the end-of-run summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from orchestrator.budget import format_bytes
+from orchestrator.errors import ConfigError
+from orchestrator.results import compute_front, read_trials
+from search_spaces import SearchSpace
+
+
+def _print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [headers] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, r in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def print_space(space: SearchSpace) -> None:
+    profile = space.profile
+    rows = []
+    for knob in space.knobs:
+        shapes = ", ".join("x".join(map(str, profile.layer(n).shape)) for n in knob.layers)
+        choices = ",".join(f"{c:g}" for c in knob.choices)
+        rows.append([knob.name, ",".join(knob.layers), shapes, choices])
+    _print_table(["knob", "layers", "shape", "choices"], rows)
+    for name, reason in space.skipped.items():
+        print(f"skipped {name}: {reason}")
+    from orchestrator.cost import policy_cost
+    from orchestrator.policy import Policy
+
+    smallest = policy_cost(space, Policy.from_values(space, space.extreme_values("min")))
+    print(f"\n{len(space.searchable)} searchable knobs; pruning: {space.pruning}; "
+          f"float model {format_bytes(profile.float_bytes)}, smallest in space "
+          f"{format_bytes(smallest.size_bytes)}")  # fmt: skip
+
+
+def print_front(front: pd.DataFrame, *, base: dict[str, Any]) -> None:
+    base_size, base_metric = base.get("size_bytes"), base.get("metric")
+    rows = []
+    for r in front.sort_values("size_bytes").itertuples():
+        ratio = f"{base_size / r.size_bytes:.1f}x" if base_size else ""
+        delta = f"{r.metric - base_metric:+.4f}" if base_metric is not None else ""
+        rows.append([r.trial, format_bytes(r.size_bytes), ratio, f"{r.metric:.4f}", delta,
+                     f"{r.macs:,}", f"{r.bops:,}"])  # fmt: skip
+    _print_table(["trial", "size", "smaller", "metric", "vs base", "macs", "bops"], rows)
+
+
+def read_study(study_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The front and run.json of a study directory, or ConfigError saying what is wrong."""
+    run_json = study_dir / "run.json"
+    if not run_json.is_file():
+        raise ConfigError(f"'{study_dir}' is not a prunesearch study directory (no run.json); "
+                          "give <out>/<study>")  # fmt: skip
+    try:
+        run = json.loads(run_json.read_text())
+        trials = read_trials(study_dir)
+    except Exception as exc:
+        raise ConfigError(f"'{study_dir}' is damaged: {type(exc).__name__}: {exc}") from None
+    return compute_front(trials), run
+
+
+def print_summary(result: Any, prepared: Any) -> None:
+    trials = result.trials
+    counts = trials["state"].value_counts().to_dict()
+    print(f"\nbase model: {format_bytes(result.base_size)}, metric {result.base_metric:.4f}")
+    print(f"trials: {len(trials)} finished ({', '.join(f'{v} {k}' for k, v in counts.items())}) "
+          f"in {result.seconds:.0f} s with sampler {result.sampler}")  # fmt: skip
+    print("\nfront (size against metric):")
+    print_front(result.front, base={"size_bytes": result.base_size, "metric": result.base_metric})
+    best = result.best_within_budget()
+    where = f"within budget {prepared.budget.describe()}" if prepared.budget else "overall"
+    if best is not None:
+        print(f"\nbest {where}: trial {best.trial}, metric {best.metric:.4f} at "
+              f"{format_bytes(best.size_bytes)} ({result.base_size / best.size_bytes:.1f}x smaller)")  # fmt: skip
+    else:
+        print(f"\nno completed trial {where}")
+    d = result.study_dir
+    print(f"\nfiles: {d}/run.json, {d}/study.db, {d}/trials/, {d}/pareto.parquet")

@@ -1,0 +1,175 @@
+"""Worker pool: Ray actors that load the task once and evaluate many policies.
+
+The only Ray-core module of the engine. Dispatch is asynchronous: `ray.wait` returns the
+first finished evaluation and its worker takes the next candidate at once. A worker that
+dies (process killed, node lost) is replaced and its candidate re-dispatched up to
+`retries` times; an error raised by the evaluation itself is returned, not retried.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from orchestrator.evaluate import Evaluator, RecoverySettings, pick_device
+from search_spaces import SearchSpace
+
+EvaluatorFactory = Callable[
+    [Any], Any
+]  # device -> object with .evaluate(policy) and .base_metric()
+
+
+@dataclass(frozen=True)
+class TaskEvaluatorFactory:
+    """Builds the task's Evaluator inside a worker (the task spec, not the model, travels)."""
+
+    task_spec: str
+    space: SearchSpace
+    recovery: RecoverySettings
+
+    def __call__(self, device: Any) -> Evaluator:
+        from orchestrator.task import resolve_task
+
+        return Evaluator(resolve_task(self.task_spec), self.space, recovery=self.recovery,
+                         device=device)  # fmt: skip
+
+
+class _Worker:
+    def __init__(self, factory: EvaluatorFactory, name: str, device: str, threads: int,
+                 sys_path: tuple[str, ...]) -> None:  # fmt: skip
+        for entry in reversed(sys_path):  # user task modules import as they do in the driver
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        if device == "auto" and ray.get_gpu_ids():
+            device = "cuda"
+        self.device = pick_device("cpu" if device == "auto" else device)
+        self.name = name
+        self.node = ray.util.get_node_ip_address() or socket.gethostname()
+        self.evaluator = factory(self.device)
+
+    def info(self) -> dict[str, Any]:
+        return {"worker": self.name, "node": self.node, "device": str(self.device),
+                "pid": os.getpid()}  # fmt: skip
+
+    def base_metric(self) -> float:
+        return float(self.evaluator.base_metric())
+
+    def evaluate(self, policy: dict[str, Any]) -> dict[str, Any]:
+        try:
+            result = dict(self.evaluator.evaluate(policy))
+        except Exception as exc:  # the trial fails, the worker goes on
+            last = traceback.extract_tb(exc.__traceback__)[-1]
+            result = {"error": f"{type(exc).__name__}: {exc} ({os.path.basename(last.filename)}"
+                               f":{last.lineno})"}  # fmt: skip
+        result.update(worker=self.name, node=self.node)
+        return result
+
+
+@dataclass
+class Job:
+    trial: int
+    policy: dict[str, Any]
+    attempt: int = 1
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolSettings:
+    count: int
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    device: str = "auto"
+    retries: int = 2
+    sys_path: tuple[str, ...] = ()
+
+
+class WorkerPool:
+    def __init__(self, factory: EvaluatorFactory, settings: PoolSettings) -> None:
+        self.factory, self.settings = factory, settings
+        self._remote = ray.remote(num_cpus=settings.cpus_per_worker,
+                                  num_gpus=settings.gpus_per_worker)(_Worker)  # fmt: skip
+        self._idle: list[Any] = []
+        self._running: dict[Any, tuple[Any, Job]] = {}  # ObjectRef -> (actor, job)
+        self._names = 0
+        self.replaced = 0
+
+    def start(self) -> list[dict[str, Any]]:
+        """Start the workers and wait until each has loaded the task (errors surface here)."""
+        actors = [self._new_actor() for _ in range(self.settings.count)]
+        infos = ray.get([a.info.remote() for a in actors])
+        self._idle = actors
+        return infos
+
+    def _new_actor(self) -> Any:
+        self._names += 1
+        threads = max(1, int(self.settings.cpus_per_worker))
+        return self._remote.options(scheduling_strategy="SPREAD").remote(
+            self.factory, f"w{self._names}", self.settings.device, threads, self.settings.sys_path
+        )
+
+    def base_metric(self) -> float:
+        return ray.get(self._idle[0].base_metric.remote())
+
+    @property
+    def size(self) -> int:
+        return len(self._idle) + len(self._running)
+
+    @property
+    def free(self) -> int:
+        return len(self._idle)
+
+    @property
+    def busy(self) -> int:
+        return len(self._running)
+
+    def submit(self, job: Job) -> None:
+        actor = self._idle.pop()
+        job.started = time.monotonic()
+        self._running[actor.evaluate.remote(job.policy)] = (actor, job)
+
+    def wait(self, timeout: float) -> list[tuple[Job, dict[str, Any]]]:
+        """Finished jobs with their results; workers that died are replaced and their jobs
+        re-dispatched (or returned failed once out of retries)."""
+        if not self._running:
+            return []
+        ready, _ = ray.wait(list(self._running), num_returns=1, timeout=timeout)
+        done = []
+        for ref in ready:
+            actor, job = self._running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except (RayActorError, RayError) as exc:
+                self._replace(actor)
+                if job.attempt <= self.settings.retries:
+                    job.attempt += 1
+                    self.submit(job)
+                    continue
+                result = {"error": f"worker died {job.attempt} times evaluating this candidate; "
+                                   f"last: {type(exc).__name__}"}  # fmt: skip
+            else:
+                self._idle.append(actor)
+            result["seconds"] = time.monotonic() - job.started
+            done.append((job, result))
+        return done
+
+    def _replace(self, actor: Any) -> None:
+        ray.kill(actor, no_restart=True)
+        self._idle.append(self._new_actor())
+        self.replaced += 1
+
+    def shutdown(self) -> None:
+        for actor in self._idle + [a for a, _ in self._running.values()]:
+            ray.kill(actor, no_restart=True)
+        self._idle, self._running = [], {}
