@@ -94,6 +94,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = run_prepared(prepared, quiet=args.quiet, sys_path=sys_path)
     if not args.quiet:
         print_summary(result, prepared)
+    if result.error:
+        print(f"prunesearch: {result.error}", file=sys.stderr)
+        return 1
     if result.interrupted:
         print(f"interrupted: finished trials are recorded; continue with: prunesearch run "
               f"{args.config or ''} --out {config.out} --study {prepared.study} --resume"

@@ -31,6 +31,7 @@ from orchestrator.prepare import Prepared, prepare
 from orchestrator.progress import Progress
 from orchestrator.results import ResultSink, atomic_write_json, compute_front
 from orchestrator.store import INTERRUPTED, ROW_ATTR, Recorder, open_study, sqlite_storage
+from orchestrator.timing import DriverStats, TimedSampler
 from search_spaces import Knob, SearchSpace
 
 DIRECTIONS = ["minimize", "maximize"]  # size_bytes, metric
@@ -57,7 +58,7 @@ def auto_sampler(knobs: int, trials: int) -> str:
 
 def distribution(knob: Knob) -> BaseDistribution:
     choices = knob.choices
-    steps = {round(b - a, 9) for a, b in zip(choices, choices[1:])}
+    steps = {round(b - a, 9) for a, b in zip(choices, choices[1:], strict=False)}
     if knob.kind == "keep" and len(steps) == 1:  # an even grid: let the sampler see the order
         return FloatDistribution(choices[0], choices[-1], step=steps.pop())
     return CategoricalDistribution(choices)
@@ -74,6 +75,8 @@ class SearchResult:
     sampler: str
     interrupted: bool
     seconds: float
+    error: str | None = None  # why the run stopped early, if it did
+    driver: dict[str, float] = field(default_factory=dict)  # DriverStats.as_dict()
 
     def best_within_budget(self) -> pd.Series | None:
         if self.front.empty:
@@ -119,6 +122,10 @@ class Driver:
         self.failures_in_a_row = 0
         self.evaluated_ok = 0
         self.interrupted = False
+        self.error: str | None = None
+        self.last_error: str | None = None
+        self.best: tuple[float, int] | None = None  # (metric, size_bytes) of the best feasible
+        self.stats = DriverStats()
 
     # -- set-up -----------------------------------------------------------------------
     def open(self) -> None:
@@ -127,7 +134,7 @@ class Driver:
         os.chmod(p.study_dir, 0o700)  # the study is the user's alone
         storage = sqlite_storage(p.study_dir / "study.db")
         opened = open_study(storage, p.study, DIRECTIONS, resume=p.resume)
-        sampler = SAMPLERS[self.sampler_name](p.config.seed, self.target)
+        sampler = TimedSampler(SAMPLERS[self.sampler_name](p.config.seed, self.target), self.stats)
         self.study = optuna.create_study(directions=DIRECTIONS, sampler=sampler,
                                          study_name=p.study)  # fmt: skip
         self.study.add_trials(opened.finished)
@@ -160,7 +167,7 @@ class Driver:
             row = trial.user_attrs.get(ROW_ATTR) or self._row_of_interrupted(trial)
             self.sink.add(row)
             if row["state"] == "COMPLETE" and row["cached_from"] is None:
-                self.cache[row["policy_hash"]] = (trial.number, row)
+                self._remember(row)
         self.sink.flush()
 
     def _row_of_interrupted(self, trial: FrozenTrial) -> dict[str, Any]:
@@ -170,26 +177,34 @@ class Driver:
 
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> None:
-        best = self._best()
+        start = time.perf_counter()
         with Progress(total=self.target, initial=self.finished, quiet=self.quiet) as bar:
             self.bar = bar
-            bar.update_status(self.pool.busy, self.pool.size, best)
             try:
-                while True:
-                    while self.pool.free and self.issued < self.target and not self._give_up():
+                while not self._give_up():
+                    while self.pool.free and self.issued < self.target:
                         self._issue()
                     if not self.pool.busy:
                         break
-                    bar.update_status(self.pool.busy, self.pool.size, self._best())
-                    for job, result in self.pool.wait(timeout=0.2):
+                    bar.update_status(self.pool.busy, self.pool.size, self.best)
+                    waited = time.perf_counter()
+                    done = self.pool.wait(timeout=0.2)
+                    self.stats.wait_seconds += time.perf_counter() - waited
+                    for job, result in done:
                         self._complete(self.by_trial.pop(job.trial), job, result)
+                bar.update_status(self.pool.busy, self.pool.size, self.best)
             except KeyboardInterrupt:
                 self.interrupted = True
+        self.stats.loop_seconds = time.perf_counter() - start
         self.recorder.close()
 
     def _give_up(self) -> bool:
         """A task that fails every evaluation stops the run instead of burning the budget."""
-        return self.evaluated_ok == 0 and self.failures_in_a_row >= max(5, 2 * self.pool.size)
+        if self.evaluated_ok or self.failures_in_a_row < max(5, 2 * self.pool.size):
+            return False
+        self.error = (f"stopped early: the first {self.failures_in_a_row} evaluations all failed; "
+                      f"last error: {self.last_error}")  # fmt: skip
+        return True
 
     def _issue(self) -> None:
         if self.requeue:
@@ -224,9 +239,10 @@ class Driver:
         state = "FAIL" if "error" in result else "COMPLETE"
         self.failures_in_a_row = self.failures_in_a_row + 1 if state == "FAIL" else 0
         self.evaluated_ok += state == "COMPLETE"
+        self.last_error = result.get("error")
         row = self._tell(candidate, candidate.trial, state, result)
         if state == "COMPLETE":
-            self.cache[candidate.policy.hash] = (row["trial"], row)
+            self._remember(row)
         for trial in candidate.duplicates:
             cached = {**result, "cached_from": row["trial"], "eval_seconds": 0.0,
                       "rebuild_seconds": 0.0}  # fmt: skip
@@ -243,6 +259,7 @@ class Driver:
             frozen = self.study.tell(trial, [candidate.cost.size_bytes, metric])
         self.recorder.finished(frozen, row)
         self.finished += 1
+        self.stats.trials += 1
         self.bar.advance()
         return row
 
@@ -260,13 +277,10 @@ class Driver:
             "cached_from": result.get("cached_from"), "finished_at": _now(),
         }  # fmt: skip
 
-    def _best(self) -> tuple[float, int] | None:
-        best = None
-        for number, row in self.cache.values():
-            key = (row["metric"], -row["size_bytes"])
-            if best is None or key > (best[0], -best[1]):
-                best = (row["metric"], row["size_bytes"])
-        return best
+    def _remember(self, row: dict[str, Any]) -> None:
+        self.cache[row["policy_hash"]] = (row["trial"], row)
+        if self.best is None or (row["metric"], -row["size_bytes"]) > (self.best[0], -self.best[1]):
+            self.best = (row["metric"], row["size_bytes"])
 
 
 def write_run_json(prepared: Prepared, *, sampler: str, base_metric: float | None,
@@ -367,7 +381,8 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
     return SearchResult(study=prepared.study, study_dir=prepared.study_dir, trials=trials,
                         front=compute_front(trials), base_metric=base_metric,
                         base_size=prepared.base_cost.size_bytes, sampler=sampler,
-                        interrupted=driver.interrupted, seconds=time.monotonic() - started)  # fmt: skip
+                        interrupted=driver.interrupted, seconds=time.monotonic() - started,
+                        error=driver.error, driver=driver.stats.as_dict())  # fmt: skip
 
 
 __all__ = ["SearchResult", "auto_sampler", "prepare", "run_prepared", "run_search"]
