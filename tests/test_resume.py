@@ -1,0 +1,87 @@
+"""Ctrl-C leaves a resumable study; --resume finishes it with every trial recorded once."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pyarrow.parquet as pq
+
+from orchestrator.cli import main
+
+
+def _cli(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)  # fmt: skip
+
+
+def _wait_for_rows(study_dir: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list((study_dir / "trials").glob("part-*.parquet")):
+            return
+        time.sleep(0.1)
+    raise AssertionError("no trial was recorded in time")
+
+
+def _check_study(study_dir: Path) -> tuple[pd.DataFrame, list]:
+    for part in (study_dir / "trials").glob("part-*.parquet"):
+        pq.read_table(part)  # every part reads: nothing torn
+    trials = pd.read_parquet(study_dir / "trials")
+    study = optuna.load_study(study_name=study_dir.name, storage=f"sqlite:///{study_dir}/study.db")
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert trials["trial"].is_unique
+    assert sorted(trials["trial"]) == sorted(t.number for t in finished)
+    return trials, study.trials
+
+
+def test_ctrl_c_then_resume_loses_and_repeats_nothing(tmp_path):
+    study_dir = tmp_path / "s"
+    args = ("run", "--out", str(tmp_path), "--study", "s", "--workers", "2", "--quiet")
+    proc = _cli(*args, "--trials", "120", "--sampler", "random")
+    _wait_for_rows(study_dir)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+
+    trials, all_trials = _check_study(study_dir)
+    assert 0 < len(trials) < 120
+    complete_before = set(trials.loc[trials["state"] == "COMPLETE", "policy_hash"])
+    interrupted = [t for t in all_trials if not t.state.is_finished()]
+
+    # a plain rerun of the same study is refused and changes nothing
+    def snapshot():  # the results files untouched; the SQLite side files are SQLite's
+        files = {p: p.read_bytes() for p in study_dir.rglob("*")
+                 if p.is_file() and not p.name.startswith("study.db")}  # fmt: skip
+        return files, [(t.number, t.state, t.params) for t in _check_study(study_dir)[1]]
+
+    before = snapshot()
+    assert main([*args, "--trials", "120"]) == 2
+    assert snapshot() == before
+
+    resumed = _cli(*args, "--trials", "120", "--sampler", "random", "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    trials, all_trials = _check_study(study_dir)
+    assert len(trials) == len(all_trials) == 120
+    assert all(t.state.is_finished() for t in all_trials)
+
+    # trials the driver left running were failed and their policies evaluated again
+    by_number = trials.set_index("trial")
+    for t in interrupted:
+        assert by_number.loc[t.number, "state"] == "FAIL"
+        assert "interrupted" in by_number.loc[t.number, "error"]
+        again = trials[(trials["policy_hash"] == by_number.loc[t.number, "policy_hash"])
+                       & (trials["trial"] > t.number)]  # fmt: skip
+        assert len(again) >= 1
+    # nothing completed before the interrupt was evaluated again (only cache hits)
+    evaluated = trials[(trials["state"] == "COMPLETE") & trials["cached_from"].isna()]
+    assert evaluated["policy_hash"].is_unique
+    assert complete_before <= set(evaluated["policy_hash"])

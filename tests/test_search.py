@@ -1,0 +1,124 @@
+"""End-to-end searches with real Ray workers, real SQLite and Parquet read back with pandas."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pandas as pd
+import pytest
+
+from orchestrator.config import make_config
+from orchestrator.cost import policy_cost
+from orchestrator.policy import Policy
+from orchestrator.prepare import build_space
+from orchestrator.results import compute_front, nondominated
+from orchestrator.search import run_search
+
+
+def _search(tmp_path, **config):
+    cfg = make_config({"out": str(tmp_path), "study": "s", "workers": {"count": 2}, **config})
+    return cfg, run_search(cfg)
+
+
+def _dominated(point, others):
+    size, metric = point
+    return any(s <= size and m >= metric and (s, m) != (size, metric) for s, m in others)
+
+
+@pytest.mark.parametrize("task", ["digits-cnn", "digits-lstm"])
+def test_search_records_every_trial_and_a_true_front(ray_cluster, tmp_path, task):
+    cfg, result = _search(tmp_path, task=task, trials=24, seed=1)
+    study_dir = tmp_path / "s"
+
+    trials = pd.read_parquet(study_dir / "trials")
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{study_dir}/study.db")
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(trials) == len(finished) == 24
+    assert sorted(trials["trial"]) == sorted(t.number for t in finished)
+    for t in finished:  # the Parquet row and the study agree trial by trial
+        row = trials.set_index("trial").loc[t.number]
+        assert row["size_bytes"] == t.values[0]
+        assert row["metric"] == pytest.approx(t.values[1])
+
+    # every row's cost is the cost model's price of its canonical policy
+    _, _, space = build_space(cfg)
+    for row in trials.itertuples():
+        policy = Policy.from_json(space, row.policy)
+        assert policy.hash == row.policy_hash
+        assert policy_cost(space, policy).size_bytes == row.size_bytes
+
+    front = pd.read_parquet(study_dir / "pareto.parquet")
+    done = trials[trials["state"] == "COMPLETE"]
+    points = list(zip(done["size_bytes"], done["metric"], strict=True))
+    front_points = list(zip(front["size_bytes"], front["metric"], strict=True))
+    assert front_points and all(not _dominated(p, points) for p in front_points)
+    nondom = {done.iloc[i]["policy_hash"] for i in nondominated(points)}
+    assert nondom == set(front["policy_hash"])
+
+    # the first trials are the uniform baselines, float first: its metric is the base metric
+    run = json.loads((study_dir / "run.json").read_text())
+    float_row = trials.set_index("trial").loc[0]
+    assert float_row["size_bytes"] == run["base"]["size_bytes"] == result.base_size
+    assert float_row["metric"] == pytest.approx(run["base"]["metric"])
+    assert run["config"]["task"] == task and run["space"]["knobs"]
+    assert set(trials["worker"].dropna()) <= {"w1", "w2"}
+    assert (trials["fidelity"] == 1.0).all()
+
+
+def test_budget_infeasible_candidates_never_reach_a_worker(ray_cluster, tmp_path):
+    _, result = _search(tmp_path, trials=30, budget="size=14KB", seed=3)
+    trials = result.trials
+    infeasible = trials[trials["state"] == "INFEASIBLE"]
+    assert len(infeasible) > 0, "the float/8-bit baselines alone exceed 14 KB"
+    assert infeasible["worker"].isna().all() and infeasible["eval_seconds"].isna().all()
+    assert (infeasible["size_bytes"] > 14_000).all() and not infeasible["feasible"].any()
+    evaluated = trials[trials["worker"].notna()]
+    assert (evaluated["size_bytes"] <= 14_000).all()
+    assert (result.front["size_bytes"] <= 14_000).all()
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/s/study.db")
+    over = [t for t in study.trials if t.constraints and t.constraints["size_bytes"] > 0]
+    assert {t.number for t in over} == set(infeasible["trial"])
+
+
+def test_duplicate_policies_are_evaluated_once(ray_cluster, tmp_path):
+    # two bits choices on two layers and nothing else searchable: at most 4 distinct policies
+    space = {"preset": "none", "bits": [4, 8], "keep": [1.0],
+             "rules": [{"layers": ["features.0", "features.3", "features.7"], "skip": True}]}  # fmt: skip
+    _, result = _search(tmp_path, trials=12, space=space, baselines=False, sampler="random")
+    trials = result.trials
+    assert trials["policy_hash"].nunique() <= 4
+    evaluated = trials[trials["cached_from"].isna()]
+    assert evaluated["policy_hash"].is_unique
+    for row in trials[trials["cached_from"].notna()].itertuples():
+        source = trials.set_index("trial").loc[int(row.cached_from)]
+        assert source["policy_hash"] == row.policy_hash
+        assert source["metric"] == row.metric
+        assert row.eval_seconds == 0.0
+
+
+def test_front_recomputed_from_parquet_matches_pareto_file(ray_cluster, tmp_path):
+    _, result = _search(tmp_path, trials=16, sampler="random", seed=5)
+    on_disk = pd.read_parquet(tmp_path / "s" / "pareto.parquet")
+    again = compute_front(pd.read_parquet(tmp_path / "s" / "trials"))
+    assert list(on_disk["trial"]) == list(again["trial"]) == list(result.front["trial"])
+
+
+def test_a_task_that_always_fails_stops_early(ray_cluster, tmp_path):
+    class Broken:
+        def __init__(self, device):
+            pass
+
+        def base_metric(self):
+            return 1.0
+
+        def evaluate(self, policy):
+            raise RuntimeError("metric exploded")
+
+    cfg = make_config({"out": str(tmp_path), "study": "s", "workers": {"count": 2},
+                       "trials": 40, "baselines": False})  # fmt: skip
+    result = run_search(cfg, evaluator_factory=lambda device: Broken(device))
+    assert result.error and "metric exploded" in result.error
+    assert len(result.trials) < 40
+    assert (result.trials["state"] == "FAIL").all()
+    assert result.trials["error"].str.contains("RuntimeError: metric exploded").all()
