@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, WorkerStartError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -183,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except WorkerStartError as exc:
+        print(f"prunesearch: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,3 +14,7 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
+
+
+class WorkerStartError(RuntimeError):
+    """A worker could not start or load the task (the CLI prints it as one line, exit 1)."""

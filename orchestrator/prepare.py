@@ -126,7 +126,18 @@ def check_resume(study_dir: Path, config: SearchConfig, space: SearchSpace) -> N
                           "start a new --study")  # fmt: skip
 
 
+def check_devices(config: SearchConfig) -> None:
+    """Local runs: refuse GPU settings on a machine without CUDA before anything starts."""
+    import torch
+
+    wants_gpu = config.workers.gpus_per_worker > 0 or config.workers.device == "cuda"
+    if wants_gpu and not torch.cuda.is_available():
+        raise ConfigError("workers.gpus_per_worker/workers.device ask for a GPU but this machine "
+                          "has no CUDA device; set gpus_per_worker: 0 and device: auto")  # fmt: skip
+
+
 def prepare(config: SearchConfig, *, resume: bool = False) -> Prepared:
+    check_devices(config)
     task, model, space = build_space(config)
     budget = config.parsed_budget
     check_budget(space, budget)

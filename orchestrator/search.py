@@ -358,15 +358,17 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
         sampler = auto_sampler(len(prepared.space.searchable), config.trials)
     started = time.monotonic()
     started_ray = _ray_init(config)
-    factory = evaluator_factory or TaskEvaluatorFactory(
-        config.task, prepared.space, RecoverySettings(**config.recovery.model_dump())
-    )
-    settings = PoolSettings(count=worker_count(config), cpus_per_worker=config.workers.cpus_per_worker,
-                            gpus_per_worker=config.workers.gpus_per_worker,
-                            device=config.workers.device, retries=config.retries,
-                            sys_path=tuple(sys_path) or (os.getcwd(),))  # fmt: skip
-    pool = WorkerPool(factory, settings)
+    pool = None
     try:
+        factory = evaluator_factory or TaskEvaluatorFactory(
+            config.task, prepared.space, RecoverySettings(**config.recovery.model_dump())
+        )
+        settings = PoolSettings(
+            count=worker_count(config), cpus_per_worker=config.workers.cpus_per_worker,
+            gpus_per_worker=config.workers.gpus_per_worker, device=config.workers.device,
+            retries=config.retries, sys_path=tuple(sys_path) or (os.getcwd(),),
+        )  # fmt: skip
+        pool = WorkerPool(factory, settings)
         infos = pool.start()
         base_metric = pool.base_metric()
         driver = Driver(prepared, pool, sampler=sampler, quiet=quiet)
@@ -374,7 +376,8 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
         write_run_json(prepared, sampler=sampler, base_metric=base_metric, workers=infos)
         driver.run()
     finally:
-        pool.shutdown()
+        if pool is not None:
+            pool.shutdown()
         if started_ray:
             ray.shutdown()
     trials = driver.sink.frame()

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayError
 
+from orchestrator.errors import WorkerStartError
 from orchestrator.evaluate import Evaluator, RecoverySettings, pick_device
 from search_spaces import SearchSpace
 
@@ -107,10 +108,15 @@ class WorkerPool:
 
     def start(self) -> list[dict[str, Any]]:
         """Start the workers and wait until each has loaded the task (errors surface here)."""
-        actors = [self._new_actor() for _ in range(self.settings.count)]
-        infos = ray.get([a.info.remote() for a in actors])
-        self._idle = actors
-        return infos
+        self._idle = [self._new_actor() for _ in range(self.settings.count)]
+        try:
+            return ray.get([a.info.remote() for a in self._idle])
+        except RayError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            first = (
+                str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+            )
+            raise WorkerStartError(f"a worker failed to load the task: {first}") from exc
 
     def _new_actor(self) -> Any:
         self._names += 1
@@ -150,7 +156,7 @@ class WorkerPool:
             actor, job = self._running.pop(ref)
             try:
                 result = ray.get(ref)
-            except (RayActorError, RayError) as exc:
+            except RayError as exc:  # the worker process died (or the task escaped it)
                 self._replace(actor)
                 if job.attempt <= self.settings.retries:
                     job.attempt += 1

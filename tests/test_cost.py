@@ -15,7 +15,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from orchestrator.cost import ACTIVATION_BITS, SCALE_BYTES, cost_of_settings, layer_bytes, policy_cost
+from orchestrator.cost import (
+    ACTIVATION_BITS,
+    SCALE_BYTES,
+    cost_of_settings,
+    layer_bytes,
+    policy_cost,
+)
 from orchestrator.policy import Policy
 from orchestrator.task import resolve_task
 from search_spaces import (
@@ -35,7 +41,7 @@ ALL_BITS = (*QUANT_BITS, 32)
 TASKS = ("digits-cnn", "digits-lstm")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digits(name: str):
     task = resolve_task(name)
     model = task.model()
@@ -275,7 +281,7 @@ def test_uniform_baselines_shrink_with_bits(task):
 # ---------------------------------------------------------------- a case by hand
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _one_linear() -> SearchSpace:
     model = nn.Sequential(nn.Linear(64, 10))  # weight 10x64, bias 10 float32
     profile = profile_model(model, torch.zeros(1, 64))

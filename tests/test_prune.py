@@ -77,7 +77,7 @@ def test_masks_by_hand():
 # ---------------------------------------------------------------- Rebuilder
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cnn():
     task = resolve_task("digits-cnn")
     model = task.model()

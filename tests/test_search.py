@@ -122,3 +122,22 @@ def test_a_task_that_always_fails_stops_early(ray_cluster, tmp_path):
     assert len(result.trials) < 40
     assert (result.trials["state"] == "FAIL").all()
     assert result.trials["error"].str.contains("RuntimeError: metric exploded").all()
+
+
+def test_a_worker_that_cannot_load_the_task_is_one_clear_error(ray_cluster, tmp_path):
+    from orchestrator.errors import WorkerStartError
+
+    def factory(device):
+        raise OSError("weights file missing on this node")
+
+    cfg = make_config({"out": str(tmp_path), "study": "s", "workers": {"count": 2}, "trials": 4})
+    with pytest.raises(WorkerStartError, match="weights file missing on this node"):
+        run_search(cfg, evaluator_factory=factory)
+
+
+def test_importing_orchestrator_does_not_import_ray():
+    import subprocess
+    import sys
+
+    code = "import sys, orchestrator, orchestrator.cli; assert 'ray' not in sys.modules, 'ray'"
+    subprocess.run([sys.executable, "-c", code], check=True)

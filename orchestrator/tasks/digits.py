@@ -21,7 +21,7 @@ from orchestrator.batches import Batch
 from orchestrator.task import Task
 
 # Bump when a model definition or its training recipe changes: old caches are ignored.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 SPLIT_SEED = 0
 TRAIN_SEED = 0
 N_VALIDATION = 360
@@ -95,7 +95,6 @@ def _identity(images: torch.Tensor) -> torch.Tensor:
 
 
 def _train(model: nn.Module, view: Callable, *, epochs: int, lr: float) -> nn.Module:
-    torch.manual_seed(TRAIN_SEED)
     x_train, y_train, _, _ = _split()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
@@ -116,19 +115,23 @@ def _train(model: nn.Module, view: Callable, *, epochs: int, lr: float) -> nn.Mo
 def _cached_model(name: str, build: Callable[[], nn.Module], view: Callable, **train) -> nn.Module:
     """Load the trained model from the cache, training and caching it on first use."""
     path = cache_dir() / f"{name}-v{CACHE_VERSION}.pt"
-    model = build()
     if path.exists():
+        model = build()
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return model.eval()
         except Exception:  # a damaged cache file is retrained, not trusted
-            model = build()
+            pass
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: the cached weights do not depend on the core count
-    try:
-        _train(model, view, **train)
-    finally:
-        torch.set_num_threads(threads)
+    # Seeded initialization and one thread: the same weights on every machine and core
+    # count; fork_rng leaves the caller's random state as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TRAIN_SEED)
+        torch.set_num_threads(1)
+        try:
+            model = _train(build(), view, **train)
+        finally:
+            torch.set_num_threads(threads)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
