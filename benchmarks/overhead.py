@@ -163,10 +163,12 @@ def run_ray_tune(sampler: str, trials: int, sampler_trials: int, out: Path) -> R
     try:
         tuner = tune.Tuner(
             tune.with_parameters(_tune_objective, space=space),
-            tune_config=tune.TuneConfig(search_alg=search, num_samples=trials,
-                                        max_concurrent_trials=WORKERS),  # fmt: skip
-            run_config=tune.RunConfig(name=f"overhead-{sampler}", storage_path=str(out),
-                                      verbose=0),  # fmt: skip
+            tune_config=tune.TuneConfig(
+                search_alg=search, num_samples=trials, max_concurrent_trials=WORKERS
+            ),  # fmt: skip
+            run_config=tune.RunConfig(
+                name=f"overhead-{sampler}", storage_path=str(out), verbose=0
+            ),  # fmt: skip
         )
         fit_start = time.perf_counter()
         results = tuner.fit()

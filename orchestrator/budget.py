@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 
 from orchestrator.cost import Cost
 
@@ -52,9 +53,10 @@ def _amount(key: str, text: str, units: dict[str, int]) -> int:
         names = ", ".join(u for u in units if u) or "none"
         raise BudgetError(f"budget '{key}={text}' is not an amount; write e.g. {key}=40KB "
                           f"(units: {names})")  # fmt: skip
-    value = float(match.group(1)) * units[unit]
-    if value <= 0:
-        raise BudgetError(f"budget '{key}={text}' must be positive")
+    # Decimal, rounded half up: 1.001KB is 1001 bytes, not float's 1000.9999.
+    value = (Decimal(match.group(1)) * units[unit]).to_integral_value(rounding=ROUND_HALF_UP)
+    if value < 1:
+        raise BudgetError(f"budget '{key}={text}' must be positive (at least 1)")
     return int(value)
 
 

@@ -166,6 +166,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }  # fmt: skip
 
 
+def _one_line(exc: Exception) -> str:
+    """User code may raise multi-line messages; the CLI's contract is one line."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import optuna
 
@@ -178,13 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         return COMMANDS[args.verb](args)
     except ConfigError as exc:
-        print(f"prunesearch: error: {exc}", file=sys.stderr)
+        print(f"prunesearch: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except WorkerStartError as exc:
-        print(f"prunesearch: error: {exc}", file=sys.stderr)
+        print(f"prunesearch: error: {_one_line(exc)}", file=sys.stderr)
         return 1
 
 

@@ -5,6 +5,7 @@ A bad config raises ConfigError with one line naming the key and the fix.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import typing
 from pathlib import Path
@@ -129,15 +130,15 @@ _TAGS = {"int", "float", "str", "bool", "list", "tuple", "dict", "literal", "non
 def _explain(exc: ValidationError) -> str:
     err = exc.errors()[0]
     # Drop pydantic's union/type tags from the location: keep only config keys and indexes.
-    loc = tuple(
-        p for p in err["loc"] if isinstance(p, int) or (p.isidentifier() and p not in _TAGS)
-    )
-    key = _dotted(loc)
+    raw = err["loc"]
+    if err["type"] == "extra_forbidden":  # the last part is the user's key, whatever it is
+        raw, unknown = raw[:-1], str(raw[-1])
+    loc = tuple(p for p in raw if isinstance(p, int) or (p.isidentifier() and p not in _TAGS))
     if err["type"] == "extra_forbidden":
-        parent = loc[:-1]
-        close = difflib.get_close_matches(str(loc[-1]), _fields_at(list(parent)), n=1, cutoff=0.6)
-        hint = f"; did you mean '{_dotted((*parent, close[0]))}'?" if close else ""
-        return f"unknown config key '{key}'{hint}"
+        close = difflib.get_close_matches(unknown, _fields_at(list(loc)), n=1, cutoff=0.6)
+        hint = f"; did you mean '{_dotted((*loc, close[0]))}'?" if close else ""
+        return f"unknown config key '{_dotted((*loc, unknown))}'{hint}"
+    key = _dotted(loc)
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     shown = (
@@ -150,7 +151,7 @@ def _explain(exc: ValidationError) -> str:
 
 def make_config(data: dict[str, Any] | None = None, **overrides: Any) -> SearchConfig:
     """Validate a config mapping, with dotted-key overrides (`workers.count=2`) from flags."""
-    merged: dict[str, Any] = dict(data or {})
+    merged: dict[str, Any] = copy.deepcopy(dict(data or {}))  # never change the caller's
     for dotted, value in overrides.items():
         if value is None:
             continue

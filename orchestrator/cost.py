@@ -1,17 +1,24 @@
 """Pure cost model: size_bytes, macs and bops of a policy, from the profile alone.
 
-`size_bytes` is what the exported file holds, per compressible layer:
+`size_bytes` is what the exported file holds. Each compressible layer is stored in the
+smallest of up to four exact encodings of the model that is scored:
 
-- float (32 bits), nothing pruned: every weight element at its stored dtype;
-- quantized to b bits: the kept elements of all the layer's weights packed into one
-  bit stream, ceil(kept * b / 8) bytes, plus one float32 scale per output row;
-- pruned (keep < 1): the kept values (packed or float) plus a bitmap of the layer's
-  weight positions, ceil(numel / 8) bytes;
+| encoding      | values                                   | extra                       |
+|---------------|------------------------------------------|-----------------------------|
+| dense float   | numel x dtype bytes                      |                             |
+| sparse float  | kept x dtype bytes                       | bitmap ceil(numel / 8)      |
+| dense packed  | ceil(numel x bits / 8) (all weight tensors of the layer in one stream) | one float32 scale per output row |
+| sparse packed | ceil(kept x bits / 8)                    | scales + bitmap             |
 
-and every other state-dict tensor (biases, BatchNorm parameters and buffers) at its
-stored dtype. `macs` counts the multiply-accumulates of the kept weights over one
-forward pass on the task's example inputs (sparse kernels skip pruned weights);
-`bops` = macs x weight bits x activation bits (activations stay float: 32).
+(packed only when bits < 32; a quantized layer stored as float holds its dequantized
+values, which are exactly what was scored). Choosing the smallest makes size monotone:
+fewer bits or lower keep never cost bytes, and a 32-bit, keep-1.0 policy is exactly the
+float model's state-dict size. Every other state-dict tensor (biases, BatchNorm
+parameters and buffers) is counted at its stored dtype.
+
+`macs` counts the multiply-accumulates of the kept weights over one forward pass on the
+task's example inputs (sparse kernels skip pruned weights); `bops` = macs x weight bits
+x activation bits (activations stay float: 32).
 """
 
 from __future__ import annotations
@@ -37,16 +44,30 @@ class Cost:
         return {"size_bytes": self.size_bytes, "macs": self.macs, "bops": self.bops}
 
 
-def layer_bytes(layer: LayerInfo, setting: LayerSetting) -> int:
-    kept, bits = setting.keep_count, setting.bits
-    if bits >= FLOAT_BITS:
-        values = kept * layer.dtype_bytes
-        scales = 0
-    else:
-        values = math.ceil(kept * bits / 8)
+def layer_encodings(layer: LayerInfo, setting: LayerSetting) -> dict[str, int]:
+    """Bytes of every exact encoding of a layer's weights under `setting`."""
+    kept, bits, numel = setting.keep_count, setting.bits, layer.numel
+    bitmap = math.ceil(numel / 8)
+    sizes = {"dense-float": numel * layer.dtype_bytes}
+    if kept < numel:
+        sizes["sparse-float"] = kept * layer.dtype_bytes + bitmap
+    if bits < FLOAT_BITS:
         scales = layer.rows * SCALE_BYTES
-    bitmap = math.ceil(layer.numel / 8) if kept < layer.numel else 0
-    return values + scales + bitmap
+        sizes["dense-packed"] = math.ceil(numel * bits / 8) + scales
+        if kept < numel:
+            sizes["sparse-packed"] = math.ceil(kept * bits / 8) + scales + bitmap
+    return sizes
+
+
+def layer_encoding(layer: LayerInfo, setting: LayerSetting) -> tuple[str, int]:
+    """The smallest encoding (ties: the first in table order) and its bytes."""
+    sizes = layer_encodings(layer, setting)
+    name = min(sizes, key=sizes.__getitem__)
+    return name, sizes[name]
+
+
+def layer_bytes(layer: LayerInfo, setting: LayerSetting) -> int:
+    return layer_encoding(layer, setting)[1]
 
 
 def layer_macs(layer: LayerInfo, setting: LayerSetting) -> int:

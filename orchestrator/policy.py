@@ -39,8 +39,10 @@ class Policy(Mapping[str, Value]):
         if text.startswith("uniform:"):
             parts = text.split(":")[1:]
             try:
+                if not 1 <= len(parts) <= 2:
+                    raise ValueError
                 bits, keep = int(parts[0]), float(parts[1]) if len(parts) > 1 else 1.0
-            except (ValueError, IndexError):
+            except ValueError:
                 raise SpaceError(f"policy '{text}': write uniform:BITS or uniform:BITS:KEEP, "
                                  "e.g. uniform:4 or uniform:4:0.5") from None  # fmt: skip
             return cls.uniform(space, bits, keep)

@@ -125,6 +125,7 @@ class ResultSink:
                                           preserve_index=False)  # fmt: skip
         self.recorded: set[int] = set(self.table.column("trial").to_pylist())
         self.pending: list[dict[str, Any]] = []
+        self._parts = len(list((self.dir / "trials").glob("part-*.parquet")))
 
     def add(self, row: dict[str, Any]) -> None:
         if row["trial"] in self.recorded:  # exactly one row per trial, whatever happens
@@ -136,8 +137,10 @@ class ResultSink:
         if not self.pending:
             return
         new = to_table(self.pending)
-        name = f"part-{len(list((self.dir / 'trials').glob('part-*.parquet'))):06d}-{uuid.uuid4().hex[:8]}.parquet"
+        # The random suffix keeps names unique even if two writers share the directory.
+        name = f"part-{self._parts:06d}-{uuid.uuid4().hex[:8]}.parquet"
         _atomic_write_table(self.dir / "trials" / name, new)
+        self._parts += 1
         self.pending.clear()
         self.table = pa.concat_tables([self.table, new])
         front = compute_front(self.table.to_pandas())

@@ -65,6 +65,7 @@ class SearchSpace:
             if (
                 isinstance(value, bool)
                 or not isinstance(value, (int, float))
+                or not math.isfinite(value)
                 or value != int(value)
             ):
                 raise SpaceError(f"{knob.name}: bits must be an integer, got {value!r}")

@@ -201,10 +201,14 @@ def test_eval_with_a_bad_policy(capsys, tmp_path, monkeypatch, policy, expected)
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        ("{not json", ["--policy", "not valid JSON"]),
-        ('{"bits:features.0": 4}', ["--policy", "no value for knob"]),
-        ('{"bits:featurez.0": 4}', ["--policy", "unknown knob 'bits:featurez.0'"]),
-        ('{"bits:features.0": NaN}', ["--policy", "bits:features.0"]),
+        pytest.param("{not json", ["--policy", "not valid JSON"], id="not-json"),
+        pytest.param('{"bits:features.0": 4}', ["--policy", "no value for knob"], id="missing"),
+        pytest.param(
+            '{"bits:featurez.0": 4}',
+            ["--policy", "unknown knob 'bits:featurez.0'"],
+            id="unknown-knob",
+        ),  # fmt: skip
+        pytest.param('{"bits:features.0": NaN}', ["--policy", "bits:features.0"], id="nan-bits"),
     ],
 )
 def test_eval_with_a_bad_policy_file(capsys, tmp_path, content, expected):

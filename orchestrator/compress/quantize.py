@@ -2,7 +2,7 @@
 
 Each output row r gets scale_r = max|w_r| / qmax with qmax = 2^(bits-1) - 1, and values
 q = clamp(round(w / scale_r), -qmax, qmax). The range is symmetric and restricted (no
--2^(bits-1)), so the row's largest magnitude is represented exactly and every error is
+-2^(bits-1)), so the row's largest magnitude gets the code ±qmax and every error is
 at most half a step: |w - q * scale| <= scale / 2.
 """
 
