@@ -35,7 +35,6 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 import optuna  # noqa: E402
 
-import orchestrator.store  # noqa: E402
 from orchestrator.config import make_config  # noqa: E402
 from orchestrator.cost import policy_cost  # noqa: E402
 from orchestrator.policy import Policy  # noqa: E402
@@ -110,30 +109,10 @@ class Row:
 
 
 # -- prunesearch ------------------------------------------------------------------------
-_drain = {"seconds": 0.0}
-
-
-def time_recorder_drain() -> None:
-    """The driver's loop time stops before its Recorder thread has written every trial to
-    SQLite and Parquet (Recorder.close waits for that); time the wait too, so a backlog
-    cannot hide behind the loop figure. Measures only; behaviour is unchanged."""
-    close = orchestrator.store.Recorder.close
-
-    def timed_close(self: Any) -> None:
-        start = time.perf_counter()
-        try:
-            close(self)
-        finally:
-            _drain["seconds"] += time.perf_counter() - start
-
-    orchestrator.store.Recorder.close = timed_close  # type: ignore[method-assign]
-
-
 def run_prunesearch(sampler: str, trials: int, out: Path, *, name: str) -> Row:
     config = make_config({"task": TASK, "trials": trials, "workers": {"count": WORKERS},
                           "sampler": sampler, "seed": SEED, "out": str(out), "study": name,
                           "baselines": False})  # fmt: skip
-    _drain["seconds"] = 0.0
     start = time.perf_counter()
     result = run_search(config, evaluator_factory=TrivialFactory(), quiet=True)
     total = time.perf_counter() - start
@@ -142,7 +121,7 @@ def run_prunesearch(sampler: str, trials: int, out: Path, *, name: str) -> Row:
     if result.error or d["trials"] != trials or states.get("COMPLETE", 0) != trials:
         raise SystemExit(f"prunesearch run incomplete: {states}, error={result.error}")
     return Row(system=PRUNESEARCH, sampler=sampler, trials=trials,
-               loop_seconds=d["loop_seconds"], durable_seconds=d["loop_seconds"] + _drain["seconds"],
+               loop_seconds=d["loop_seconds"], durable_seconds=d["loop_seconds"] + d["drain_seconds"],
                total_seconds=total, sampler_ms=d["sampler_ms_per_trial"],
                overhead_ms=d["overhead_ms_per_trial"])  # fmt: skip
 
@@ -217,7 +196,7 @@ HEADER = ["system", "sampler", "trials", "concurrency", "trials/s loop", "trials
 
 NOTES = """\
 trials/s loop: trials / dispatch-loop wall (prunesearch, DriverStats) or Tuner.fit() wall (Ray Tune); no Ray start.
-trials/s durable: prunesearch loop plus its Recorder thread draining the backlog to SQLite/Parquet afterwards.
+trials/s durable: prunesearch loop plus the recorder process draining its backlog to SQLite/Parquet afterwards.
 trials/s end-to-end: the whole call: run_search() (task prepare, Ray start, actors, loop, drain, shutdown)
   or ray.init() + Tuner.fit() + ray.shutdown().
 overhead ms/trial: driver time that is neither sampler nor ray.wait, per trial (DriverStats; n/a for Tune);
@@ -285,7 +264,6 @@ def main(argv: list[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("ray").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    time_recorder_drain()
     _, _, space = build_space(make_config({"task": TASK}))
     rows = []
     with tempfile.TemporaryDirectory(prefix="prunesearch-overhead-") as tmp:

@@ -1,26 +1,33 @@
 """prunesearch: distributed pruning-and-quantization policy search for PyTorch models.
 
-Importing this package does not import or start Ray.
+The public API. Names load on first use (PEP 562), so `import orchestrator` is cheap:
+it imports neither torch nor Ray, and starts nothing.
 """
 
-from orchestrator.budget import Budget, parse_budget
-from orchestrator.config import SearchConfig, load_config_file, make_config
-from orchestrator.cost import Cost, policy_cost
-from orchestrator.errors import ConfigError
-from orchestrator.policy import Policy
-from orchestrator.results import load_front, load_results
-from orchestrator.task import Task, resolve_task
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Budget": "orchestrator.budget", "parse_budget": "orchestrator.budget",
+    "ConfigError": "orchestrator.errors",
+    "Cost": "orchestrator.cost", "policy_cost": "orchestrator.cost",
+    "Policy": "orchestrator.policy",
+    "SearchConfig": "orchestrator.config", "load_config_file": "orchestrator.config",
+    "make_config": "orchestrator.config",
+    "SearchResult": "orchestrator.search", "run_search": "orchestrator.search",
+    "load_front": "orchestrator.results", "load_results": "orchestrator.results",
+    "Task": "orchestrator.task", "resolve_task": "orchestrator.task",
+}  # fmt: skip
+__all__ = sorted(_EXPORTS)
 
 
-def run_search(config, **kwargs):  # noqa: ANN001, ANN003 - thin lazy wrapper
-    """Run or resume a search (see `orchestrator.search.run_search`)."""
-    from orchestrator.search import run_search as _run
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'orchestrator' has no attribute '{name}'")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
 
-    return _run(config, **kwargs)
 
-
-__all__ = [
-    "Budget", "ConfigError", "Cost", "Policy", "SearchConfig", "Task", "load_config_file",
-    "load_front", "load_results", "make_config", "parse_budget", "policy_cost", "resolve_task",
-    "run_search",
-]  # fmt: skip
+def __dir__() -> list[str]:
+    return __all__

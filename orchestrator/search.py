@@ -7,7 +7,6 @@ INFEASIBLE; already evaluated: the earlier result) or sends it to a free worker.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import platform
@@ -29,8 +28,8 @@ from orchestrator.cost import Cost, policy_cost
 from orchestrator.policy import Policy
 from orchestrator.prepare import Prepared, prepare
 from orchestrator.progress import Progress
-from orchestrator.results import ResultSink, atomic_write_json, compute_front
-from orchestrator.store import INTERRUPTED, ROW_ATTR, Recorder, open_study, sqlite_storage
+from orchestrator.results import ResultSink, atomic_write_json, compute_front, read_trials
+from orchestrator.store import INTERRUPTED, ROW_ATTR, Recorder, open_study, storage_url
 from orchestrator.timing import DriverStats, TimedSampler
 from search_spaces import Knob, SearchSpace
 
@@ -132,15 +131,14 @@ class Driver:
         p = self.p
         p.study_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(p.study_dir, 0o700)  # the study is the user's alone
-        storage = sqlite_storage(p.study_dir / "study.db")
-        opened = open_study(storage, p.study, DIRECTIONS, resume=p.resume)
+        url = storage_url(p.study_dir)
+        opened = open_study(url, p.study, DIRECTIONS, resume=p.resume)
         sampler = TimedSampler(SAMPLERS[self.sampler_name](p.config.seed, self.target), self.stats)
         self.study = optuna.create_study(directions=DIRECTIONS, sampler=sampler,
                                          study_name=p.study)  # fmt: skip
         self.study.add_trials(opened.finished)
-        self.sink = ResultSink(p.study_dir)
         self._reconcile(opened.finished)
-        self.recorder = Recorder(storage, opened.study_id, self.sink)
+        self.recorder = Recorder(url, p.study, p.study_dir)
         self.finished = len(opened.finished)
         self.issued = self.finished
         self.requeue = opened.requeue
@@ -163,12 +161,13 @@ class Driver:
     def _reconcile(self, finished: list[FrozenTrial]) -> None:
         """Rows for finished trials the Parquet files lack (a crash between the two writes),
         and the evaluation cache from every completed trial."""
+        sink = ResultSink(self.p.study_dir)
         for trial in finished:
             row = trial.user_attrs.get(ROW_ATTR) or self._row_of_interrupted(trial)
-            self.sink.add(row)
+            sink.add(row)
             if row["state"] == "COMPLETE" and row["cached_from"] is None:
                 self._remember(row)
-        self.sink.flush()
+        sink.flush()
 
     def _row_of_interrupted(self, trial: FrozenTrial) -> dict[str, Any]:
         policy = Policy.from_values(self.space, {**self.fixed, **trial.params})
@@ -197,6 +196,7 @@ class Driver:
                 self.interrupted = True
         self.stats.loop_seconds = time.perf_counter() - start
         self.recorder.close()
+        self.stats.drain_seconds = self.recorder.drain_seconds
 
     def _give_up(self) -> bool:
         """A task that fails every evaluation stops the run instead of burning the budget."""
@@ -217,7 +217,8 @@ class Driver:
             trial.set_constraint(key, excess)
         candidate = _Candidate(trial, policy, cost, all(v <= 0 for v in violations.values()))
         self.issued += 1
-        self.recorder.created(copy.deepcopy(self.study._storage.get_trial(trial._trial_id)))
+        # pickled at once by the recorder: a snapshot of the trial as asked
+        self.recorder.created(self.study._storage.get_trial(trial._trial_id))
         if not candidate.feasible:
             self._tell(candidate, trial, "INFEASIBLE", {})
         elif policy.hash in self.cache:
@@ -251,7 +252,6 @@ class Driver:
     def _tell(self, candidate: _Candidate, trial: Trial, state: str, result: dict) -> dict:
         row = self._row(trial.number, state, candidate.policy, candidate.cost,
                         feasible=candidate.feasible, result=result)  # fmt: skip
-        trial.set_user_attr(ROW_ATTR, row)
         if state == "FAIL":
             frozen = self.study.tell(trial, state=TrialState.FAIL)
         else:
@@ -380,7 +380,7 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
             pool.shutdown()
         if started_ray:
             ray.shutdown()
-    trials = driver.sink.frame()
+    trials = read_trials(prepared.study_dir)
     return SearchResult(study=prepared.study, study_dir=prepared.study_dir, trials=trials,
                         front=compute_front(trials), base_metric=base_metric,
                         base_size=prepared.base_cost.size_bytes, sampler=sampler,

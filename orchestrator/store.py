@@ -1,23 +1,34 @@
 """Durable record of a study: Optuna storage (SQLite by default) plus the Parquet sink.
 
 The driver samples from an in-memory Optuna study, so asking and telling cost well under
-a millisecond; Optuna's RDB storage costs 10-40 ms of SQLAlchemy work per trial here
-(one transaction per parameter), which would make the driver the bottleneck. A
-background Recorder thread replays every trial into the durable study in the same order
-(so trial numbers match), then hands the finished trial's row to the Parquet sink.
-Parquet rows are written only after the durable study holds the finished trial, so the
-Parquet files never claim a trial the study lost.
+a millisecond. Optuna's RDB storage costs 10-40 ms of SQLAlchemy work per trial here
+(one transaction per parameter); done in the driver, or in a thread of it holding the
+GIL, that would make the driver the bottleneck. So a recorder *process*
+(`python -m orchestrator.recorder`) replays every trial into the durable study in ask
+order (trial numbers match) and then hands the finished trial's row to the Parquet sink:
+Parquet never claims a trial the study lost.
 
-Resume: trials left RUNNING by a stopped driver are marked FAIL ("interrupted") and
-their parameters re-queued; the finished trials are copied into a fresh in-memory study.
+The driver streams pickled messages to the recorder's stdin through a pump thread that
+blocks in `write` (no GIL held). If the driver dies, the recorder reads end-of-file,
+records everything it was sent, flushes, and exits; it runs in its own session so a
+Ctrl-C in the terminal reaches only the driver.
+
+Resume: trials left RUNNING by a stopped driver are marked FAIL ("interrupted") and their
+parameters re-queued; the finished trials are copied into a fresh in-memory study.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pickle
 import queue
+import struct
+import subprocess
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +41,15 @@ from orchestrator.results import ResultSink
 
 ROW_ATTR = "prunesearch.row"
 INTERRUPTED = "interrupted: the driver stopped before this trial finished; re-queued on resume"
+_HEADER = struct.Struct("<I")  # length prefix of each pickled message
 
 
-def sqlite_storage(path: Path) -> optuna.storages.RDBStorage:
-    storage = optuna.storages.RDBStorage(
-        f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 60}}
-    )
+def storage_url(study_dir: Path) -> str:
+    return f"sqlite:///{Path(study_dir).resolve() / 'study.db'}"
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
 
     # WAL + synchronous=NORMAL: commits survive a process crash without an fsync each,
     # and readers (optuna-dashboard, `prunesearch front`) never block the writer.
@@ -52,95 +66,52 @@ def sqlite_storage(path: Path) -> optuna.storages.RDBStorage:
 
 @dataclass
 class OpenedStudy:
-    storage: optuna.storages.BaseStorage
     study_id: int
     finished: list[FrozenTrial]  # in trial-number order, all finished
     requeue: list[dict[str, Any]] = field(default_factory=list)  # params of interrupted trials
 
 
-def open_study(storage: optuna.storages.BaseStorage, name: str, directions: list[str],
-               *, resume: bool) -> OpenedStudy:  # fmt: skip
-    if not resume:
-        study = optuna.create_study(storage=storage, study_name=name, directions=directions)
-        return OpenedStudy(storage=storage, study_id=study._study_id, finished=[])
-    study = optuna.load_study(storage=storage, study_name=name)
-    requeue = []
-    for trial in study.get_trials(deepcopy=False):
-        if not trial.state.is_finished():
-            storage.set_trial_user_attr(trial._trial_id, "error", INTERRUPTED)
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            requeue.append(dict(trial.params))
-    finished = sorted(study.get_trials(deepcopy=True), key=lambda t: t.number)
-    return OpenedStudy(storage=storage, study_id=study._study_id, finished=finished,
-                       requeue=requeue)  # fmt: skip
+def open_study(url: str, name: str, directions: list[str], *, resume: bool) -> OpenedStudy:
+    storage = open_storage(url)
+    try:
+        if not resume:
+            study = optuna.create_study(storage=storage, study_name=name, directions=directions)
+            return OpenedStudy(study_id=study._study_id, finished=[])
+        study = optuna.load_study(storage=storage, study_name=name)
+        requeue = []
+        for trial in study.get_trials(deepcopy=False):
+            if not trial.state.is_finished():
+                storage.set_trial_user_attr(trial._trial_id, "error", INTERRUPTED)
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                requeue.append(dict(trial.params))
+        finished = sorted(study.get_trials(deepcopy=True), key=lambda t: t.number)
+        return OpenedStudy(study_id=study._study_id, finished=finished, requeue=requeue)
+    finally:
+        storage.engine.dispose()
 
 
-class Recorder:
-    """Background writer: trials into the durable study, then rows into Parquet."""
+class StudyWriter:
+    """Applies driver messages to the durable study, then rows to the Parquet sink."""
 
-    def __init__(self, storage: optuna.storages.BaseStorage, study_id: int, sink: ResultSink,
-                 *, flush_seconds: float = 1.0) -> None:  # fmt: skip
+    def __init__(self, storage: optuna.storages.BaseStorage, study_id: int,
+                 sink: ResultSink) -> None:  # fmt: skip
         self.storage, self.study_id, self.sink = storage, study_id, sink
-        self.flush_seconds = flush_seconds
-        self._queue: queue.Queue = queue.Queue()
         self._ids: dict[int, int] = {}  # trial number -> storage trial id
         self._done: set[int] = set()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="prunesearch-recorder", daemon=True)
-        self._thread.start()
 
-    def created(self, trial: FrozenTrial) -> None:
-        self._check()
-        self._queue.put(("created", trial, None))
-
-    def finished(self, trial: FrozenTrial, row: dict[str, Any]) -> None:
-        self._check()
-        self._queue.put(("finished", trial, row))
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self._check()
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"recording results failed: {self._error}") from self._error
-
-    def _run(self) -> None:
-        last_flush = time.monotonic()
-        stop = False
-        while not stop:
-            try:
-                batch = [self._queue.get(timeout=self.flush_seconds)]
-            except queue.Empty:
-                batch = []
-            while True:  # drain what is there: one pass handles bursts
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(item is None for item in batch)
-            try:
-                self._apply([item for item in batch if item is not None])
-                if stop or time.monotonic() - last_flush >= self.flush_seconds:
-                    self.sink.flush()
-                    last_flush = time.monotonic()
-            except BaseException as exc:  # surfaced to the driver at its next call
-                self._error = exc
-                return
-
-    def _apply(self, batch: list[tuple[str, FrozenTrial, Any]]) -> None:
-        finals = {t.number: t for kind, t, _ in batch if kind == "finished"}
+    def apply(self, batch: list[tuple[str, FrozenTrial, Any]]) -> None:
+        finals = {t.number: (t, row) for kind, t, row in batch if kind == "finished"}
         for kind, trial, row in batch:
             if kind == "created":
                 final = finals.get(trial.number)
-                # Created and finished in one batch: one write, already finished.
-                self._create(final or trial)
-                if final is not None:
+                if final is None:
+                    self._create(trial)
+                else:  # created and finished in one batch: one write, already finished
+                    self._create(_with_row(*final))
                     self._done.add(trial.number)
                 continue
             if trial.number not in self._done:
-                self._finish(trial)
+                self._finish(trial, row)
                 self._done.add(trial.number)
             self.sink.add(row)
 
@@ -154,20 +125,108 @@ class Recorder:
             )
         self._ids[number] = trial_id
 
-    def _finish(self, trial: FrozenTrial) -> None:
+    def _finish(self, trial: FrozenTrial, row: dict[str, Any]) -> None:
         trial_id = self._ids[trial.number]
-        for key, value in trial.user_attrs.items():
+        for key, value in _with_row(trial, row).user_attrs.items():
             self.storage.set_trial_user_attr(trial_id, key, value)
         self.storage.set_trial_state_values(trial_id, trial.state, trial.values)
 
 
-def replay(memory: optuna.Study, finished: list[FrozenTrial]) -> None:
-    """Copy the durable study's finished trials into the in-memory one (numbers match)."""
-    memory.add_trials(finished)
+def _with_row(trial: FrozenTrial, row: dict[str, Any]) -> FrozenTrial:
+    """The row rides in the durable study too, so a resume can rebuild lost Parquet rows."""
+    trial.user_attrs = {**trial.user_attrs, ROW_ATTR: row}
+    return trial
 
 
-def row_of(trial: FrozenTrial) -> dict[str, Any] | None:
-    return trial.user_attrs.get(ROW_ATTR)
+class Recorder:
+    """Driver side: streams trials to the recorder process (see the module docstring)."""
+
+    def __init__(self, url: str, study_name: str, study_dir: Path, *,
+                 flush_seconds: float = 1.0) -> None:  # fmt: skip
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - open for the child's lifetime
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.recorder", url, study_name, str(study_dir),
+             str(flush_seconds)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr,
+            start_new_session=True, env={**os.environ, "PYTHONPATH": _package_root()},
+        )  # fmt: skip
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pump = threading.Thread(target=self._pump_loop, name="prunesearch-recorder-pump",
+                                      daemon=True)  # fmt: skip
+        self._pump.start()
+        self.drain_seconds = 0.0
+
+    def created(self, trial: FrozenTrial) -> None:
+        self._send(("created", trial, None))
+
+    def finished(self, trial: FrozenTrial, row: dict[str, Any]) -> None:
+        self._send(("finished", trial, row))
+
+    def _send(self, message: tuple) -> None:
+        self._check()
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)  # a snapshot, now
+        self._queue.put(_HEADER.pack(len(data)) + data)
+
+    def _pump_loop(self) -> None:
+        stdin = self._proc.stdin
+        try:
+            while (chunk := self._queue.get()) is not None:
+                stdin.write(chunk)
+                stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the recorder died: _check reports it with its own error
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    def close(self) -> None:
+        """Send end-of-stream and wait until every trial is durable."""
+        start = time.perf_counter()
+        self._queue.put(None)
+        self._pump.join()
+        code = self._proc.wait()
+        self.drain_seconds = time.perf_counter() - start
+        if code != 0:
+            raise RuntimeError(f"recording results failed: {self._error_text()}")
+
+    def _check(self) -> None:
+        if self._proc.poll() is not None:
+            raise RuntimeError(f"recording results failed: {self._error_text()}")
+
+    def _error_text(self) -> str:
+        self._stderr.seek(0)
+        lines = self._stderr.read().decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else f"the recorder exited with code {self._proc.returncode}"
 
 
-Callback = Callable[[FrozenTrial], None]
+def _package_root() -> str:
+    """The recorder imports this package from where the driver did (editable or not)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    extra = os.environ.get("PYTHONPATH")
+    return root + (os.pathsep + extra if extra else "")
+
+
+def read_messages(fd: int, timeout: float):
+    """Yield (messages, eof) batches from a length-prefixed pickle stream on `fd`; a batch
+    is whatever arrived within `timeout` (possibly nothing)."""
+    import select
+
+    buffer = bytearray()
+    eof = False
+    while not eof:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        while ready:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                eof = True
+                break
+            buffer += chunk
+            ready, _, _ = select.select([fd], [], [], 0)
+        messages = []
+        while len(buffer) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buffer)
+            if len(buffer) < _HEADER.size + size:
+                break
+            messages.append(pickle.loads(bytes(buffer[_HEADER.size : _HEADER.size + size])))
+            del buffer[: _HEADER.size + size]
+        yield messages, eof

@@ -14,6 +14,7 @@ class DriverStats:
     sampler_seconds: float = 0.0  # inside the sampler (ask-time sampling, after_trial)
     wait_seconds: float = 0.0  # blocked in ray.wait with every worker busy
     loop_seconds: float = 0.0  # the whole dispatch loop, wall time
+    drain_seconds: float = 0.0  # after the loop, until every trial is durable (recorder)
     trials: int = 0
 
     @property
@@ -25,6 +26,7 @@ class DriverStats:
         per = max(self.trials, 1)
         return {"trials": self.trials, "loop_seconds": self.loop_seconds,
                 "wait_seconds": self.wait_seconds, "sampler_seconds": self.sampler_seconds,
+                "drain_seconds": self.drain_seconds,
                 "overhead_ms_per_trial": 1000 * self.overhead_seconds / per,
                 "sampler_ms_per_trial": 1000 * self.sampler_seconds / per}  # fmt: skip
 

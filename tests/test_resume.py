@@ -85,3 +85,35 @@ def test_ctrl_c_then_resume_loses_and_repeats_nothing(tmp_path):
     evaluated = trials[(trials["state"] == "COMPLETE") & trials["cached_from"].isna()]
     assert evaluated["policy_hash"].is_unique
     assert complete_before <= set(evaluated["policy_hash"])
+
+
+def _wait_until_consistent(study_dir: Path, timeout: float = 60) -> tuple[pd.DataFrame, list]:
+    """After a driver is killed its recorder still writes what it was sent, then exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _check_study(study_dir)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_driver_killed_then_resume_finishes_with_every_trial_once(tmp_path):
+    study_dir = tmp_path / "s"
+    args = ("run", "--out", str(tmp_path), "--study", "s", "--workers", "2", "--quiet",
+            "--sampler", "random", "--trials", "100")  # fmt: skip
+    proc = _cli(*args)
+    _wait_for_rows(study_dir)
+    proc.kill()  # SIGKILL: no cleanup of any kind in the driver
+    proc.communicate(timeout=60)
+
+    trials, all_trials = _wait_until_consistent(study_dir)
+    assert 0 < len(trials) < 100
+    resumed = _cli(*args, "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    trials, all_trials = _check_study(study_dir)
+    assert len(trials) == len(all_trials) == 100
+    evaluated = trials[(trials["state"] == "COMPLETE") & trials["cached_from"].isna()]
+    assert evaluated["policy_hash"].is_unique  # no completed trial evaluated twice
