@@ -89,6 +89,7 @@ class _Candidate:
     policy: Policy
     cost: Cost
     feasible: bool
+    origin: str  # "sampler", "baseline" (uniform policy) or "requeued" (interrupted before)
     duplicates: list[Trial] = field(default_factory=list)
 
 
@@ -141,9 +142,9 @@ class Driver:
         self.recorder = Recorder(url, p.study, p.study_dir)
         self.finished = len(opened.finished)
         self.issued = self.finished
-        self.requeue = opened.requeue
+        self.requeue = [(params, "requeued") for params in opened.requeue]
         if not p.resume and p.config.baselines:
-            self.requeue += self._baselines()
+            self.requeue += [(params, "baseline") for params in self._baselines()]
 
     def _baselines(self) -> list[dict[str, Any]]:
         """The uniform policies (float, 8, 4, 2 bits; nothing pruned) go first, so the study
@@ -207,15 +208,18 @@ class Driver:
         return True
 
     def _issue(self) -> None:
+        origin = "sampler"
         if self.requeue:
-            self.study.enqueue_trial(self.requeue.pop(0), skip_if_exists=False)
+            params, origin = self.requeue.pop(0)
+            self.study.enqueue_trial(params, skip_if_exists=False)
         trial = self.study.ask(self.distributions)
         policy = Policy.from_values(self.space, {**self.fixed, **trial.params})
         cost = policy_cost(self.space, policy)
         violations = self.p.budget.violations(cost)
         for key, excess in violations.items():
             trial.set_constraint(key, excess)
-        candidate = _Candidate(trial, policy, cost, all(v <= 0 for v in violations.values()))
+        feasible = all(v <= 0 for v in violations.values())
+        candidate = _Candidate(trial, policy, cost, feasible, origin)
         self.issued += 1
         # pickled at once by the recorder: a snapshot of the trial as asked
         self.recorder.created(self.study._storage.get_trial(trial._trial_id))
@@ -251,7 +255,7 @@ class Driver:
 
     def _tell(self, candidate: _Candidate, trial: Trial, state: str, result: dict) -> dict:
         row = self._row(trial.number, state, candidate.policy, candidate.cost,
-                        feasible=candidate.feasible, result=result)  # fmt: skip
+                        feasible=candidate.feasible, result=result, origin=candidate.origin)  # fmt: skip
         if state == "FAIL":
             frozen = self.study.tell(trial, state=TrialState.FAIL)
         else:
@@ -264,7 +268,7 @@ class Driver:
         return row
 
     def _row(self, number: int, state: str, policy: Policy, cost: Cost, *, feasible: bool,
-             result: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+             result: dict[str, Any], origin: str | None = None) -> dict[str, Any]:  # fmt: skip
         metric = result.get("metric") if state == "COMPLETE" else None
         return {
             "study": self.p.study, "trial": number, "state": state, "metric": metric,
@@ -274,7 +278,7 @@ class Driver:
             "rebuild_seconds": result.get("rebuild_seconds"),
             "worker": result.get("worker"), "node": result.get("node"),
             "attempt": result.get("attempt", 0), "error": result.get("error"),
-            "cached_from": result.get("cached_from"), "finished_at": _now(),
+            "cached_from": result.get("cached_from"), "origin": origin, "finished_at": _now(),
         }  # fmt: skip
 
     def _remember(self, row: dict[str, Any]) -> None:

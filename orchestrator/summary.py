@@ -75,6 +75,12 @@ def print_summary(result: Any, prepared: Any) -> None:
           f"in {result.seconds:.0f} s with sampler {result.sampler}")  # fmt: skip
     print("\nfront (size against metric):")
     print_front(result.front, base={"size_bytes": result.base_size, "metric": result.base_metric})
+    baselines = trials[trials["origin"] == "baseline"].sort_values("size_bytes")
+    if not baselines.empty:
+        on_front = set(result.front["trial"])
+        shown = [f"{format_bytes(r.size_bytes)} {r.metric:.4f}" + (" (on front)" if r.trial in on_front else "")
+                 for r in baselines.itertuples() if r.state == "COMPLETE"]  # fmt: skip
+        print(f"\nuniform baselines (size, metric): {'; '.join(shown)}")
     best = result.best_within_budget()
     where = f"within budget {prepared.budget.describe()}" if prepared.budget else "overall"
     if best is not None:
