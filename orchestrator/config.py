@@ -25,7 +25,7 @@ from pydantic import (
 
 from orchestrator.budget import Budget, BudgetError, parse_budget
 from orchestrator.errors import ConfigError
-from search_spaces.config import PruningMode, SpaceConfig
+from search_spaces.config import Importance, PruningMode, SpaceConfig
 
 Number = StrictInt | float
 
@@ -66,7 +66,8 @@ class SearchConfig(_Frozen):
     seed: StrictInt | None = 0
     sampler: Literal["auto", "tpe", "nsga2", "random"] = "auto"
     budget: StrictStr | dict[str, StrictStr | Number] | None = None
-    pruning: PruningMode = "unstructured"
+    pruning: PruningMode = "auto"
+    importance: Importance = "l1"  # structured: which channels a group keeps
     space: SpaceConfig = SpaceConfig()
     workers: WorkersConfig = WorkersConfig()
     recovery: RecoveryConfig = RecoveryConfig()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from search_spaces import LayerInfo, LayerSetting, SearchSpace
 from search_spaces.config import FLOAT_BITS
+from search_spaces.structure import sliced_shape
 
 SCALE_BYTES = 4  # one float32 scale per output row of a quantized weight
 ACTIVATION_BITS = 32
@@ -39,24 +40,31 @@ class Cost:
     size_bytes: int
     macs: int
     bops: int
+    params: int = 0  # parameter elements of the rebuilt model (masked ones included)
 
     def as_dict(self) -> dict[str, int]:
-        return {"size_bytes": self.size_bytes, "macs": self.macs, "bops": self.bops}
+        return {"size_bytes": self.size_bytes, "macs": self.macs, "bops": self.bops,
+                "params": self.params}  # fmt: skip
 
 
-def layer_encodings(layer: LayerInfo, setting: LayerSetting) -> dict[str, int]:
-    """Bytes of every exact encoding of a layer's weights under `setting`."""
-    kept, bits, numel = setting.keep_count, setting.bits, layer.numel
+def encodings(*, numel: int, rows: int, dtype_bytes: int, bits: int, kept: int) -> dict[str, int]:
+    """Bytes of every exact encoding of a layer's weights (see the table above)."""
     bitmap = math.ceil(numel / 8)
-    sizes = {"dense-float": numel * layer.dtype_bytes}
+    sizes = {"dense-float": numel * dtype_bytes}
     if kept < numel:
-        sizes["sparse-float"] = kept * layer.dtype_bytes + bitmap
+        sizes["sparse-float"] = kept * dtype_bytes + bitmap
     if bits < FLOAT_BITS:
-        scales = layer.rows * SCALE_BYTES
+        scales = rows * SCALE_BYTES
         sizes["dense-packed"] = math.ceil(numel * bits / 8) + scales
         if kept < numel:
             sizes["sparse-packed"] = math.ceil(kept * bits / 8) + scales + bitmap
     return sizes
+
+
+def layer_encodings(layer: LayerInfo, setting: LayerSetting) -> dict[str, int]:
+    """Bytes of every exact encoding of a (masked, unsliced) layer's weights."""
+    return encodings(numel=layer.numel, rows=layer.rows, dtype_bytes=layer.dtype_bytes,
+                     bits=setting.bits, kept=setting.keep_count)  # fmt: skip
 
 
 def layer_encoding(layer: LayerInfo, setting: LayerSetting) -> tuple[str, int]:
@@ -75,6 +83,7 @@ def layer_macs(layer: LayerInfo, setting: LayerSetting) -> int:
 
 
 def cost_of_settings(space: SearchSpace, settings: Mapping[str, LayerSetting]) -> Cost:
+    """Unstructured (or no) pruning: tensors keep their shapes, masks drop elements."""
     size = space.profile.other_bytes
     macs = bops = 0
     for layer in space.profile.layers:
@@ -83,9 +92,34 @@ def cost_of_settings(space: SearchSpace, settings: Mapping[str, LayerSetting]) -
         layer_mac = layer_macs(layer, setting)
         macs += layer_mac
         bops += layer_mac * min(setting.bits, FLOAT_BITS) * ACTIVATION_BITS
-    return Cost(size_bytes=size, macs=macs, bops=bops)
+    params = sum(math.prod(t.shape) for t in space.profile.tensors if t.parameter)
+    return Cost(size_bytes=size, macs=macs, bops=bops, params=params)
+
+
+def _structured_cost(space: SearchSpace, settings: Mapping[str, LayerSetting],
+                     counts: Mapping[str, int]) -> Cost:  # fmt: skip
+    """Structured pruning: every tensor's shape after slicing, from the plan alone."""
+    plan, profile = space.plan, space.profile
+    weight_keys = {w.key for layer in profile.layers for w in layer.weights}
+    size = params = macs = bops = 0
+    for tensor in profile.tensors:
+        numel = math.prod(sliced_shape(tensor.shape, tensor.key, plan, counts))
+        params += numel if tensor.parameter else 0
+        size += 0 if tensor.key in weight_keys else numel * tensor.dtype_bytes
+    for layer in profile.layers:
+        shapes = [sliced_shape(w.shape, w.key, plan, counts) for w in layer.weights]
+        numel = sum(math.prod(shape) for shape in shapes)
+        bits = settings[layer.name].bits
+        size += min(encodings(numel=numel, rows=sum(shape[0] for shape in shapes),
+                              dtype_bytes=layer.dtype_bytes, bits=bits, kept=numel).values())  # fmt: skip
+        macs += numel * layer.uses
+        bops += numel * layer.uses * min(bits, FLOAT_BITS) * ACTIVATION_BITS
+    return Cost(size_bytes=size, macs=macs, bops=bops, params=params)
 
 
 def policy_cost(space: SearchSpace, policy: Mapping[str, int | float]) -> Cost:
     """Cost of a canonical policy; no model is built."""
-    return cost_of_settings(space, space.layer_settings(policy))
+    settings = space.layer_settings(policy)
+    if space.plan is None:
+        return cost_of_settings(space, settings)
+    return _structured_cost(space, settings, space.channel_counts(policy))

@@ -85,7 +85,9 @@ class Evaluator:
         start = time.perf_counter()
         model = self.rebuilder(policy)
         if self.recovery.bn_recalibration and self._compresses(policy):
-            self.rebuilder.mark_dirty(set(recalibrate_batchnorm(model, self.calibration)))
+            changed = set(recalibrate_batchnorm(model, self.calibration))
+            if model is self.rebuilder.model:  # a sliced model is new: nothing to restore
+                self.rebuilder.mark_dirty(changed)
         rebuilt = time.perf_counter()
         with torch.no_grad():
             metric = float(self.task.metric(model, self.validation))

@@ -21,6 +21,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.policy import Policy
 from orchestrator.task import Task, resolve_task
 from search_spaces import SearchSpace, SpaceError, derive_space, profile_model
+from search_spaces.structure import PruningPlan, plan_groups
 
 _BUDGET_NAMES = {"size_bytes": "size", "macs": "macs", "bops": "bops"}
 
@@ -54,11 +55,35 @@ def build_space(config: SearchConfig) -> tuple[Task, nn.Module, SearchSpace]:
     if not profile.layers:
         raise ConfigError(f"task '{config.task}': the model has no Conv/Linear/LSTM/GRU layer "
                           "to compress")  # fmt: skip
+    mode, plan = _pruning_plan(config, model, example, profile)
     try:
-        space = derive_space(profile, config.space, pruning=config.pruning)
+        space = derive_space(profile, config.space, pruning=mode, plan=plan)
     except SpaceError as exc:
         raise ConfigError(str(exc)) from None
     return task, model, space
+
+
+def _pruning_plan(config: SearchConfig, model: nn.Module, example: object,
+                  profile: object) -> tuple[str, PruningPlan | None]:  # fmt: skip
+    """`auto` is structured where the model has coupling groups that can be cut."""
+    if config.pruning not in ("auto", "structured"):
+        return config.pruning, None
+    layer_names = [layer.name for layer in profile.layers]
+    try:
+        plan = plan_groups(model, example, layer_names=layer_names, importance=config.importance)
+    except Exception as exc:
+        if config.pruning == "structured":
+            raise ConfigError(f"pruning: structured: tracing the model's channel dependencies "
+                              f"failed ({type(exc).__name__}: {exc}); use pruning: "
+                              "unstructured") from exc  # fmt: skip
+        return "unstructured", None
+    if plan.groups:
+        return "structured", plan
+    if config.pruning == "structured":
+        reasons = "; ".join(f"{k}: {v}" for k, v in list(plan.excluded.items())[:3])
+        raise ConfigError(f"pruning: structured: no group of this model's channels can be cut "
+                          f"({reasons or 'no groups'}); use pruning: unstructured")  # fmt: skip
+    return "unstructured", None
 
 
 def check_budget(space: SearchSpace, budget: Budget) -> None:

@@ -32,6 +32,7 @@ SCHEMA = pa.schema(
         ("size_bytes", pa.int64()),
         ("macs", pa.int64()),
         ("bops", pa.int64()),
+        ("params", pa.int64()),  # parameter elements of the rebuilt model
         ("feasible", pa.bool_()),
         ("policy", pa.string()),
         ("policy_hash", pa.string()),

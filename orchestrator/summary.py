@@ -27,12 +27,20 @@ def print_space(space: SearchSpace) -> None:
     profile = space.profile
     rows = []
     for knob in space.knobs:
-        shapes = ", ".join("x".join(map(str, profile.layer(n).shape)) for n in knob.layers)
+        if knob.kind == "keep" and space.plan is not None:  # one knob per coupling group
+            groups = [space.plan.group(g) for g in knob.layers]
+            members = ",".join(m for g in groups for m in g.members)
+            shapes = ", ".join(f"{g.channels} channels" for g in groups)
+        else:
+            members = ",".join(knob.layers)
+            shapes = ", ".join("x".join(map(str, profile.layer(n).shape)) for n in knob.layers)
         choices = ",".join(f"{c:g}" for c in knob.choices)
-        rows.append([knob.name, ",".join(knob.layers), shapes, choices])
+        rows.append([knob.name, members, shapes, choices])
     _print_table(["knob", "layers", "shape", "choices"], rows)
     for name, reason in space.skipped.items():
         print(f"skipped {name}: {reason}")
+    for name, reason in space.unpruned.items():
+        print(f"not pruned: group of {name}: {reason}")
     from orchestrator.cost import policy_cost
     from orchestrator.policy import Policy
 

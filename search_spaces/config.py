@@ -112,4 +112,6 @@ class SpaceConfig(_Frozen):
         return v
 
 
-PruningMode = Literal["unstructured", "none"]
+# auto: structured where the model has coupling groups that can be cut, else unstructured
+PruningMode = Literal["auto", "structured", "unstructured", "none"]
+Importance = Literal["l1", "l2", "bn_scale"]

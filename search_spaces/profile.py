@@ -56,11 +56,22 @@ class LayerInfo:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TensorInfo:
+    """Any state-dict tensor (structured pruning shrinks biases and norms too)."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype_bytes: int
+    parameter: bool  # a parameter (counted in `params`) rather than a buffer
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelProfile:
     layers: tuple[LayerInfo, ...]
     other_bytes: int  # every state-dict tensor that is not a layer weight, at its stored dtype
     has_batchnorm: bool
     family: str  # "cnn", "rnn" or "mlp": picks the preset
+    tensors: tuple[TensorInfo, ...] = ()  # the whole state dict
 
     @property
     def float_bytes(self) -> int:
@@ -85,7 +96,9 @@ class ModelProfile:
             )
             for layer in data["layers"]
         )  # fmt: skip
-        return cls(**{**data, "layers": layers})
+        tensors = tuple(TensorInfo(**{**t, "shape": tuple(t["shape"])})
+                        for t in data.get("tensors", ()))  # fmt: skip
+        return cls(**{**data, "layers": layers, "tensors": tensors})
 
 
 def _uses_per_output_channel(module: nn.Module, output: Any, channels: int) -> int:
@@ -182,5 +195,8 @@ def _assemble(model: nn.Module, uses: dict[str, int]) -> ModelProfile:
         (fam for kind, fam in _FAMILY_ORDER if any(isinstance(m, kind) for m in modules)), "mlp"
     )
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules)
+    params = {k for k, _ in model.named_parameters()}
+    tensors = tuple(TensorInfo(key=k, shape=tuple(t.shape), dtype_bytes=t.element_size(),
+                               parameter=k in params) for k, t in state.items())  # fmt: skip
     return ModelProfile(layers=tuple(layers), other_bytes=other, has_batchnorm=has_bn,
-                        family=family)  # fmt: skip
+                        family=family, tensors=tensors)  # fmt: skip

@@ -14,6 +14,7 @@ import yaml
 
 from search_spaces.config import FLOAT_BITS, Rule, SpaceConfig, keep_choices
 from search_spaces.profile import LayerInfo, ModelProfile
+from search_spaces.structure import PruningPlan, sliced_shape
 
 
 class SpaceError(ValueError):
@@ -48,8 +49,10 @@ class LayerSetting:
 class SearchSpace:
     profile: ModelProfile
     knobs: tuple[Knob, ...]
-    pruning: str
+    pruning: str  # "structured", "unstructured" or "none"
     skipped: Mapping[str, str] = field(default_factory=dict)  # layer -> reason
+    plan: PruningPlan | None = None  # structured mode: the coupling groups
+    unpruned: Mapping[str, str] = field(default_factory=dict)  # group root -> why left out
 
     @cached_property
     def by_name(self) -> dict[str, Knob]:
@@ -87,19 +90,45 @@ class SearchSpace:
             raise SpaceError(f"policy has no value for knob '{missing[0]}'")
         return {k.name: self.canonical_value(k, values[k.name]) for k in self.knobs}
 
+    def channel_counts(self, values: Mapping[str, Value]) -> dict[str, int]:
+        """Structured mode: channels each group keeps (keep knobs name their groups)."""
+        if self.plan is None:
+            return {}
+        return {
+            group: _round_count(values[k.name], self.plan.group(group).channels)
+            for k in self.knobs if k.kind == "keep" for group in k.layers
+        }  # fmt: skip
+
     def layer_settings(self, values: Mapping[str, Value]) -> dict[str, LayerSetting]:
-        """What a canonical policy does to every compressible layer (skipped ones: float, full)."""
+        """What a canonical policy does to every compressible layer (skipped ones: float, full).
+        `keep_count` is the layer's weight elements left: after slicing (structured) or
+        after masking (unstructured)."""
         bits = {layer.name: FLOAT_BITS for layer in self.profile.layers}
+        for knob in self.knobs:
+            if knob.kind == "bits":
+                for name in knob.layers:
+                    bits[name] = values[knob.name]
+        kept = self._kept_elements(values)
+        return {
+            layer.name: LayerSetting(bits=int(bits[layer.name]), keep_count=kept[layer.name])
+            for layer in self.profile.layers
+        }
+
+    def _kept_elements(self, values: Mapping[str, Value]) -> dict[str, int]:
+        if self.plan is not None:
+            counts = self.channel_counts(values)
+            return {
+                layer.name: sum(math.prod(sliced_shape(w.shape, w.key, self.plan, counts))
+                                for w in layer.weights)
+                for layer in self.profile.layers
+            }  # fmt: skip
         keep = {layer.name: 1.0 for layer in self.profile.layers}
         for knob in self.knobs:
-            target = bits if knob.kind == "bits" else keep
-            for name in knob.layers:
-                target[name] = values[knob.name]
+            if knob.kind == "keep":
+                for name in knob.layers:
+                    keep[name] = values[knob.name]
         return {
-            layer.name: LayerSetting(
-                bits=int(bits[layer.name]), keep_count=self.keep_count(layer, keep[layer.name])
-            )
-            for layer in self.profile.layers
+            layer.name: self.keep_count(layer, keep[layer.name]) for layer in self.profile.layers
         }
 
     def keep_count(self, layer: LayerInfo, ratio: float) -> int:
@@ -119,6 +148,12 @@ class SearchSpace:
                 for k in self.knobs
             ],
             "skipped": dict(self.skipped),
+            "unpruned": dict(self.unpruned),
+            "groups": [
+                {"name": g.name, "channels": g.channels, "members": list(g.members),
+                 "order": list(g.order)}
+                for g in (self.plan.groups if self.plan else ())
+            ],
             "profile": self.profile.to_dict(),
         }  # fmt: skip
 
@@ -183,9 +218,16 @@ def _apply_rules(
 
 
 def derive_space(
-    profile: ModelProfile, config: SpaceConfig | None = None, *, pruning: str = "unstructured"
+    profile: ModelProfile,
+    config: SpaceConfig | None = None,
+    *,
+    pruning: str = "unstructured",
+    plan: PruningPlan | None = None,
 ) -> SearchSpace:
-    """The knobs of a model: defaults, then the preset's rules, then the user's, in order."""
+    """The knobs of a model: defaults, then the preset's rules, then the user's, in order.
+
+    Structured mode (`plan` given) has one keep knob per coupling group, taking the keep
+    choices (and tie) of the group's root layer; unstructured mode one per layer."""
     config = config or SpaceConfig()
     preset = profile.family if config.preset == "auto" else config.preset
     preset_rules = () if preset == "none" else load_preset(preset)
@@ -194,26 +236,77 @@ def derive_space(
     resolved = _apply_rules(profile, config, rules)
 
     skipped = {name: "skipped by a space rule" for name, r in resolved.items() if r.skip}
-    groups: dict[str, list[str]] = {}
-    for name, r in resolved.items():
-        if not r.skip:
-            groups.setdefault(r.tie or name, []).append(name)
-
-    knobs: list[Knob] = []
-    for key, members in groups.items():
-        first = resolved[members[0]]
-        for other in members[1:]:
-            if (resolved[other].bits, resolved[other].keep) != (first.bits, first.keep):
-                raise SpaceError(f"tie '{key}': layers {members[0]} and {other} have different "
-                                 "choices; give the tied layers one rule")  # fmt: skip
-        units = max(profile.layer(m).numel for m in members)
-        knobs.append(Knob(name=f"bits:{key}", kind="bits", layers=tuple(members),
-                          choices=first.bits, units=units))  # fmt: skip
-        if pruning != "none":
-            knobs.append(Knob(name=f"keep:{key}", kind="keep", layers=tuple(members),
-                              choices=first.keep, units=units))  # fmt: skip
-    space = SearchSpace(profile=profile, knobs=tuple(knobs), pruning=pruning, skipped=skipped)
+    knobs = _bits_knobs(profile, resolved)
+    unpruned: dict[str, str] = {}
+    if pruning == "unstructured":
+        knobs += _layer_keep_knobs(profile, resolved)
+    elif pruning == "structured":
+        if plan is None:
+            raise SpaceError("structured pruning needs a pruning plan of the model")
+        unpruned = dict(plan.excluded)
+        groups = []
+        for group in plan.groups:
+            touched = [m for m in group.members if m in skipped]
+            if touched:
+                unpruned[group.name] = f"touches skipped layer {touched[0]}"
+            else:
+                groups.append(group)
+        plan = PruningPlan(groups=tuple(groups), excluded=unpruned, importance=plan.importance)
+        knobs += _group_keep_knobs(plan, resolved)
+    position = {layer.name: i for i, layer in enumerate(profile.layers)}
+    knobs.sort(key=lambda k: (position[k.layers[0]], k.kind))  # each layer's bits, then keep
+    space = SearchSpace(profile=profile, knobs=tuple(knobs), pruning=pruning, skipped=skipped,
+                        plan=plan if pruning == "structured" else None, unpruned=unpruned)  # fmt: skip
     if not space.searchable:
         raise SpaceError("the search space is empty: every layer is skipped or has one choice; "
                          "remove a skip rule or give more bits/keep choices under 'space'")  # fmt: skip
     return space
+
+
+def _tied(names: list[str], resolved: dict[str, _Resolved]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(resolved[name].tie or name, []).append(name)
+    return groups
+
+
+def _check_tie(key: str, members: list[str], resolved: dict[str, _Resolved], what: str) -> None:
+    first = resolved[members[0]]
+    for other in members[1:]:
+        if getattr(resolved[other], what) != getattr(first, what):
+            raise SpaceError(f"tie '{key}': layers {members[0]} and {other} have different "
+                             f"{what} choices; give the tied layers one rule")  # fmt: skip
+
+
+def _bits_knobs(profile: ModelProfile, resolved: dict[str, _Resolved]) -> list[Knob]:
+    active = [n for n, r in resolved.items() if not r.skip]
+    knobs = []
+    for key, members in _tied(active, resolved).items():
+        _check_tie(key, members, resolved, "bits")
+        knobs.append(Knob(name=f"bits:{key}", kind="bits", layers=tuple(members),
+                          choices=resolved[members[0]].bits,
+                          units=max(profile.layer(m).numel for m in members)))  # fmt: skip
+    return knobs
+
+
+def _layer_keep_knobs(profile: ModelProfile, resolved: dict[str, _Resolved]) -> list[Knob]:
+    active = [n for n, r in resolved.items() if not r.skip]
+    knobs = []
+    for key, members in _tied(active, resolved).items():
+        _check_tie(key, members, resolved, "keep")
+        knobs.append(Knob(name=f"keep:{key}", kind="keep", layers=tuple(members),
+                          choices=resolved[members[0]].keep,
+                          units=max(profile.layer(m).numel for m in members)))  # fmt: skip
+    return knobs
+
+
+def _group_keep_knobs(plan: PruningPlan, resolved: dict[str, _Resolved]) -> list[Knob]:
+    """One keep knob per coupling group (never per layer); `layers` names the groups."""
+    roots = [g.name for g in plan.groups]
+    knobs = []
+    for key, members in _tied(roots, resolved).items():
+        _check_tie(key, members, resolved, "keep")
+        knobs.append(Knob(name=f"keep:{key}", kind="keep", layers=tuple(members),
+                          choices=resolved[members[0]].keep,
+                          units=max(plan.group(g).channels for g in members)))  # fmt: skip
+    return knobs

@@ -20,8 +20,10 @@ from orchestrator.cost import policy_cost
 from orchestrator.policy import Policy
 from orchestrator.prepare import build_space
 
+# the default (structured) space: the logits layer's outputs are never cut
 CNN_KNOBS = [f"{kind}:{layer}" for layer in ("features.0", "features.3", "features.7",
-             "classifier.1", "classifier.3") for kind in ("bits", "keep")]  # fmt: skip
+             "classifier.1", "classifier.3") for kind in ("bits", "keep")
+             if f"{kind}:{layer}" != "keep:classifier.3"]  # fmt: skip
 
 
 class _ReachedRay(AssertionError):
@@ -87,8 +89,8 @@ def _yaml(tmp_path: Path, text: str) -> str:
         pytest.param("task: digits-cnnn\n", [],
                      ["unknown task 'digits-cnnn'", "did you mean 'digits-cnn'"],
                      id="unknown-task"),
-        pytest.param("task: digits-lstm\n", ["--budget", "size=1KB"],
-                     ["budget size=1.00 KB is below the smallest model"], id="budget-too-small"),
+        pytest.param("task: digits-lstm\n", ["--budget", "size=100B"],
+                     ["budget size=100 B is below the smallest model"], id="budget-too-small"),
         pytest.param("", ["--budget", "macs=10"], ["budget macs=10 is below the smallest model"],
                      id="macs-budget-too-small"),
         pytest.param("", ["--budget", "size=3XB"], ["config key 'budget'", "size=3XB"],
@@ -234,7 +236,8 @@ def test_space_prints_every_knob(capsys):
     out = capsys.readouterr().out
     for knob in CNN_KNOBS:
         assert knob in out
-    assert "10 searchable knobs" in out
+    assert "9 searchable knobs" in out
+    assert "not pruned: group of classifier.3: cutting it changes the model's output shape" in out
 
 
 def test_space_lists_skipped_layers(capsys, tmp_path):
@@ -242,8 +245,10 @@ def test_space_lists_skipped_layers(capsys, tmp_path):
                 "      skip: true\n")  # fmt: skip
     assert main(["space", cfg]) == 0
     out = capsys.readouterr().out
-    assert "bits:lstm" in out and "keep:lstm" in out
+    assert "bits:lstm" in out
     assert "bits:head" not in out and "skipped head" in out
+    # the LSTM's hidden units feed head: cutting them would change a skipped layer
+    assert "keep:lstm" not in out and "touches skipped layer head" in out
 
 
 def test_eval_prints_one_json_object(capsys):

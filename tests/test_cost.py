@@ -321,4 +321,5 @@ def test_one_linear_by_hand(bits, keep, size):
 def test_as_dict_names_the_trial_columns():
     space = _one_linear()
     cost = policy_cost(space, Policy.uniform(space, 8))
-    assert cost.as_dict() == {"size_bytes": 640 + 40 + 40, "macs": 640, "bops": 640 * 8 * 32}
+    assert cost.as_dict() == {"size_bytes": 640 + 40 + 40, "macs": 640, "bops": 640 * 8 * 32,
+                              "params": 640 + 10}  # fmt: skip

@@ -43,7 +43,7 @@ def _check_study(study_dir: Path) -> tuple[pd.DataFrame, list]:
 def test_ctrl_c_then_resume_loses_and_repeats_nothing(tmp_path):
     study_dir = tmp_path / "s"
     args = ("run", "--out", str(tmp_path), "--study", "s", "--workers", "2", "--quiet")
-    proc = _cli(*args, "--trials", "120", "--sampler", "random")
+    proc = _cli(*args, "--trials", "5000", "--sampler", "random")  # cannot finish first
     _wait_for_rows(study_dir)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
@@ -52,7 +52,8 @@ def test_ctrl_c_then_resume_loses_and_repeats_nothing(tmp_path):
     assert "--resume" in err
 
     trials, all_trials = _check_study(study_dir)
-    assert 0 < len(trials) < 120
+    assert 0 < len(trials) < 5000
+    target = len(all_trials) + 30  # every trial so far, interrupted ones included, and 30 more
     complete_before = set(trials.loc[trials["state"] == "COMPLETE", "policy_hash"])
     interrupted = [t for t in all_trials if not t.state.is_finished()]
 
@@ -63,14 +64,14 @@ def test_ctrl_c_then_resume_loses_and_repeats_nothing(tmp_path):
         return files, [(t.number, t.state, t.params) for t in _check_study(study_dir)[1]]
 
     before = snapshot()
-    assert main([*args, "--trials", "120"]) == 2
+    assert main([*args, "--trials", str(target)]) == 2
     assert snapshot() == before
 
-    resumed = _cli(*args, "--trials", "120", "--sampler", "random", "--resume")
+    resumed = _cli(*args, "--trials", str(target), "--sampler", "random", "--resume")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     trials, all_trials = _check_study(study_dir)
-    assert len(trials) == len(all_trials) == 120
+    assert len(trials) == len(all_trials) == target
     assert all(t.state.is_finished() for t in all_trials)
 
     # trials the driver left running were failed and their policies evaluated again
@@ -102,18 +103,19 @@ def _wait_until_consistent(study_dir: Path, timeout: float = 60) -> tuple[pd.Dat
 def test_driver_killed_then_resume_finishes_with_every_trial_once(tmp_path):
     study_dir = tmp_path / "s"
     args = ("run", "--out", str(tmp_path), "--study", "s", "--workers", "2", "--quiet",
-            "--sampler", "random", "--trials", "100")  # fmt: skip
-    proc = _cli(*args)
+            "--sampler", "random")  # fmt: skip
+    proc = _cli(*args, "--trials", "5000")  # cannot finish before the kill
     _wait_for_rows(study_dir)
     proc.kill()  # SIGKILL: no cleanup of any kind in the driver
     proc.communicate(timeout=60)
 
     trials, all_trials = _wait_until_consistent(study_dir)
-    assert 0 < len(trials) < 100
-    resumed = _cli(*args, "--resume")
+    assert 0 < len(trials) < 5000
+    target = len(all_trials) + 30
+    resumed = _cli(*args, "--trials", str(target), "--resume")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     trials, all_trials = _check_study(study_dir)
-    assert len(trials) == len(all_trials) == 100
+    assert len(trials) == len(all_trials) == target
     evaluated = trials[(trials["state"] == "COMPLETE") & trials["cached_from"].isna()]
     assert evaluated["policy_hash"].is_unique  # no completed trial evaluated twice

@@ -1,9 +1,11 @@
 """Rebuild: apply a canonical policy to the base model, giving the model that is scored.
 
-A Rebuilder is made once per worker and reused for every candidate: it keeps the base
-weights and one working copy, restores only the weights the previous candidate changed,
-then masks and fake-quantizes each layer as its setting says. The pruning step is a
-lookup table by mode, so the structured mode (issue 3) slots in beside it.
+A Rebuilder is made once per worker and reused for every candidate.
+
+- unstructured / none: it keeps the base weights and one working copy, restores only the
+  weights the previous candidate changed, then masks and fake-quantizes each layer;
+- structured: it slices a fresh, physically smaller copy of the base model along the
+  space's pruning plan (planned once, by the driver) and fake-quantizes its weights.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from orchestrator.compress.prune import magnitude_masks
 from orchestrator.compress.quantize import fake_quantize
+from orchestrator.compress.structured import slice_model
 from search_spaces import LayerInfo, LayerSetting, SearchSpace
 from search_spaces.config import FLOAT_BITS
 
@@ -37,7 +40,9 @@ def _prune_none(
     return weights
 
 
-PRUNE_STEPS: dict[str, PruneStep] = {"unstructured": _prune_unstructured, "none": _prune_none}
+# structured pruning slices instead (see `_sliced`); its weights are never masked
+PRUNE_STEPS: dict[str, PruneStep] = {"unstructured": _prune_unstructured, "none": _prune_none,
+                                     "structured": _prune_none}  # fmt: skip
 
 
 class Rebuilder:
@@ -71,9 +76,24 @@ class Rebuilder:
     def __call__(self, policy: Mapping[str, int | float]) -> nn.Module:
         self.restore()
         settings = self.space.layer_settings(policy)
+        if self.space.plan is not None:
+            return self._sliced(policy, settings)
         for layer in self.space.profile.layers:
             self._apply(layer, settings[layer.name])
         return self.model
+
+    def _sliced(
+        self, policy: Mapping[str, int | float], settings: Mapping[str, LayerSetting]
+    ) -> nn.Module:
+        """A new, smaller model; the working copy stays the base model for `restore`."""
+        model = slice_model(self.model, self.space.plan, self.space.channel_counts(policy))
+        tensors = dict(model.named_parameters())
+        for layer in self.space.profile.layers:
+            bits = settings[layer.name].bits
+            if bits < FLOAT_BITS:
+                for w in layer.weights:
+                    tensors[w.key].copy_(fake_quantize(tensors[w.key], bits))
+        return model.eval()
 
     def _apply(self, layer: LayerInfo, setting: LayerSetting) -> None:
         if setting.bits >= FLOAT_BITS and setting.keep_count >= layer.numel:

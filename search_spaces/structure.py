@@ -1,0 +1,340 @@
+"""Structured pruning plan: coupling groups, their index maps and channel importance.
+
+Torch-Pruning's DependencyGraph finds which channels must be cut together (a conv with
+its BatchNorm and every consumer's inputs, all members of a residual sum, depthwise
+convs with their producer, flatten -> Linear, concatenation offsets, LSTM hidden units).
+We use it for that coupling only: the plan is turned into plain data (which index of
+which state tensor belongs to which channel of which group) and our own slicer rebuilds
+models from it, so a worker never traces and the cost model never builds a model.
+
+Every group is tried once at planning (cut to half its channels, run the example
+inputs): a group whose rebuilt model fails or changes the output shape is left out of
+the space with the reason, as is one that touches a module type we cannot slice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import nn
+
+IMPORTANCE = ("l1", "l2", "bn_scale")
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass(frozen=True, kw_only=True)
+class DimSlice:
+    """One dimension of one state tensor that a group shrinks: `index[c]` are the indices
+    of that dimension that belong to the group's channel c (same count for every c)."""
+
+    key: str
+    dim: int
+    index: tuple[tuple[int, ...], ...]
+
+    @property
+    def multiplicity(self) -> int:
+        return len(self.index[0])
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupPlan:
+    name: str  # the root layer whose output channels define the group
+    channels: int
+    members: tuple[str, ...]  # modules the group touches (for display)
+    order: tuple[int, ...]  # channels by importance, most important first
+    slices: tuple[DimSlice, ...]
+
+    def kept_channels(self, count: int) -> list[int]:
+        return sorted(self.order[:count])
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruningPlan:
+    groups: tuple[GroupPlan, ...]
+    excluded: Mapping[str, str] = field(default_factory=dict)  # group root -> reason
+    importance: str = "l1"
+
+    def group(self, name: str) -> GroupPlan:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    @cached_property
+    def cuts(self) -> dict[str, list[tuple[str, int, int, int]]]:
+        """tensor key -> [(group, group channels, dim, multiplicity)]: the cost model's index."""
+        by_key: dict[str, list[tuple[str, int, int, int]]] = {}
+        for g in self.groups:
+            for s in g.slices:
+                by_key.setdefault(s.key, []).append((g.name, g.channels, s.dim, s.multiplicity))
+        return by_key
+
+
+# -- what slicing a module's output ("out") or input ("in") channels touches ----------
+# Each handler returns (parameter or buffer name, dim, indices per channel multiplier)
+# for a module and the member indices of one channel; gates of recurrent layers repeat.
+
+
+def _rows(*names: str) -> Callable[[nn.Module], list[tuple[str, int, int]]]:
+    return lambda m: [(n, 0, 1) for n in names if getattr(m, n, None) is not None]
+
+
+def _conv_in(m: nn.Module) -> list[tuple[str, int, int]]:
+    return [] if m.groups > 1 else [("weight", 1, 1)]  # depthwise: its output group cuts it
+
+
+def _rnn_out(gates: int) -> Callable[[nn.Module], list[tuple[str, int, int]]]:
+    def touched(m: nn.Module) -> list[tuple[str, int, int]]:
+        out = [("weight_ih_l0", 0, gates), ("weight_hh_l0", 0, gates), ("weight_hh_l0", 1, 1)]
+        if m.bias:
+            out += [("bias_ih_l0", 0, gates), ("bias_hh_l0", 0, gates)]
+        return out
+
+    return touched
+
+
+SLICE_HANDLERS: dict[tuple[type, str], Callable[[nn.Module], list[tuple[str, int, int]]]] = {
+    **{(t, "out"): _rows("weight", "bias") for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)},
+    **{(t, "in"): _conv_in for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d)},
+    (nn.Linear, "in"): lambda m: [("weight", 1, 1)],
+    **{(t, "out"): _rows("weight", "bias", "running_mean", "running_var")
+       for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)},
+    (nn.LayerNorm, "out"): _rows("weight", "bias"),
+    (nn.LSTM, "out"): _rnn_out(4),
+    (nn.LSTM, "in"): lambda m: [("weight_ih_l0", 1, 1)],
+    (nn.GRU, "out"): _rnn_out(3),
+    (nn.GRU, "in"): lambda m: [("weight_ih_l0", 1, 1)],
+}  # fmt: skip
+_RNN = (nn.LSTM, nn.GRU)
+ROOTS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU)
+
+
+def _unsupported_rnn(module: nn.Module) -> str | None:
+    if module.num_layers > 1 or module.bidirectional or getattr(module, "proj_size", 0):
+        return "only single-layer, one-direction LSTM/GRU without projection are sliced"
+    return None
+
+
+# -- planning -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _gru_traced_as_lstm():
+    """Torch-Pruning traces LSTM outputs (a tuple) specially but not GRU's, and its
+    generic path fails on GRU's output; both expose input and hidden channels the same
+    way, so while the graph is built a GRU is typed as an LSTM. Only channel counts are
+    read from its pruner; our own handlers slice the tensors (3 gates, not 4)."""
+    import torch_pruning as tp
+
+    saved = tp.ops.TORCH_LSTM
+    tp.ops.TORCH_LSTM = (nn.LSTM, nn.GRU)
+    try:
+        yield
+    finally:
+        tp.ops.TORCH_LSTM = saved
+
+
+def _handler_role(dep: Any) -> str:
+    return "out" if "out" in getattr(dep.handler, "__name__", str(dep.handler)) else "in"
+
+
+def _member_slices(module: nn.Module, name: str, role: str, per_channel: dict[int, list[int]],
+                   channels: int) -> list[DimSlice]:  # fmt: skip
+    handler = SLICE_HANDLERS.get((type(module), role))
+    if handler is None:
+        raise _Unsliceable(f"member {name or 'model'} ({type(module).__name__}) cannot be sliced")
+    prefix = f"{name}." if name else ""
+    slices = []
+    for tensor, dim, gates in handler(module):
+        size = getattr(module, tensor).shape[dim]
+        step = size // gates
+        index = tuple(
+            tuple(g * step + i for g in range(gates) for i in per_channel[c])
+            for c in range(channels)
+        )
+        slices.append(DimSlice(key=prefix + tensor, dim=dim, index=index))
+    return slices
+
+
+class _Unsliceable(Exception):
+    pass
+
+
+def _group_plan(group: Any, names: dict[nn.Module, str], root_name: str) -> GroupPlan:
+    root_channels = None
+    slices: list[DimSlice] = []
+    members: list[str] = []
+    for item in group:
+        dep = item.dep
+        module = dep.target.module
+        if not isinstance(module, nn.Module) or module not in names:
+            continue  # element-wise, reshape, concat nodes: no tensors of their own
+        name = names[module]
+        reason = _unsupported_rnn(module) if isinstance(module, _RNN) else None
+        if reason:
+            raise _Unsliceable(f"member {name}: {reason}")
+        per_channel: dict[int, list[int]] = {}
+        for idx, root in zip(item.idxs, item.root_idxs, strict=True):
+            per_channel.setdefault(int(root), []).append(int(idx))
+        channels = len(per_channel)
+        root_channels = root_channels or channels
+        if channels != root_channels or len({len(v) for v in per_channel.values()}) != 1:
+            raise _Unsliceable(f"member {name} maps channels unevenly")
+        per_channel = {c: sorted(v) for c, v in per_channel.items()}
+        slices += _member_slices(module, name, _handler_role(dep), per_channel, channels)
+        members.append(name)
+    keys = [(s.key, s.dim) for s in slices]
+    if len(keys) != len(set(keys)):
+        slices = list({(s.key, s.dim): s for s in slices}.values())  # a node listed twice
+    return GroupPlan(name=root_name, channels=root_channels or 0, members=tuple(dict.fromkeys(members)),
+                     order=(), slices=tuple(slices))  # fmt: skip
+
+
+def plan_groups(model: nn.Module, example_inputs: Any, *, layer_names: list[str],
+                importance: str = "l1") -> PruningPlan:  # fmt: skip
+    """The coupling groups of `model` rooted at its compressible layers, with importance order."""
+    import torch_pruning as tp
+
+    from orchestrator.batches import call_model
+
+    model = model.eval()
+    names = {m: n for n, m in model.named_modules()}
+    excluded: dict[str, str] = {}
+    modules = dict(model.named_modules())
+    with _gru_traced_as_lstm():
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, forward_fn=call_model
+        )
+        traced = list(_groups(graph, ROOTS, names, excluded))
+    groups, claimed = [], set()
+    with torch.no_grad():
+        reference = _output_shapes(call_model(model, example_inputs))
+    for root_name, group in traced:
+        if root_name not in layer_names:
+            continue
+        try:
+            plan = _group_plan(group, names, root_name)
+            owned = {(s.key, s.dim, i) for s in plan.slices for idx in s.index for i in idx}
+            if owned & claimed:
+                raise _Unsliceable(f"{sorted(owned & claimed)[0][0]} is cut by another group too")
+            _try_group(model, plan, example_inputs, reference)
+        except _Unsliceable as exc:
+            excluded[root_name] = str(exc)
+            continue
+        except Exception as exc:  # the trial rebuild failed: left out, with why
+            excluded[root_name] = f"rebuilt model failed: {type(exc).__name__}: {exc}"
+            continue
+        claimed |= owned
+        order = channel_order(model.state_dict(), plan, importance, modules)
+        groups.append(GroupPlan(name=plan.name, channels=plan.channels, members=plan.members,
+                                order=order, slices=plan.slices))  # fmt: skip
+    return PruningPlan(groups=tuple(groups), excluded=excluded, importance=importance)
+
+
+def _groups(graph: Any, roots: tuple[type, ...], names: dict[nn.Module, str],
+            excluded: dict[str, str]):  # fmt: skip
+    """(root name, group) for each root layer's output channels, as the graph's
+    get_all_groups does, but one group failing to trace leaves out that group only."""
+    visited: set[nn.Module] = set()
+    for module in list(graph.module2node):
+        if not isinstance(module, roots) or module in visited:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        try:
+            group = graph.get_pruning_group(
+                module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module)))
+            )
+        except Exception as exc:
+            excluded[names.get(module, "?")] = f"tracing its coupling failed: {type(exc).__name__}"
+            continue
+        for dep, _ in group:
+            if graph.is_out_channel_pruning_fn(dep.handler):
+                visited.add(dep.target.module)
+        yield names.get(module, "?"), group
+
+
+def _output_shapes(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return tuple(output.shape)
+    if isinstance(output, Mapping):
+        return {k: _output_shapes(v) for k, v in output.items()}
+    if isinstance(output, (tuple, list)):
+        return tuple(_output_shapes(v) for v in output)
+    return None
+
+
+def _try_group(model: nn.Module, plan: GroupPlan, example_inputs: Any, reference: Any) -> None:
+    from orchestrator.batches import call_model
+    from orchestrator.compress.structured import slice_model
+
+    if plan.channels < 2:
+        raise _Unsliceable("has a single channel")
+    trial = GroupPlan(name=plan.name, channels=plan.channels, members=plan.members,
+                      order=tuple(range(plan.channels)), slices=plan.slices)  # fmt: skip
+    small = slice_model(model, PruningPlan(groups=(trial,)), {plan.name: plan.channels // 2})
+    with torch.no_grad():
+        shapes = _output_shapes(call_model(small.eval(), example_inputs))
+    if shapes != reference:
+        raise _Unsliceable("cutting it changes the model's output shape")
+
+
+def channel_order(state: Mapping[str, torch.Tensor], plan: GroupPlan, importance: str,
+                  modules: Mapping[str, nn.Module]) -> tuple[int, ...]:  # fmt: skip
+    """Channels by importance, most important first (ties: lower index first).
+
+    l1 / l2: the p-norm of every weight slice of the channel across the whole group
+    (Li et al. 2017, "Pruning Filters for Efficient ConvNets"; grouped as Fang et al. 2023,
+    "DepGraph"). bn_scale: |gamma| of the group's BatchNorms, the network-slimming
+    criterion (Liu et al. 2017); groups without BatchNorm fall back to l1.
+    """
+    scores = torch.zeros(plan.channels, dtype=torch.float64)
+    bn_keys = {f"{n}.weight" for n, m in modules.items() if isinstance(m, _BN)}
+    use_bn = importance == "bn_scale" and any(s.key in bn_keys for s in plan.slices)
+    power = 2 if importance == "l2" else 1
+    for s in plan.slices:
+        if not s.key.split(".")[-1].startswith("weight"):
+            continue  # biases and running statistics say little about importance
+        if use_bn != (s.key in bn_keys):
+            continue
+        tensor = state[s.key].detach().double().abs() ** power
+        for c, idx in enumerate(s.index):
+            scores[c] += tensor.index_select(s.dim, torch.tensor(idx)).sum()
+    order = sorted(range(plan.channels), key=lambda c: (-float(scores[c]), c))
+    return tuple(order)
+
+
+def dropped_indices(
+    plan: PruningPlan, counts: Mapping[str, int]
+) -> dict[tuple[str, int], set[int]]:
+    """For every sliced (tensor key, dim): the indices the policy cuts. Indices no group
+    owns (another branch of a concatenation, say) always stay."""
+    dropped: dict[tuple[str, int], set[int]] = {}
+    for group in plan.groups:
+        count = counts.get(group.name, group.channels)
+        if count >= group.channels:
+            continue
+        cut = sorted(set(range(group.channels)) - set(group.kept_channels(count)))
+        for s in group.slices:
+            dropped.setdefault((s.key, s.dim), set()).update(i for c in cut for i in s.index[c])
+    return dropped
+
+
+def sliced_shape(shape: tuple[int, ...], key: str, plan: PruningPlan,
+                 counts: Mapping[str, int]) -> tuple[int, ...]:  # fmt: skip
+    """The shape of state tensor `key` after the policy, from the plan alone (cost model)."""
+    new = list(shape)
+    for group, channels, dim, multiplicity in plan.cuts.get(key, ()):
+        new[dim] -= (channels - counts.get(group, channels)) * multiplicity
+    return tuple(new)
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
