@@ -53,6 +53,9 @@ class WorkersConfig(_Frozen):
 class RecoveryConfig(_Frozen):
     bn_recalibration: StrictBool = True
     calibration_batches: StrictInt | None = Field(default=None, ge=1)
+    finetune_steps: StrictInt = Field(default=0, ge=0)  # short fine-tune on the train batches
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
 
 
 SAMPLERS = ("auto", "tpe", "nsga2", "random")

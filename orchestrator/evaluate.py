@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from orchestrator.batches import Batch, call_model, to_device
+from orchestrator.batches import Batch, call_model, logits_of, to_device
 from orchestrator.compress.rebuild import Rebuilder
 from orchestrator.task import Task
 from search_spaces import SearchSpace
@@ -28,6 +28,31 @@ _BN = nn.modules.batchnorm._BatchNorm
 class RecoverySettings:
     bn_recalibration: bool = True
     calibration_batches: int | None = None  # None: all the task's calibration batches
+    finetune_steps: int = 0  # optimizer steps on the task's train batches before quantizing
+    optimizer: str = "adam"
+    lr: float = 1e-3
+
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+
+
+def finetune(model: nn.Module, batches: list[Batch], *, steps: int, optimizer: str, lr: float,
+             loss_fn: Callable, masks: Mapping[str, torch.Tensor]) -> None:  # fmt: skip
+    """A short fine-tune of the pruned float model (before quantization); unstructured masks
+    are re-applied after every step, so pruned weights stay zero. Same code on CPU and GPU."""
+    params = dict(model.named_parameters())
+    opt = OPTIMIZERS[optimizer]([p for p in params.values() if p.requires_grad], lr=lr)
+    model.train()
+    with torch.enable_grad():
+        for step in range(steps):
+            inputs, targets = batches[step % len(batches)]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(logits_of(call_model(model, inputs)), targets).backward()
+            opt.step()
+            with torch.no_grad():
+                for key, mask in masks.items():
+                    params[key].mul_(mask)
+    model.eval()
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -76,6 +101,11 @@ class Evaluator:
         calibration = [to_device(b, self.device) for b in task.calibration()]
         limit = recovery.calibration_batches
         self.calibration = calibration if limit is None else calibration[:limit]
+        self.train: list[Batch] = []
+        if recovery.finetune_steps:
+            if task.train is None:
+                raise ValueError("recovery.finetune_steps needs the task's train batches")
+            self.train = [to_device(b, self.device) for b in task.train()]
 
     def base_metric(self) -> float:
         self.rebuilder.restore()
@@ -83,7 +113,9 @@ class Evaluator:
 
     def evaluate(self, policy: Mapping[str, int | float]) -> dict[str, Any]:
         start = time.perf_counter()
-        model = self.rebuilder(policy)
+        compressed = self._compresses(policy)
+        tune = self._finetune if compressed and self.recovery.finetune_steps else None
+        model = self.rebuilder(policy, before_quantize=tune)
         if self.recovery.bn_recalibration and self._compresses(policy):
             changed = set(recalibrate_batchnorm(model, self.calibration))
             if model is self.rebuilder.model:  # a sliced model is new: nothing to restore
@@ -99,6 +131,11 @@ class Evaluator:
             "rebuild_seconds": rebuilt - start,
             "eval_seconds": time.perf_counter() - start,
         }
+
+    def _finetune(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+        r = self.recovery
+        finetune(model, self.train, steps=r.finetune_steps, optimizer=r.optimizer, lr=r.lr,
+                 loss_fn=self.task.loss, masks=masks)  # fmt: skip
 
     def _compresses(self, policy: Mapping[str, int | float]) -> bool:
         return any(

@@ -31,6 +31,8 @@ class Task:
     validation: Callable[[], Iterable[Batch]]
     metric: Callable[[nn.Module, Iterable[Batch]], float] = accuracy
     train: Callable[[], Iterable[Batch]] | None = None
+    # recovery fine-tuning's loss on (model output, targets); default cross-entropy
+    loss: Callable[[Any, Any], Any] = nn.functional.cross_entropy
 
 
 def _builtin_tasks() -> dict[str, Callable[[], Task]]:
@@ -39,7 +41,7 @@ def _builtin_tasks() -> dict[str, Callable[[], Task]]:
     return dict(digits.TASKS)
 
 
-BUILTIN_TASKS = ("digits-cnn", "digits-lstm")
+BUILTIN_TASKS = ("digits-cnn", "digits-resnet", "digits-lstm")
 
 
 def resolve_task(spec: str) -> Task:

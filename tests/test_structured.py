@@ -122,3 +122,52 @@ def test_flatten_scales_linear_inputs_by_the_spatial_size():
     small = rebuild(Policy.from_values(space, values))
     assert small.head[1].in_features == 5 * 16
     assert math.prod(small.features[3].weight.shape) == 5 * 8 * 9
+
+
+def _reference_scores(model, group, power, only_bn):
+    modules = dict(model.named_modules())
+    state = model.state_dict()
+    scores = torch.zeros(group.channels, dtype=torch.float64)
+    for s in group.slices:
+        owner = modules[s.key.rpartition(".")[0]]
+        is_bn = isinstance(owner, torch.nn.BatchNorm2d)
+        if not s.key.endswith("weight") or is_bn != only_bn:
+            continue
+        for c, idx in enumerate(s.index):
+            scores[c] += (
+                (state[s.key].double().abs() ** power).index_select(s.dim, torch.tensor(idx)).sum()
+            )
+    return tuple(sorted(range(group.channels), key=lambda c: (-float(scores[c]), c)))
+
+
+def test_importance_criteria_follow_their_definitions():
+    import copy
+
+    from search_spaces.structure import channel_order
+
+    base, _, space, _ = _space("plain-cnn")
+    model = copy.deepcopy(base)  # the shared zoo model stays as it was
+    modules = dict(model.named_modules())
+    torch.manual_seed(1)
+    with torch.no_grad():  # distinct BN scales so the orders differ between criteria
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.rand_like(m.weight) * 2 - 1)
+    state = model.state_dict()
+    group = space.plan.group("features.0")  # conv, its BN and the next conv's inputs
+    l1 = channel_order(state, group, "l1", modules)
+    l2 = channel_order(state, group, "l2", modules)
+    bn = channel_order(state, group, "bn_scale", modules)
+    assert l1 == _reference_scores(model, group, 1, only_bn=False)
+    assert l2 == _reference_scores(model, group, 2, only_bn=False)
+    gamma = state["features.1.weight"].abs()
+    assert bn == tuple(sorted(range(group.channels), key=lambda c: (-float(gamma[c]), c)))
+    assert len({l1, bn}) == 2
+    # a group without BatchNorm falls back to l1
+    head = space.plan.group("head.1")
+    assert channel_order(state, head, "bn_scale", modules) == channel_order(
+        state, head, "l1", modules
+    )
+    # and the rebuilt model keeps the most important channels
+    kept = head.kept_channels(5)
+    assert set(kept) == set(channel_order(state, head, "l1", modules)[:5])

@@ -35,7 +35,7 @@ def test_damaged_cache_is_retrained_not_trusted(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True)  # replaced by a real checkpoint
 
 
-@pytest.mark.parametrize("name", ["digits-cnn", "digits-lstm"])
+@pytest.mark.parametrize("name", ["digits-cnn", "digits-resnet", "digits-lstm"])
 def test_builtin_tasks_follow_the_contract(name):
     task = resolve_task(name)
     assert isinstance(task, Task) and task.name == name

@@ -40,7 +40,7 @@ def _prune_none(
     return weights
 
 
-# structured pruning slices instead (see `_sliced`); its weights are never masked
+# structured pruning slices instead (see `Rebuilder.__call__`); its weights are never masked
 PRUNE_STEPS: dict[str, PruneStep] = {"unstructured": _prune_unstructured, "none": _prune_none,
                                      "structured": _prune_none}  # fmt: skip
 
@@ -72,36 +72,53 @@ class Rebuilder:
     def mark_dirty(self, keys: set[str]) -> None:
         self._dirty |= keys
 
-    @torch.no_grad()
-    def __call__(self, policy: Mapping[str, int | float]) -> nn.Module:
+    def __call__(
+        self,
+        policy: Mapping[str, int | float],
+        *,
+        before_quantize: Callable[[nn.Module, dict[str, torch.Tensor]], None] | None = None,
+    ) -> nn.Module:
+        """The compressed model of `policy`. `before_quantize(model, masks)` runs on the
+        pruned float model (recovery fine-tuning); `masks` are the unstructured masks."""
         self.restore()
         settings = self.space.layer_settings(policy)
         if self.space.plan is not None:
-            return self._sliced(policy, settings)
-        for layer in self.space.profile.layers:
-            self._apply(layer, settings[layer.name])
-        return self.model
+            with torch.no_grad():
+                model = slice_model(self.model, self.space.plan, self.space.channel_counts(policy))
+            masks: dict[str, torch.Tensor] = {}
+        else:
+            model, masks = self.model, self._mask(settings)
+        if before_quantize is not None:
+            before_quantize(model, masks)
+            if model is self.model:
+                self._dirty.update(self._params)  # training touched every tensor
+        self._quantize(model, settings)
+        return model.eval()
 
-    def _sliced(
-        self, policy: Mapping[str, int | float], settings: Mapping[str, LayerSetting]
-    ) -> nn.Module:
-        """A new, smaller model; the working copy stays the base model for `restore`."""
-        model = slice_model(self.model, self.space.plan, self.space.channel_counts(policy))
+    @torch.no_grad()
+    def _mask(self, settings: Mapping[str, LayerSetting]) -> dict[str, torch.Tensor]:
+        """Magnitude masks on the working copy; returns them (for fine-tuning to keep)."""
+        masks = {}
+        for layer in self.space.profile.layers:
+            setting = settings[layer.name]
+            if setting.keep_count >= layer.numel:
+                continue
+            keys = [w.key for w in layer.weights]
+            pruned = self._prune(layer, [self._base[k] for k in keys], setting)
+            for key, value in zip(keys, pruned, strict=True):
+                self._params[key].copy_(value)
+                masks[key] = value != 0
+            self._dirty.update(keys)
+        return masks
+
+    @torch.no_grad()
+    def _quantize(self, model: nn.Module, settings: Mapping[str, LayerSetting]) -> None:
         tensors = dict(model.named_parameters())
         for layer in self.space.profile.layers:
             bits = settings[layer.name].bits
-            if bits < FLOAT_BITS:
-                for w in layer.weights:
-                    tensors[w.key].copy_(fake_quantize(tensors[w.key], bits))
-        return model.eval()
-
-    def _apply(self, layer: LayerInfo, setting: LayerSetting) -> None:
-        if setting.bits >= FLOAT_BITS and setting.keep_count >= layer.numel:
-            return
-        keys = [w.key for w in layer.weights]
-        weights = self._prune(layer, [self._base[k] for k in keys], setting)
-        if setting.bits < FLOAT_BITS:
-            weights = [fake_quantize(w, setting.bits) for w in weights]
-        for key, value in zip(keys, weights, strict=True):
-            self._params[key].copy_(value)
-        self._dirty.update(keys)
+            if bits >= FLOAT_BITS:
+                continue
+            for w in layer.weights:
+                tensors[w.key].copy_(fake_quantize(tensors[w.key], bits))
+            if model is self.model:
+                self._dirty.update(w.key for w in layer.weights)

@@ -86,6 +86,47 @@ class DigitsLSTM(nn.Module):
         return self.head(out[:, -1])
 
 
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a shortcut, ReLU after the sum (He et al. 2016, "Deep
+    Residual Learning"). A block that changes stride or width gets the downsampling
+    shortcut, a 1x1 conv + BN; otherwise the shortcut is the identity."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class DigitsResNet(nn.Module):
+    """A small ResNet (38k parameters): stem, three residual blocks (the second halves the
+    8x8 map through a downsampling shortcut), global average pooling, a linear head. The
+    residual sums couple channels across layers: the stem with block 1, and block 2's
+    output with its shortcut and block 3, each pruned as one group."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())  # fmt: skip
+        self.layer1 = ResidualBlock(width, width)
+        self.layer2 = ResidualBlock(width, 2 * width, stride=2)
+        self.layer3 = ResidualBlock(2 * width, 2 * width)
+        self.fc = nn.Linear(2 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 def _rows(images: torch.Tensor) -> torch.Tensor:
     return images.squeeze(1)  # N,8,8: 8 time steps of 8 features
 
@@ -167,8 +208,16 @@ def digits_cnn() -> Task:
     return _make_task("digits-cnn", DigitsCNN, _identity, epochs=15, lr=3e-3)
 
 
+def digits_resnet() -> Task:
+    return _make_task("digits-resnet", DigitsResNet, _identity, epochs=10, lr=3e-3)
+
+
 def digits_lstm() -> Task:
     return _make_task("digits-lstm", DigitsLSTM, _rows, epochs=30, lr=1e-2)
 
 
-TASKS: dict[str, Callable[[], Task]] = {"digits-cnn": digits_cnn, "digits-lstm": digits_lstm}
+TASKS: dict[str, Callable[[], Task]] = {
+    "digits-cnn": digits_cnn,
+    "digits-resnet": digits_resnet,
+    "digits-lstm": digits_lstm,
+}
