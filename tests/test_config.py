@@ -239,3 +239,14 @@ def test_config_file_errors(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("task: digits-lstm\ntrials: 4\nspace:\n  bits: [4, 8]\n")
     assert make_config(load_config_file(good)).space.bits == (4, 8)
+
+
+def test_every_example_config_is_valid():
+    from pathlib import Path
+
+    from orchestrator.config import load_config_file
+
+    examples = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        make_config(load_config_file(path))  # raises ConfigError on any bad key

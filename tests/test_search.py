@@ -141,3 +141,27 @@ def test_importing_orchestrator_does_not_import_ray():
 
     code = "import sys, orchestrator, orchestrator.cli; assert 'ray' not in sys.modules, 'ray'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("task", ["digits-lstm", "digits-resnet"])
+def test_structured_search_through_the_cli(ray_cluster, tmp_path, capsys, task):
+    from orchestrator.cli import main
+
+    config = tmp_path / "search.yaml"
+    config.write_text(f"task: {task}\npruning: structured\n")
+    code = main(["run", str(config), "--trials", "16", "--workers", "2", "--out", str(tmp_path),
+                 "--study", "s", "--quiet", "--seed", "2"])  # fmt: skip
+    assert code == 0
+    run = json.loads((tmp_path / "s" / "run.json").read_text())
+    assert run["space"]["pruning"] == "structured" and run["space"]["groups"]
+    assert "output shape" in " ".join(run["space"]["unpruned"].values())  # reasons recorded
+    trials = pd.read_parquet(tmp_path / "s" / "trials")
+    assert len(trials) == 16 and (trials["state"] == "COMPLETE").all()
+    front = pd.read_parquet(tmp_path / "s" / "pareto.parquet")
+    assert not front.empty and (front["params"] > 0).all()
+    # structured keep knobs are per coupling group, and really shrink the model
+    keep_knobs = [k["name"] for k in run["space"]["knobs"] if k["kind"] == "keep"]
+    assert {f"keep:{g['name']}" for g in run["space"]["groups"]} >= set(keep_knobs)
+    assert trials["params"].min() < run["base"]["params"]
+    assert main(["front", str(tmp_path / "s")]) == 0
+    assert "trial" in capsys.readouterr().out
