@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -236,10 +236,11 @@ def derive_space(
     resolved = _apply_rules(profile, config, rules)
 
     skipped = {name: "skipped by a space rule" for name, r in resolved.items() if r.skip}
-    knobs = _bits_knobs(profile, resolved)
+    active = [name for name, r in resolved.items() if not r.skip]
+    knobs = _knobs("bits", active, resolved, lambda name: profile.layer(name).numel)
     unpruned: dict[str, str] = {}
     if pruning == "unstructured":
-        knobs += _layer_keep_knobs(profile, resolved)
+        knobs += _knobs("keep", active, resolved, lambda name: profile.layer(name).numel)
     elif pruning == "structured":
         if plan is None:
             raise SpaceError("structured pruning needs a pruning plan of the model")
@@ -252,7 +253,9 @@ def derive_space(
             else:
                 groups.append(group)
         plan = PruningPlan(groups=tuple(groups), excluded=unpruned, importance=plan.importance)
-        knobs += _group_keep_knobs(plan, resolved)
+        # one keep knob per coupling group (never per layer); `layers` names the groups
+        roots = [g.name for g in plan.groups]
+        knobs += _knobs("keep", roots, resolved, lambda name: plan.group(name).channels)
     position = {layer.name: i for i, layer in enumerate(profile.layers)}
     knobs.sort(key=lambda k: (position[k.layers[0]], k.kind))  # each layer's bits, then keep
     space = SearchSpace(profile=profile, knobs=tuple(knobs), pruning=pruning, skipped=skipped,
@@ -278,35 +281,13 @@ def _check_tie(key: str, members: list[str], resolved: dict[str, _Resolved], wha
                              f"{what} choices; give the tied layers one rule")  # fmt: skip
 
 
-def _bits_knobs(profile: ModelProfile, resolved: dict[str, _Resolved]) -> list[Knob]:
-    active = [n for n, r in resolved.items() if not r.skip]
+def _knobs(kind: str, names: list[str], resolved: dict[str, _Resolved],
+           units_of: Callable[[str], int]) -> list[Knob]:  # fmt: skip
+    """One knob of `kind` per name, or per tie of names; `units` for canonical rounding."""
     knobs = []
-    for key, members in _tied(active, resolved).items():
-        _check_tie(key, members, resolved, "bits")
-        knobs.append(Knob(name=f"bits:{key}", kind="bits", layers=tuple(members),
-                          choices=resolved[members[0]].bits,
-                          units=max(profile.layer(m).numel for m in members)))  # fmt: skip
-    return knobs
-
-
-def _layer_keep_knobs(profile: ModelProfile, resolved: dict[str, _Resolved]) -> list[Knob]:
-    active = [n for n, r in resolved.items() if not r.skip]
-    knobs = []
-    for key, members in _tied(active, resolved).items():
-        _check_tie(key, members, resolved, "keep")
-        knobs.append(Knob(name=f"keep:{key}", kind="keep", layers=tuple(members),
-                          choices=resolved[members[0]].keep,
-                          units=max(profile.layer(m).numel for m in members)))  # fmt: skip
-    return knobs
-
-
-def _group_keep_knobs(plan: PruningPlan, resolved: dict[str, _Resolved]) -> list[Knob]:
-    """One keep knob per coupling group (never per layer); `layers` names the groups."""
-    roots = [g.name for g in plan.groups]
-    knobs = []
-    for key, members in _tied(roots, resolved).items():
-        _check_tie(key, members, resolved, "keep")
-        knobs.append(Knob(name=f"keep:{key}", kind="keep", layers=tuple(members),
-                          choices=resolved[members[0]].keep,
-                          units=max(plan.group(g).channels for g in members)))  # fmt: skip
+    for key, members in _tied(names, resolved).items():
+        _check_tie(key, members, resolved, kind)
+        knobs.append(Knob(name=f"{kind}:{key}", kind=kind, layers=tuple(members),
+                          choices=getattr(resolved[members[0]], kind),
+                          units=max(units_of(m) for m in members)))  # fmt: skip
     return knobs
