@@ -30,7 +30,7 @@ def print_space(space: SearchSpace) -> None:
         if knob.kind == "keep" and space.plan is not None:  # one knob per coupling group
             groups = [space.plan.group(g) for g in knob.layers]
             members = ",".join(m for g in groups for m in g.members)
-            shapes = ", ".join(f"{g.channels} channels" for g in groups)
+            shapes = ", ".join(f"{g.channels} {g.unit}" for g in groups)
         else:
             members = ",".join(knob.layers)
             shapes = ", ".join("x".join(map(str, profile.layer(n).shape)) for n in knob.layers)

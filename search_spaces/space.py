@@ -150,8 +150,8 @@ class SearchSpace:
             "skipped": dict(self.skipped),
             "unpruned": dict(self.unpruned),
             "groups": [
-                {"name": g.name, "channels": g.channels, "members": list(g.members),
-                 "order": list(g.order)}
+                {"name": g.name, "channels": g.channels, "unit": g.unit,
+                 "members": list(g.members), "order": list(g.order)}
                 for g in (self.plan.groups if self.plan else ())
             ],
             "profile": self.profile.to_dict(),

@@ -15,6 +15,7 @@ the space with the reason, as is one that touches a module type we cannot slice.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class GroupPlan:
     members: tuple[str, ...]  # modules the group touches (for display)
     order: tuple[int, ...]  # channels by importance, most important first
     slices: tuple[DimSlice, ...]
+    unit: str = "channels"  # what one of `channels` is ("heads" for attention heads)
+    count_attr: str = ""  # "module.attribute" set to the kept count (e.g. attn.num_heads)
 
     def kept_channels(self, count: int) -> list[int]:
         return sorted(self.order[:count])
@@ -215,11 +218,14 @@ def plan_groups(model: nn.Module, example_inputs: Any, *, layer_names: list[str]
     groups, claimed = [], set()
     with torch.no_grad():
         reference = _output_shapes(call_model(model, example_inputs))
-    for root_name, group in traced:
+    candidates = [(g.name, g) for g in _head_groups(model)] + traced
+    for root_name, group in candidates:
         if root_name not in layer_names:
             continue
+        if any(g.name == root_name for g in groups):
+            continue  # an attention-head group already cuts this layer's outputs
         try:
-            plan = _group_plan(group, names, root_name)
+            plan = group if isinstance(group, GroupPlan) else _group_plan(group, names, root_name)
             owned = {(s.key, s.dim, i) for s in plan.slices for idx in s.index for i in idx}
             if owned & claimed:
                 raise _Unsliceable(f"{sorted(owned & claimed)[0][0]} is cut by another group too")
@@ -231,10 +237,47 @@ def plan_groups(model: nn.Module, example_inputs: Any, *, layer_names: list[str]
             excluded[root_name] = f"rebuilt model failed: {type(exc).__name__}: {exc}"
             continue
         claimed |= owned
+        excluded.pop(root_name, None)
         order = channel_order(model.state_dict(), plan, importance, modules)
-        groups.append(GroupPlan(name=plan.name, channels=plan.channels, members=plan.members,
-                                order=order, slices=plan.slices))  # fmt: skip
+        groups.append(dataclasses.replace(plan, order=order))
     return PruningPlan(groups=tuple(groups), excluded=excluded, importance=importance)
+
+
+HEAD_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _head_groups(model: nn.Module) -> list[GroupPlan]:
+    """Whole attention heads, where the model allows: a module with an integer `num_heads`
+    and separate q/k/v/out Linear projections (the Hugging Face layout) that reads
+    `self.num_heads` in its forward. Head h owns rows h*d..(h+1)*d-1 of q, k and v and
+    the same columns of out_proj. (nn.MultiheadAttention packs q, k, v and ties heads
+    to the model width: its heads are not cut.)"""
+    groups = []
+    for name, module in model.named_modules():
+        heads = getattr(module, "num_heads", None)
+        projections = [getattr(module, p, None) for p in HEAD_PROJECTIONS]
+        if not isinstance(heads, int) or not all(isinstance(p, nn.Linear) for p in projections):
+            continue
+        q, k, v, out = projections
+        width = q.out_features
+        if (
+            heads < 2
+            or width % heads
+            or not k.out_features == v.out_features == out.in_features == width
+        ):
+            continue  # grouped-query layouts and odd widths are left alone
+        d = width // heads
+        index = tuple(tuple(range(h * d, (h + 1) * d)) for h in range(heads))
+        prefix = f"{name}." if name else ""
+        slices = [DimSlice(key=f"{prefix}{p}.{t}", dim=0, index=index)
+                  for p in HEAD_PROJECTIONS[:3] for t in ("weight", "bias")
+                  if getattr(getattr(module, p), t) is not None]  # fmt: skip
+        slices.append(DimSlice(key=f"{prefix}out_proj.weight", dim=1, index=index))
+        groups.append(GroupPlan(name=f"{prefix}q_proj", channels=heads, unit="heads",
+                                members=tuple(prefix + p for p in HEAD_PROJECTIONS),
+                                order=tuple(range(heads)), slices=tuple(slices),
+                                count_attr=f"{prefix}num_heads"))  # fmt: skip
+    return groups
 
 
 def _groups(graph: Any, roots: tuple[type, ...], names: dict[nn.Module, str],
@@ -277,8 +320,7 @@ def _try_group(model: nn.Module, plan: GroupPlan, example_inputs: Any, reference
 
     if plan.channels < 2:
         raise _Unsliceable("has a single channel")
-    trial = GroupPlan(name=plan.name, channels=plan.channels, members=plan.members,
-                      order=tuple(range(plan.channels)), slices=plan.slices)  # fmt: skip
+    trial = dataclasses.replace(plan, order=tuple(range(plan.channels)))
     small = slice_model(model, PruningPlan(groups=(trial,)), {plan.name: plan.channels // 2})
     with torch.no_grad():
         shapes = _output_shapes(call_model(small.eval(), example_inputs))

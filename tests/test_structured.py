@@ -101,6 +101,24 @@ def test_every_coupling_case_forms_groups():
         assert {"rnn", "head"} <= groups[rnn]["rnn"]
     assert {"embed", "rnn"} <= groups["lstm"]["embed"]  # the LSTM's inputs too
     assert {"encoder.linear1", "encoder.linear2"} <= groups["transformer"]["encoder.linear1"]
+    # whole attention heads where the module allows (separate q/k/v/out, num_heads)
+    heads = _space("transformer-heads")[2].plan.group("attn.q_proj")
+    assert heads.unit == "heads" and heads.channels == 4
+    assert set(heads.members) == {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"}
+
+
+def test_cutting_heads_keeps_whole_heads():
+    model, example, space, rebuild = _space("transformer-heads")
+    values = {k.name: (32 if k.kind == "bits" else 1.0) for k in space.knobs}
+    values["keep:attn.q_proj"] = 0.5
+    small = rebuild(Policy.from_values(space, values))
+    assert small.attn.num_heads == 2 and small.attn.head_dim == 4
+    assert small.attn.q_proj.out_features == small.attn.out_proj.in_features == 8
+    heads = space.plan.group("attn.q_proj")
+    kept = heads.kept_channels(2)
+    rows = [h * 4 + i for h in kept for i in range(4)]
+    assert torch.equal(small.attn.v_proj.weight, model.attn.v_proj.weight[rows])
+    assert torch.equal(small.attn.out_proj.weight, model.attn.out_proj.weight[:, rows])
 
 
 def test_layers_that_cannot_be_cut_are_listed_with_a_reason():

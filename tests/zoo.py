@@ -122,3 +122,44 @@ ZOO = {
     "gru": (lambda: RNNClassifier(nn.GRU), SEQUENCE),
     "transformer": (TinyTransformer, SEQUENCE),
 }
+
+
+class SelfAttention(nn.Module):
+    """Separate q/k/v/out projections and `num_heads` (the Hugging Face layout): whole
+    heads can be cut."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+
+        def heads(y):
+            return y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        attn = torch.softmax(q @ k.transpose(-2, -1) / self.head_dim**0.5, dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        return self.out_proj(out)
+
+
+class HeadTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.norm1, self.norm2 = nn.LayerNorm(16), nn.LayerNorm(16)
+        self.attn = SelfAttention(16, 4)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(dim=1))
+
+
+ZOO["transformer-heads"] = (HeadTransformer, SEQUENCE)

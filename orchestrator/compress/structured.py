@@ -81,4 +81,8 @@ def slice_model(base: nn.Module, plan: PruningPlan, counts: Mapping[str, int]) -
         fixer = FIXERS.get(type(module))
         if fixer is not None and name in touched:
             fixer(module, old[name])
+    for group in plan.groups:  # counts a module keeps itself, e.g. attention's num_heads
+        if group.count_attr:
+            owner, _, attr = group.count_attr.rpartition(".")
+            setattr(model.get_submodule(owner), attr, counts.get(group.name, group.channels))
     return model
