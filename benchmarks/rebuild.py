@@ -37,12 +37,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orchestrator.batches import call_model
+from orchestrator.batches import Batch, call_model
 from orchestrator.config import make_config
 from orchestrator.evaluate import Evaluator, RecoverySettings, recalibrate_batchnorm
 from orchestrator.policy import Policy
 from orchestrator.prepare import build_space
 from orchestrator.task import BUILTIN_TASKS
+from search_spaces import SearchSpace
 
 SEED = 0
 WARMUP = 5
@@ -80,7 +81,7 @@ def _ms(fn: Callable[[], object]) -> tuple[float, object]:
     return 1000 * (time.perf_counter() - start), out
 
 
-def random_policies(space, count: int, seed: int) -> list[Policy]:
+def random_policies(space: SearchSpace, count: int, seed: int) -> list[Policy]:
     rng = random.Random(seed)
     return [
         Policy.from_values(space, {k.name: rng.choice(k.choices) for k in space.knobs})
@@ -88,7 +89,9 @@ def random_policies(space, count: int, seed: int) -> list[Policy]:
     ]
 
 
-def time_candidates(ev: Evaluator, policies: list[Policy], *, warmup: int) -> dict[str, list[float]]:
+def time_candidates(
+    ev: Evaluator, policies: list[Policy], *, warmup: int
+) -> dict[str, list[float]]:
     """Per policy: rebuild, BN re-estimation and scoring times (ms); warm-ups not kept."""
     has_bn = any(isinstance(m, _BN) for m in ev.rebuilder.model.modules())
     times: dict[str, list[float]] = {"rebuild": [], "bn": [], "score": []}
@@ -110,7 +113,7 @@ def time_candidates(ev: Evaluator, policies: list[Policy], *, warmup: int) -> di
 
 
 @torch.no_grad()
-def forward_ms(model: nn.Module, batches: list, *, repeats: int, warmup: int = 3) -> float:
+def forward_ms(model: nn.Module, batches: list[Batch], *, repeats: int, warmup: int = 3) -> float:
     """Median wall of one forward pass over all `batches`."""
     model.eval()
     runs = []

@@ -103,16 +103,20 @@ class SearchSpace:
         """What a canonical policy does to every compressible layer (skipped ones: float, full).
         `keep_count` is the layer's weight elements left: after slicing (structured) or
         after masking (unstructured)."""
-        bits = {layer.name: FLOAT_BITS for layer in self.profile.layers}
-        for knob in self.knobs:
-            if knob.kind == "bits":
-                for name in knob.layers:
-                    bits[name] = values[knob.name]
+        bits = self.layer_bits(values)
         kept = self._kept_elements(values)
         return {
             layer.name: LayerSetting(bits=int(bits[layer.name]), keep_count=kept[layer.name])
             for layer in self.profile.layers
         }
+
+    def layer_bits(self, values: Mapping[str, Value]) -> dict[str, int]:
+        bits = {layer.name: FLOAT_BITS for layer in self.profile.layers}
+        for knob in self.knobs:
+            if knob.kind == "bits":
+                for name in knob.layers:
+                    bits[name] = int(values[knob.name])
+        return bits
 
     def _kept_elements(self, values: Mapping[str, Value]) -> dict[str, int]:
         if self.plan is not None:

@@ -353,22 +353,6 @@ def channel_order(state: Mapping[str, torch.Tensor], plan: GroupPlan, importance
     return tuple(order)
 
 
-def dropped_indices(
-    plan: PruningPlan, counts: Mapping[str, int]
-) -> dict[tuple[str, int], set[int]]:
-    """For every sliced (tensor key, dim): the indices the policy cuts. Indices no group
-    owns (another branch of a concatenation, say) always stay."""
-    dropped: dict[tuple[str, int], set[int]] = {}
-    for group in plan.groups:
-        count = counts.get(group.name, group.channels)
-        if count >= group.channels:
-            continue
-        cut = sorted(set(range(group.channels)) - set(group.kept_channels(count)))
-        for s in group.slices:
-            dropped.setdefault((s.key, s.dim), set()).update(i for c in cut for i in s.index[c])
-    return dropped
-
-
 def sliced_shape(shape: tuple[int, ...], key: str, plan: PruningPlan,
                  counts: Mapping[str, int]) -> tuple[int, ...]:  # fmt: skip
     """The shape of state tensor `key` after the policy, from the plan alone (cost model)."""

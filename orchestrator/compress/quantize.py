@@ -34,6 +34,17 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
 
 
 def fake_quantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """The float tensor the quantized model computes with (what scoring uses)."""
-    codes, scale = quantize(weight, bits)
-    return dequantize(codes, scale, weight.dtype)
+    """The float tensor the quantized model computes with (what scoring uses): exactly
+    `dequantize(*quantize(weight, bits))`, without the integer round trip."""
+    return fake_quantize_(weight.detach().float().clone(), bits).to(weight.dtype)
+
+
+@torch.no_grad()
+def fake_quantize_(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """`fake_quantize` in place, for a float32 tensor the caller owns (the rebuild's)."""
+    rows = weight.view(weight.shape[0], -1)
+    top = qmax(bits)
+    scale = rows.abs().amax(dim=1, keepdim=True).div_(top)
+    scale.masked_fill_(scale == 0, 1.0)  # an all-zero row stays zero
+    rows.div_(scale).round_().clamp_(-top, top).mul_(scale)
+    return weight

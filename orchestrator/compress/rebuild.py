@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from orchestrator.compress.prune import magnitude_masks
-from orchestrator.compress.quantize import fake_quantize
-from orchestrator.compress.structured import slice_model
+from orchestrator.compress.quantize import fake_quantize, fake_quantize_
+from orchestrator.compress.structured import Slicer
 from search_spaces import LayerInfo, LayerSetting, SearchSpace
 from search_spaces.config import FLOAT_BITS
 
@@ -54,12 +54,15 @@ class Rebuilder:
         self._base = {k: v.detach().clone() for k, v in self._params.items()}
         self._prune = PRUNE_STEPS[space.pruning]
         self._dirty: set[str] = set()
+        self._slicer = Slicer(self.model, space.plan) if space.plan is not None else None
 
     def to(self, device: torch.device | str) -> Rebuilder:
         self.model.to(device)
         self._params = dict(self.model.named_parameters())
         self._params.update(self.model.named_buffers())
         self._base = {k: v.to(device) for k, v in self._base.items()}
+        if self._slicer is not None:
+            self._slicer = Slicer(self.model, self.space.plan)  # tensors now on `device`
         return self
 
     def restore(self) -> None:
@@ -81,10 +84,9 @@ class Rebuilder:
         """The compressed model of `policy`. `before_quantize(model, masks)` runs on the
         pruned float model (recovery fine-tuning); `masks` are the unstructured masks."""
         self.restore()
-        settings = self.space.layer_settings(policy)
+        settings = self._settings(policy)
         if self.space.plan is not None:
-            with torch.no_grad():
-                model = slice_model(self.model, self.space.plan, self.space.channel_counts(policy))
+            model = self._slicer(self.space.channel_counts(policy))
             masks: dict[str, torch.Tensor] = {}
         else:
             model, masks = self.model, self._mask(settings)
@@ -92,8 +94,16 @@ class Rebuilder:
             before_quantize(model, masks)
             if model is self.model:
                 self._dirty.update(self._params)  # training touched every tensor
+            model.eval()
         self._quantize(model, settings)
-        return model.eval()
+        return model  # in eval mode, as the base model copies are
+
+    def _settings(self, policy: Mapping[str, int | float]) -> Mapping[str, LayerSetting]:
+        if self.space.plan is None:
+            return self.space.layer_settings(policy)
+        # sliced models need only the bits (their shapes come from the slicer)
+        bits = self.space.layer_bits(policy)
+        return {name: LayerSetting(bits=b, keep_count=0) for name, b in bits.items()}
 
     @torch.no_grad()
     def _mask(self, settings: Mapping[str, LayerSetting]) -> dict[str, torch.Tensor]:
@@ -119,6 +129,10 @@ class Rebuilder:
             if bits >= FLOAT_BITS:
                 continue
             for w in layer.weights:
-                tensors[w.key].copy_(fake_quantize(tensors[w.key], bits))
+                tensor = tensors[w.key]
+                if tensor.dtype == torch.float32 and tensor.is_contiguous():
+                    fake_quantize_(tensor.data, bits)  # the rebuild owns it: no copies
+                else:
+                    tensor.copy_(fake_quantize(tensor, bits))
             if model is self.model:
                 self._dirty.update(w.key for w in layer.weights)
