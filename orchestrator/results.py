@@ -39,6 +39,7 @@ SCHEMA = pa.schema(
         ("fidelity", pa.float64()),
         ("eval_seconds", pa.float64()),
         ("rebuild_seconds", pa.float64()),
+        ("recovery_seconds", pa.float64()),  # BatchNorm re-estimation and fine-tuning
         ("worker", pa.string()),
         ("node", pa.string()),
         ("attempt", pa.int64()),

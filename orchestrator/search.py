@@ -228,7 +228,8 @@ class Driver:
         elif policy.hash in self.cache:
             number, row = self.cache[policy.hash]
             self._tell(candidate, trial, "COMPLETE", {**row, "cached_from": number,
-                                                      "eval_seconds": 0.0, "rebuild_seconds": 0.0})  # fmt: skip
+                                                      "eval_seconds": 0.0, "rebuild_seconds": 0.0,
+                                                      "recovery_seconds": 0.0})  # fmt: skip
         elif policy.hash in self.inflight:
             self.inflight[policy.hash].duplicates.append(trial)
         else:
@@ -250,7 +251,7 @@ class Driver:
             self._remember(row)
         for trial in candidate.duplicates:
             cached = {**result, "cached_from": row["trial"], "eval_seconds": 0.0,
-                      "rebuild_seconds": 0.0}  # fmt: skip
+                      "rebuild_seconds": 0.0, "recovery_seconds": 0.0}  # fmt: skip
             self._tell(candidate, trial, state, cached)
 
     def _tell(self, candidate: _Candidate, trial: Trial, state: str, result: dict) -> dict:
@@ -276,6 +277,7 @@ class Driver:
             "policy_hash": policy.hash, "fidelity": result.get("fidelity"),
             "eval_seconds": result.get("eval_seconds"),
             "rebuild_seconds": result.get("rebuild_seconds"),
+            "recovery_seconds": result.get("recovery_seconds"),
             "worker": result.get("worker"), "node": result.get("node"),
             "attempt": result.get("attempt", 0), "error": result.get("error"),
             "cached_from": result.get("cached_from"), "origin": origin, "finished_at": _now(),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,7 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-IMPORTANCE = ("l1", "l2", "bn_scale")
 _BN = nn.modules.batchnorm._BatchNorm
 
 
@@ -360,7 +358,3 @@ def sliced_shape(shape: tuple[int, ...], key: str, plan: PruningPlan,
     for group, channels, dim, multiplicity in plan.cuts.get(key, ()):
         new[dim] -= (channels - counts.get(group, channels)) * multiplicity
     return tuple(new)
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
