@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--policy", required=True, help="policy JSON file, or uniform:BITS[:KEEP]")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     _config_args(sub.add_parser("space", help="print the knobs: layers, shapes, choices"))
+    se = sub.add_parser("sensitivity", help="metric per knob value, every other layer float")
+    _config_args(se)
+    se.add_argument("--workers", type=int, help="number of workers (key: workers.count)")
     fr = sub.add_parser("front", help="print the Pareto front of a study directory")
     fr.add_argument("study_dir", help="<out>/<study>")
     return parser
@@ -153,6 +156,23 @@ def cmd_space(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from orchestrator.prepare import build_space, check_devices
+    from orchestrator.search import worker_pool
+    from orchestrator.sensitivity import table_for
+    from orchestrator.summary import print_sensitivity
+
+    sys_path = _sys_path(args)
+    config = _load(args, **{"workers.count": args.workers})
+    check_devices(config)
+    _, _, space = build_space(config)
+    with worker_pool(config, space, sys_path=sys_path) as (pool, _):
+        base = pool.base_metric()
+        table = table_for(config.task, space, config.recovery.model_dump(), pool)
+    print_sensitivity(table, base_metric=base)
+    return 0
+
+
 def cmd_front(args: argparse.Namespace) -> int:
     from orchestrator.summary import print_front, read_study
 
@@ -163,6 +183,7 @@ def cmd_front(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "eval": cmd_eval, "space": cmd_space, "front": cmd_front,
+    "sensitivity": cmd_sensitivity,
 }  # fmt: skip
 
 

@@ -7,11 +7,13 @@ INFEASIBLE; already evaluated: the earlier result) or sends it to a free worker.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -126,6 +128,7 @@ class Driver:
         self.last_error: str | None = None
         self.best: tuple[float, int] | None = None  # (metric, size_bytes) of the best feasible
         self.stats = DriverStats()
+        self.seeds: list[dict[str, Any]] = []  # knapsack-seeded params, set before open()
 
     # -- set-up -----------------------------------------------------------------------
     def open(self) -> None:
@@ -143,8 +146,13 @@ class Driver:
         self.finished = len(opened.finished)
         self.issued = self.finished
         self.requeue = [(params, "requeued") for params in opened.requeue]
-        if not p.resume and p.config.baselines:
-            self.requeue += [(params, "baseline") for params in self._baselines()]
+        if not p.resume:
+            first = self._baselines() if p.config.baselines else []
+            first = [(params, "baseline") for params in first]
+            first += [
+                (params, "seed") for params in self.seeds if params not in [f for f, _ in first]
+            ]
+            self.requeue += first[: max(0, self.target - self.finished)]
 
     def _baselines(self) -> list[dict[str, Any]]:
         """The uniform policies (float, 8, 4, 2 bits; nothing pruned) go first, so the study
@@ -157,7 +165,7 @@ class Driver:
                       for k in self.space.searchable}  # fmt: skip
             if values not in params:
                 params.append(values)
-        return params[: max(0, self.target - self.finished)]
+        return params
 
     def _reconcile(self, finished: list[FrozenTrial]) -> None:
         """Rows for finished trials the Parquet files lack (a crash between the two writes),
@@ -316,6 +324,24 @@ def write_run_json(prepared: Prepared, *, sampler: str, base_metric: float | Non
     })  # fmt: skip
 
 
+def _seeds(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool) -> list[dict]:
+    """Sensitivity table (cached), then the knapsack seeds within the budget."""
+    from orchestrator.sensitivity import seed_policies, table_for, write_table
+
+    if not quiet:
+        print("sensitivity analysis (cached per task and space) ...", file=sys.stderr)
+    config = prepared.config
+    table = table_for(config.task, prepared.space, config.recovery.model_dump(), pool)
+    prepared.study_dir.mkdir(parents=True, exist_ok=True)
+    write_table(table, prepared.study_dir / "sensitivity.parquet")
+    fixed = {k.name: k.choices[0] for k in prepared.space.knobs if not k.searchable}
+    return [
+        params for params in seed_policies(prepared.space, table, base_metric)
+        if prepared.budget.allows(
+            policy_cost(prepared.space, Policy.from_values(prepared.space, {**fixed, **params})))
+    ]  # fmt: skip
+
+
 def _ray_init(config: SearchConfig) -> bool:
     """Start a local Ray unless one is running in this process. Returns whether we started it."""
     import ray
@@ -351,23 +377,20 @@ def run_search(config: SearchConfig, *, resume: bool = False, quiet: bool = True
                         sys_path=sys_path)  # fmt: skip
 
 
-def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: Any = None,
-                 sys_path: tuple[str, ...] = ()) -> SearchResult:  # fmt: skip
+@contextlib.contextmanager
+def worker_pool(config: SearchConfig, space: SearchSpace, *, evaluator_factory: Any = None,
+                sys_path: tuple[str, ...] = ()) -> Iterator[tuple[Any, list[dict[str, Any]]]]:  # fmt: skip
+    """Started workers (and a local Ray if none is running), shut down on exit."""
     import ray
 
     from orchestrator.evaluate import RecoverySettings
     from orchestrator.workers import PoolSettings, TaskEvaluatorFactory, WorkerPool
 
-    config = prepared.config
-    sampler = config.sampler
-    if sampler == "auto":
-        sampler = auto_sampler(len(prepared.space.searchable), config.trials)
-    started = time.monotonic()
     started_ray = _ray_init(config)
     pool = None
     try:
         factory = evaluator_factory or TaskEvaluatorFactory(
-            config.task, prepared.space, RecoverySettings(**config.recovery.model_dump())
+            config.task, space, RecoverySettings(**config.recovery.model_dump())
         )
         settings = PoolSettings(
             count=worker_count(config), cpus_per_worker=config.workers.cpus_per_worker,
@@ -376,16 +399,30 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
         )  # fmt: skip
         pool = WorkerPool(factory, settings)
         infos = pool.start()
-        base_metric = pool.base_metric()
-        driver = Driver(prepared, pool, sampler=sampler, quiet=quiet)
-        driver.open()
-        write_run_json(prepared, sampler=sampler, base_metric=base_metric, workers=infos)
-        driver.run()
+        yield pool, infos
     finally:
         if pool is not None:
             pool.shutdown()
         if started_ray:
             ray.shutdown()
+
+
+def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: Any = None,
+                 sys_path: tuple[str, ...] = ()) -> SearchResult:  # fmt: skip
+    config = prepared.config
+    sampler = config.sampler
+    if sampler == "auto":
+        sampler = auto_sampler(len(prepared.space.searchable), config.trials)
+    started = time.monotonic()
+    with worker_pool(config, prepared.space, evaluator_factory=evaluator_factory,
+                     sys_path=sys_path) as (pool, infos):  # fmt: skip
+        base_metric = pool.base_metric()
+        driver = Driver(prepared, pool, sampler=sampler, quiet=quiet)
+        if config.seeding and not prepared.resume:
+            driver.seeds = _seeds(prepared, pool, base_metric, quiet=quiet)
+        driver.open()
+        write_run_json(prepared, sampler=sampler, base_metric=base_metric, workers=infos)
+        driver.run()
     trials = read_trials(prepared.study_dir)
     return SearchResult(study=prepared.study, study_dir=prepared.study_dir, trials=trials,
                         front=compute_front(trials), base_metric=base_metric,

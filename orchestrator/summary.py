@@ -98,3 +98,15 @@ def print_summary(result: Any, prepared: Any) -> None:
         print(f"\nno completed trial {where}")
     d = result.study_dir
     print(f"\nfiles: {d}/run.json, {d}/study.db, {d}/trials/, {d}/pareto.parquet")
+
+
+def print_sensitivity(table: pd.DataFrame, *, base_metric: float) -> None:
+    """One row per knob: the metric at each probed value (every other layer float)."""
+    print(f"base metric {base_metric:.4f}; metric with only this knob changed:")
+    rows = []
+    for knob, group in table.groupby("knob", sort=False):
+        cells = [f"{v:g}:{m:.3f}" if m == m else f"{v:g}:fail"
+                 for v, m in zip(group["value"], group["metric"], strict=True)]  # fmt: skip
+        worst = (group["metric"].min() - base_metric) if group["metric"].notna().any() else None
+        rows.append([knob, f"{worst:+.4f}" if worst is not None else "-", "  ".join(cells)])
+    _print_table(["knob", "worst drop", "value:metric"], rows)

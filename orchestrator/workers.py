@@ -170,6 +170,18 @@ class WorkerPool:
             done.append((job, result))
         return done
 
+    def map(self, policies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Evaluate many policies on every worker, in any order; results in input order."""
+        results: list[dict[str, Any] | None] = [None] * len(policies)
+        pending = list(enumerate(policies))
+        while pending or self.busy:
+            while pending and self.free:
+                index, policy = pending.pop(0)
+                self.submit(Job(trial=index, policy=policy))
+            for job, result in self.wait(timeout=0.5):
+                results[job.trial] = result
+        return results  # type: ignore[return-value]
+
     def _replace(self, actor: Any) -> None:
         ray.kill(actor, no_restart=True)
         self._idle.append(self._new_actor())

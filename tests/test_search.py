@@ -165,3 +165,26 @@ def test_structured_search_through_the_cli(ray_cluster, tmp_path, capsys, task):
     assert trials["params"].min() < run["base"]["params"]
     assert main(["front", str(tmp_path / "s")]) == 0
     assert "trial" in capsys.readouterr().out
+
+
+def test_seeded_search_records_sensitivity_and_evaluates_seeds_first(
+    ray_cluster, tmp_path, monkeypatch
+):
+    from orchestrator.sensitivity import probes
+
+    monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path / "cache"))
+    cfg, result = _search(tmp_path, trials=20, budget="size=20KB", seed=4)
+    table = pd.read_parquet(tmp_path / "s" / "sensitivity.parquet")
+    _, _, space = build_space(cfg)
+    assert len(table) == len(probes(space)) and table["metric"].notna().all()
+    trials = result.trials.sort_values("trial")
+    seeds = trials[trials["origin"] == "seed"]
+    assert len(seeds) >= 1 and (seeds["size_bytes"] <= 20_000).all()
+    firsts = trials.head(len(seeds) + 4)["origin"]  # baselines, then seeds, before sampling
+    assert set(firsts) <= {"baseline", "seed"}
+    cached = list((tmp_path / "cache" / "sensitivity").glob("*.parquet"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    run_search(make_config({"out": str(tmp_path), "study": "t", "workers": {"count": 2},
+                            "trials": 6, "budget": "size=20KB"}))  # fmt: skip
+    assert cached[0].stat().st_mtime_ns == stamp  # the same task and space reuse the table

@@ -11,13 +11,13 @@ import functools
 import os
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from orchestrator.batches import Batch
+from orchestrator.cache import cache_dir
 from orchestrator.task import Task
 
 # Bump when a model definition or its training recipe changes: old caches are ignored.
@@ -26,13 +26,6 @@ SPLIT_SEED = 0
 TRAIN_SEED = 0
 N_VALIDATION = 360
 BATCH = 60
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("PRUNESEARCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "prunesearch"
-    )
-    return Path(root)
 
 
 @functools.lru_cache(maxsize=1)

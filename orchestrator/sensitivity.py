@@ -1,0 +1,146 @@
+"""Per-knob sensitivity and knapsack seeding.
+
+Sensitivity: the metric when only one knob moves through its choices (all bits choices,
+a grid of keep choices) and every other layer stays float and unpruned. Evaluated in
+parallel on the workers, stored as Parquet, cached by task and space (a later study of
+the same task and space reuses it).
+
+Seeding: treating each knob's metric drop and size change as additive, a multiple-choice
+knapsack (orchestrator.knapsack) picks the best value of every knob for each of a sweep
+of size budgets, in the spirit of HAWQ-V3's bit allocation (Yao et al., 2021). Those
+policies, priced exactly by the cost model, are evaluated first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchestrator import knapsack
+from orchestrator.cost import policy_cost
+from orchestrator.policy import Policy
+from orchestrator.results import atomic_write_bytes
+from search_spaces import Knob, SearchSpace
+from search_spaces.config import FLOAT_BITS
+
+KEEP_GRID = 6  # keep values probed per keep knob (its choices, evenly thinned)
+SEED_BUDGETS = 8  # size budgets in the seeding sweep
+RESOLUTION = 2000  # knapsack cost units across the space's size range
+
+
+def reference(space: SearchSpace) -> dict[str, float]:
+    """Nothing compressed: every bits knob at float, every keep knob at 1."""
+    return {k.name: (FLOAT_BITS if k.kind == "bits" else 1.0) for k in space.knobs}
+
+
+def probe_values(knob: Knob) -> list[float]:
+    if knob.kind == "bits" or len(knob.choices) <= KEEP_GRID:
+        return list(knob.choices)
+    step = (len(knob.choices) - 1) / (KEEP_GRID - 1)
+    return sorted({knob.choices[round(i * step)] for i in range(KEEP_GRID)})
+
+
+def probes(space: SearchSpace) -> list[tuple[str, float, Policy]]:
+    """(knob, value, policy) for every probe: one knob moved, the rest at the reference."""
+    base = reference(space)
+    out = []
+    for knob in space.searchable:
+        for value in probe_values(knob):
+            out.append((knob.name, value, Policy.from_values(space, {**base, knob.name: value})))
+    return out
+
+
+def cache_key(task_spec: str, space: SearchSpace, recovery: dict[str, Any]) -> str:
+    data = {"version": 1, "task": task_spec, "space": space.to_dict(), "recovery": recovery,
+            "keep_grid": KEEP_GRID}  # fmt: skip
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_table(path: Path) -> pd.DataFrame | None:
+    try:
+        return pq.read_table(path).to_pandas()
+    except (OSError, pa.ArrowInvalid):
+        return None
+
+
+def table_for(
+    task_spec: str, space: SearchSpace, recovery: dict[str, Any], pool: Any
+) -> pd.DataFrame:
+    """The sensitivity table of this task and space: from the cache, else measured."""
+    from orchestrator.cache import cache_dir
+
+    path = cache_dir() / "sensitivity" / f"{cache_key(task_spec, space, recovery)}.parquet"
+    table = cached_table(path)
+    if table is None:
+        table = measure(space, pool)
+        write_table(table, path)
+    return table
+
+
+def measure(space: SearchSpace, pool: Any) -> pd.DataFrame:
+    """Evaluate every probe on the worker pool; one row per (knob, value)."""
+    found = probes(space)
+    results = pool.map([dict(policy) for _, _, policy in found])
+    rows = []
+    for (knob, value, policy), result in zip(found, results, strict=True):
+        cost = policy_cost(space, policy)
+        rows.append({"knob": knob, "value": float(value), "metric": result.get("metric"),
+                     "error": result.get("error"), **cost.as_dict(),
+                     "policy_hash": policy.hash})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def write_table(table: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def seed_policies(space: SearchSpace, table: pd.DataFrame, base_metric: float,
+                  *, budgets: int = SEED_BUDGETS) -> list[dict[str, float]]:  # fmt: skip
+    """Knapsack-optimal values of the searchable knobs (choices as the sampler sees them,
+    under the additive model) for a sweep of size budgets from the smallest model in the
+    space to the float model; distinct policies only."""
+    base_size = policy_cost(space, Policy.from_values(space, reference(space))).size_bytes
+    items, values = [], []
+    for knob in space.searchable:
+        rows = table[(table["knob"] == knob.name) & table["metric"].notna()]
+        if rows.empty:
+            continue
+        deltas = [(int(r.size_bytes) - base_size, float(r.metric) - base_metric, r.value)
+                  for r in rows.itertuples()]  # fmt: skip
+        items.append(deltas)
+        values.append(knob.name)
+    if not items:
+        return []
+    # Knapsack costs: each knob's size change above its own smallest. Treated as additive,
+    # the changes of a layer's bits and keep knobs overlap, so the additive sizes do not
+    # match true sizes; the sweep runs over the additive range instead (1% to 100% of it,
+    # geometric), and every seed is priced exactly by the cost model before it is used.
+    spans = [max(d for d, _, _ in item) - min(d for d, _, _ in item) for item in items]
+    unit = max(1, math.ceil(sum(spans) / RESOLUTION))
+    options = [[(math.ceil((d - min(x for x, _, _ in item)) / unit), gain) for d, gain, _ in item]
+               for item in items]  # fmt: skip
+    full = sum(max(c for c, _ in option) for option in options)
+    seeds: list[dict[str, float]] = []
+    seen: set[str] = set()
+    for i in range(budgets):
+        capacity = int(full * 0.01 ** (1 - i / max(1, budgets - 1)))
+        chosen = knapsack.solve(options, capacity)
+        if chosen is None:
+            continue
+        picked = {name: item[j][2] for name, item, j in zip(values, items, chosen, strict=True)}
+        picked = {k.name: picked.get(k.name, max(k.choices)) for k in space.searchable}
+        policy = Policy.from_values(space, {**reference(space), **picked})
+        if policy.hash not in seen:
+            seen.add(policy.hash)
+            seeds.append(picked)
+    return seeds

@@ -1,0 +1,47 @@
+"""Sensitivity probes and knapsack seeding (pure parts; the search test runs them on Ray)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from orchestrator.config import make_config
+from orchestrator.cost import policy_cost
+from orchestrator.policy import Policy
+from orchestrator.prepare import build_space
+from orchestrator.sensitivity import KEEP_GRID, probe_values, probes, reference, seed_policies
+
+
+def _space():
+    return build_space(make_config({"task": "digits-cnn"}))[2]
+
+
+def test_each_probe_moves_exactly_one_knob():
+    space = _space()
+    base = Policy.from_values(space, reference(space))
+    found = probes(space)
+    for knob, _value, policy in found:
+        changed = [k for k in policy if policy[k] != base[k]]
+        assert changed in ([], [knob])  # [] when the value is the reference itself
+    for knob in space.searchable:
+        values = probe_values(knob)
+        assert min(knob.choices) in values and max(knob.choices) in values
+        assert len(values) <= max(KEEP_GRID, len(knob.choices) if knob.kind == "bits" else 0)
+
+
+def test_seeds_trade_size_for_the_least_metric_drop():
+    space = _space()
+    rows = []
+    for knob, value, policy in probes(space):
+        # a synthetic table: lower values cost metric in proportion to how small they are
+        drop = 0.0 if value >= max(space.by_name[knob].choices) else 0.05 / value
+        rows.append({"knob": knob, "value": value, "metric": 0.99 - drop,
+                     **policy_cost(space, policy).as_dict()})  # fmt: skip
+    seeds = seed_policies(space, pd.DataFrame(rows), 0.99)
+    assert len(seeds) >= 3
+    sizes = []
+    for params in seeds:
+        assert set(params) == {k.name for k in space.searchable}
+        for name, value in params.items():
+            assert value in space.by_name[name].choices  # the sampler can enqueue it as is
+        sizes.append(policy_cost(space, Policy.from_values(space, params)).size_bytes)
+    assert len(set(sizes)) == len(sizes)  # distinct models across the budget sweep
