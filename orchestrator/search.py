@@ -129,6 +129,8 @@ class Driver:
         self.best: tuple[float, int] | None = None  # (metric, size_bytes) of the best feasible
         self.stats = DriverStats()
         self.seeds: list[dict[str, Any]] = []  # knapsack-seeded params, set before open()
+        self.asks = self.infeasible = 0
+        self.worker_seconds = {True: 0.0, False: 0.0}  # by feasibility of the candidate
 
     # -- set-up -----------------------------------------------------------------------
     def open(self) -> None:
@@ -228,6 +230,8 @@ class Driver:
             trial.set_constraint(key, excess)
         feasible = all(v <= 0 for v in violations.values())
         candidate = _Candidate(trial, policy, cost, feasible, origin)
+        self.asks += 1
+        self.infeasible += not feasible
         self.issued += 1
         # pickled at once by the recorder: a snapshot of the trial as asked
         self.recorder.created(self.study._storage.get_trial(trial._trial_id))
@@ -249,6 +253,7 @@ class Driver:
 
     def _complete(self, candidate: _Candidate, job: Any, result: dict[str, Any]) -> None:
         del self.inflight[candidate.policy.hash]
+        self.worker_seconds[candidate.feasible] += result.get("seconds", 0.0)
         result = {**result, "attempt": job.attempt}
         state = "FAIL" if "error" in result else "COMPLETE"
         self.failures_in_a_row = self.failures_in_a_row + 1 if state == "FAIL" else 0
@@ -291,6 +296,19 @@ class Driver:
             "cached_from": result.get("cached_from"), "origin": origin, "finished_at": _now(),
         }  # fmt: skip
 
+    def summary(self) -> dict[str, Any]:
+        """This run's figures for run.json: how much sampling and worker time went where."""
+        spent = sum(self.worker_seconds.values())
+        return {
+            "finished_at": _now(), "finished_trials": self.finished,
+            "interrupted": self.interrupted, "error": self.error,
+            "asks": self.asks, "infeasible_asks": self.infeasible,
+            "infeasible_share": self.infeasible / self.asks if self.asks else 0.0,
+            "worker_seconds": spent,
+            "worker_seconds_feasible_share": self.worker_seconds[True] / spent if spent else 1.0,
+            "driver": self.stats.as_dict(),
+        }  # fmt: skip
+
     def _remember(self, row: dict[str, Any]) -> None:
         self.cache[row["policy_hash"]] = (row["trial"], row)
         if self.best is None or (row["metric"], -row["size_bytes"]) > (self.best[0], -self.best[1]):
@@ -322,6 +340,16 @@ def write_run_json(prepared: Prepared, *, sampler: str, base_metric: float | Non
         "base": {**prepared.base_cost.as_dict(), "metric": base_metric},
         "runs": runs,
     })  # fmt: skip
+
+
+def finish_run_json(prepared: Prepared, summary: dict[str, Any]) -> None:
+    """Add this run's figures (feasibility shares, driver timings) to its run.json entry."""
+    import json
+
+    path = prepared.study_dir / "run.json"
+    data = json.loads(path.read_text())
+    data["runs"][-1].update(summary)
+    atomic_write_json(path, data)
 
 
 def _seeds(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool) -> list[dict]:
@@ -422,7 +450,10 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
             driver.seeds = _seeds(prepared, pool, base_metric, quiet=quiet)
         driver.open()
         write_run_json(prepared, sampler=sampler, base_metric=base_metric, workers=infos)
-        driver.run()
+        try:
+            driver.run()
+        finally:
+            finish_run_json(prepared, driver.summary())
     trials = read_trials(prepared.study_dir)
     return SearchResult(study=prepared.study, study_dir=prepared.study_dir, trials=trials,
                         front=compute_front(trials), base_metric=base_metric,

@@ -79,6 +79,10 @@ def test_budget_infeasible_candidates_never_reach_a_worker(ray_cluster, tmp_path
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/s/study.db")
     over = [t for t in study.trials if t.constraints and t.constraints["size_bytes"] > 0]
     assert {t.number for t in over} == set(infeasible["trial"])
+    run = json.loads((tmp_path / "s" / "run.json").read_text())["runs"][-1]
+    assert run["asks"] == 30 and run["infeasible_asks"] == len(infeasible)
+    assert run["infeasible_share"] == pytest.approx(len(infeasible) / 30)
+    assert run["worker_seconds"] > 0 and run["worker_seconds_feasible_share"] == 1.0
 
 
 def test_duplicate_policies_are_evaluated_once(ray_cluster, tmp_path):
