@@ -71,6 +71,14 @@ class Slicer:
             for s in g.slices:
                 self._owners.setdefault(s.key, []).append((g, s))
         self._plain = not any(is_parametrized(m) for m in base.modules())
+        # per module: the attributes holding mutable containers (hook dicts, sets) a clone
+        # must not share; tensor dicts are rebuilt anyway
+        rebuilt = {"_parameters", "_buffers", "_modules"}
+        self._containers = {
+            id(m): [k for k, v in m.__dict__.items()
+                    if isinstance(v, (dict, set, list)) and k not in rebuilt]
+            for m in base.modules()
+        }  # fmt: skip
 
     def __call__(self, counts: Mapping[str, int]) -> nn.Module:
         new: dict[str, torch.Tensor] = {}
@@ -128,8 +136,9 @@ class Slicer:
             return new[key] if key in new else tensor.detach().clone()  # sliced ones are new
 
         def clone(module: nn.Module, prefix: str) -> nn.Module:
-            state = {k: (v.copy() if isinstance(v, (dict, set, list)) else v)
-                     for k, v in module.__dict__.items()}  # fmt: skip
+            state = module.__dict__.copy()  # C-level copy; then fresh mutable containers
+            for key in self._containers[id(module)]:
+                state[key] = state[key].copy()
             state["_parameters"] = {
                 n: None if p is None
                 else nn.Parameter(fresh(prefix + n, p), requires_grad=p.requires_grad)
