@@ -168,7 +168,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     _, _, space = build_space(config)
     with worker_pool(config, space, sys_path=sys_path) as (pool, _):
         base = pool.base_metric()
-        table = table_for(config.task, space, config.recovery.model_dump(), pool)
+        table = table_for(config.task, space, config.recovery.model_dump(), pool, base)
     print_sensitivity(table, base_metric=base)
     return 0
 

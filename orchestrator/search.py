@@ -359,7 +359,7 @@ def _seeds(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool) ->
     if not quiet:
         print("sensitivity analysis (cached per task and space) ...", file=sys.stderr)
     config = prepared.config
-    table = table_for(config.task, prepared.space, config.recovery.model_dump(), pool)
+    table = table_for(config.task, prepared.space, config.recovery.model_dump(), pool, base_metric)
     prepared.study_dir.mkdir(parents=True, exist_ok=True)
     write_table(table, prepared.study_dir / "sensitivity.parquet")
     fixed = {k.name: k.choices[0] for k in prepared.space.knobs if not k.searchable}

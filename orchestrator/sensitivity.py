@@ -57,9 +57,11 @@ def probes(space: SearchSpace) -> list[tuple[str, float, Policy]]:
     return out
 
 
-def cache_key(task_spec: str, space: SearchSpace, recovery: dict[str, Any]) -> str:
+def cache_key(task_spec: str, space: SearchSpace, recovery: dict[str, Any],
+              base_metric: float) -> str:  # fmt: skip
+    # the base metric fingerprints the trained weights (a retrained model is a new table)
     data = {"version": 1, "task": task_spec, "space": space.to_dict(), "recovery": recovery,
-            "keep_grid": KEEP_GRID}  # fmt: skip
+            "keep_grid": KEEP_GRID, "base_metric": repr(base_metric)}  # fmt: skip
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -70,17 +72,19 @@ def cached_table(path: Path) -> pd.DataFrame | None:
         return None
 
 
-def table_for(
-    task_spec: str, space: SearchSpace, recovery: dict[str, Any], pool: Any
-) -> pd.DataFrame:
-    """The sensitivity table of this task and space: from the cache, else measured."""
+def table_for(task_spec: str, space: SearchSpace, recovery: dict[str, Any], pool: Any,
+              base_metric: float) -> pd.DataFrame:  # fmt: skip
+    """The sensitivity table of this task and space: from the cache, else measured (and
+    cached only when every probe was scored)."""
     from orchestrator.cache import cache_dir
 
-    path = cache_dir() / "sensitivity" / f"{cache_key(task_spec, space, recovery)}.parquet"
+    key = cache_key(task_spec, space, recovery, base_metric)
+    path = cache_dir() / "sensitivity" / f"{key}.parquet"
     table = cached_table(path)
     if table is None:
         table = measure(space, pool)
-        write_table(table, path)
+        if table["metric"].notna().all():
+            write_table(table, path)
     return table
 
 

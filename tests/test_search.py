@@ -192,3 +192,17 @@ def test_seeded_search_records_sensitivity_and_evaluates_seeds_first(
     run_search(make_config({"out": str(tmp_path), "study": "t", "workers": {"count": 2},
                             "trials": 6, "budget": "size=20KB"}))  # fmt: skip
     assert cached[0].stat().st_mtime_ns == stamp  # the same task and space reuse the table
+
+
+def test_sensitivity_verb_prints_every_knob(ray_cluster, tmp_path, monkeypatch, capsys):
+    from orchestrator.cli import main
+
+    monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path))
+    config = tmp_path / "lstm.yaml"
+    config.write_text("task: digits-lstm\n")
+    assert main(["sensitivity", str(config), "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    _, _, space = build_space(make_config({"task": "digits-lstm"}))
+    for knob in space.searchable:
+        assert knob.name in out
+    assert len(list((tmp_path / "sensitivity").glob("*.parquet"))) == 1
