@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
@@ -26,13 +27,23 @@ class Budget:
     size_bytes: int | None = None
     macs: int | None = None
     bops: int | None = None
+    metric_floor: float | None = None  # `metric>=X`: known only after evaluation
 
     @property
     def limits(self) -> dict[str, int]:
         return {f: getattr(self, f) for f, _ in LIMITS.values() if getattr(self, f) is not None}
 
     def __bool__(self) -> bool:
-        return bool(self.limits)
+        return bool(self.limits) or self.metric_floor is not None
+
+    def metric_violation(self, metric: float | None) -> float:
+        """Optuna constraint for the floor: > 0 when the metric is below it (or unknown)."""
+        if self.metric_floor is None:
+            return 0.0
+        return 1.0 if metric is None else self.metric_floor - metric
+
+    def keeps(self, metric: float | None) -> bool:
+        return self.metric_violation(metric) <= 0
 
     def violations(self, cost: Cost) -> dict[str, float]:
         """Per limit, the relative excess (> 0: over budget; <= 0: within). Optuna constraints."""
@@ -43,7 +54,10 @@ class Budget:
 
     def describe(self) -> str:
         names = {f: k for k, (f, _) in LIMITS.items()}
-        return ",".join(f"{names[f]}={v}" for f, v in self.limits.items()) or "none"
+        parts = [f"{names[f]}={v}" for f, v in self.limits.items()]
+        if self.metric_floor is not None:
+            parts.append(f"metric>={self.metric_floor:g}")
+        return ",".join(parts) or "none"
 
 
 def _amount(key: str, text: str, units: dict[str, int]) -> int:
@@ -60,13 +74,25 @@ def _amount(key: str, text: str, units: dict[str, int]) -> int:
     return int(value)
 
 
+def _floor(text: str) -> float:
+    try:
+        value = float(text.removeprefix(">="))
+    except ValueError:
+        raise BudgetError(f"budget 'metric>={text}' needs a number, e.g. metric>=0.95") from None
+    if not math.isfinite(value):
+        raise BudgetError("budget metric floor must be a finite number")
+    return value
+
+
 def parse_budget(spec: str | dict | None) -> Budget:
-    """`"size=40KB,macs=2M"` or `{"size": "40KB", "macs": 2000000}` -> Budget."""
+    """`"size=40KB,macs=2M"`, `"metric>=0.95"`, or a mapping (`{"size": "40KB",
+    "metric": 0.95}`) -> Budget."""
     if spec is None or spec == "" or spec == {}:
         return Budget()
     if isinstance(spec, str):
         pairs = []
         for part in spec.split(","):
+            part = part.replace(">=", "=", 1) if part.strip().startswith("metric") else part
             key, sep, value = part.partition("=")
             if not sep:
                 raise BudgetError(f"budget part '{part.strip()}' needs KEY=VALUE, e.g. size=40KB")
@@ -75,10 +101,13 @@ def parse_budget(spec: str | dict | None) -> Budget:
         pairs = [(str(k), str(v)) for k, v in spec.items()]
     else:
         raise BudgetError("budget must be a string like 'size=40KB' or a mapping")
-    fields = {}
+    fields: dict[str, float] = {}
     for key, value in pairs:
+        if key == "metric":
+            fields["metric_floor"] = _floor(value)
+            continue
         if key not in LIMITS:
-            raise BudgetError(f"unknown budget '{key}'; use {', '.join(LIMITS)}")
+            raise BudgetError(f"unknown budget '{key}'; use {', '.join(LIMITS)} or metric>=X")
         field, units = LIMITS[key]
         fields[field] = _amount(key, value, units)
     return Budget(**fields)

@@ -42,6 +42,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", help="study name (key: study, default: <task>-<time>)")
     p.add_argument("--seed", type=int, help="sampler seed (key: seed)")
     p.add_argument("--sampler", help="auto, tpe, nsga2 or random (key: sampler)")
+    p.add_argument("--objective", help="front (default) or budget: the best within --budget "
+                   "(key: objective)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue an existing study")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
@@ -89,7 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     sys_path = _sys_path(args)
     config = _load(args, trials=args.trials, **{"workers.count": args.workers}, budget=args.budget,
-                   out=args.out, study=args.study, seed=args.seed, sampler=args.sampler)  # fmt: skip
+                   out=args.out, study=args.study, seed=args.seed, sampler=args.sampler,
+                   objective=args.objective)  # fmt: skip
     prepared = prepare(config, resume=args.resume)  # all checks before Ray starts
     if not args.quiet:
         print(f"study {prepared.study} in {prepared.study_dir} ({len(prepared.space.searchable)} "

@@ -21,6 +21,7 @@ from pydantic import (
     StrictStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from orchestrator.budget import Budget, BudgetError, parse_budget
@@ -68,6 +69,8 @@ class SearchConfig(_Frozen):
     trials: StrictInt = Field(default=60, ge=1)
     seed: StrictInt | None = 0
     sampler: Literal["auto", "tpe", "nsga2", "random"] = "auto"
+    # front: the whole size/metric front; budget: the best within `budget` (front kept too)
+    objective: Literal["front", "budget"] = "front"
     budget: StrictStr | dict[str, StrictStr | Number] | None = None
     pruning: PruningMode = "auto"
     importance: Importance = "l1"  # structured: which channels a group keeps
@@ -90,6 +93,13 @@ class SearchConfig(_Frozen):
         if v is not None and (not v or "/" in v or v.startswith(".")):
             raise ValueError("must be a plain directory name (no '/', not starting with '.')")
         return v
+
+    @model_validator(mode="after")
+    def _objective(self) -> SearchConfig:
+        if self.objective == "budget" and not parse_budget(self.budget):
+            raise ValueError("objective: budget needs a budget, e.g. --budget size=40KB or "
+                             "--budget metric>=0.95")  # fmt: skip
+        return self
 
     @property
     def parsed_budget(self) -> Budget:
@@ -151,6 +161,8 @@ def _explain(exc: ValidationError) -> str:
         if isinstance(got, (dict, list, tuple)) or err["type"].startswith("value_error")
         else f" (got {got!r})"
     )
+    if not key:  # a check across keys: its message names them
+        return msg
     return f"config key '{key}': {msg}{shown}"
 
 

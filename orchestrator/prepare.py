@@ -145,6 +145,11 @@ def check_resume(study_dir: Path, config: SearchConfig, space: SearchSpace) -> N
     if task != config.task:
         raise ConfigError(f"--resume: study '{study_dir.name}' searched task '{task}', not "
                           f"'{config.task}'; use the study's task or a new --study")  # fmt: skip
+    if recorded.get("directions", ["minimize", "maximize"]) != _directions(config):
+        raise ConfigError(f"--resume: study '{study_dir.name}' was started with objective "
+                          f"{recorded.get('objective', 'front')} and budget "
+                          f"{recorded['config'].get('budget')}; keep them or start a new "
+                          "--study")  # fmt: skip
     if knobs != space.to_dict()["knobs"]:
         raise ConfigError(f"--resume: the search space differs from the one study "
                           f"'{study_dir.name}' was started with; keep its space settings or "
@@ -159,6 +164,12 @@ def check_devices(config: SearchConfig) -> None:
     if wants_gpu and not torch.cuda.is_available():
         raise ConfigError("workers.gpus_per_worker/workers.device ask for a GPU but this machine "
                           "has no CUDA device; set gpus_per_worker: 0 and device: auto")  # fmt: skip
+
+
+def _directions(config: SearchConfig) -> list[str]:
+    from orchestrator.search import directions
+
+    return directions(config)
 
 
 def prepare(config: SearchConfig, *, resume: bool = False) -> Prepared:

@@ -25,6 +25,7 @@ import pandas as pd
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from orchestrator.budget import Budget
 from orchestrator.config import SearchConfig
 from orchestrator.cost import Cost, policy_cost
 from orchestrator.policy import Policy
@@ -35,7 +36,7 @@ from orchestrator.store import INTERRUPTED, ROW_ATTR, Recorder, open_study, stor
 from orchestrator.timing import DriverStats, TimedSampler
 from search_spaces import Knob, SearchSpace
 
-DIRECTIONS = ["minimize", "maximize"]  # size_bytes, metric
+DIRECTIONS = ["minimize", "maximize"]  # objective front: size_bytes, metric
 UNIFORM_BASELINE_BITS = (32, 8, 4, 2)
 INFEASIBLE_METRIC = 0.0  # told for over-budget trials; constraints rank them, not this value
 
@@ -49,6 +50,27 @@ SAMPLERS: dict[str, Callable[[int | None, int], optuna.samplers.BaseSampler]] = 
     "random": lambda seed, trials: optuna.samplers.RandomSampler(seed=seed),
 }
 TPE_MAX_KNOB_TRIALS = 4000
+
+
+def directions(config: SearchConfig) -> list[str]:
+    """front: (size_bytes, metric). budget: the metric within the budget, or with a metric
+    floor (`metric>=X`) the size of the smallest model that keeps it."""
+    if config.objective == "front":
+        return DIRECTIONS
+    return ["minimize"] if config.parsed_budget.metric_floor is not None else ["maximize"]
+
+
+def objective_values(dirs: list[str], size: int, metric: float) -> list[float]:
+    if len(dirs) == 2:
+        return [size, metric]
+    return [size] if dirs == ["minimize"] else [metric]
+
+
+def best_key(budget: Budget) -> Callable[[dict], tuple]:
+    """Best within budget: the smallest model keeping the floor, else the best metric."""
+    if budget.metric_floor is not None:
+        return lambda row: (-row["size_bytes"], row["metric"])
+    return lambda row: (row["metric"], -row["size_bytes"])
 
 
 def auto_sampler(knobs: int, trials: int) -> str:
@@ -79,9 +101,13 @@ class SearchResult:
     error: str | None = None  # why the run stopped early, if it did
     driver: dict[str, float] = field(default_factory=dict)  # DriverStats.as_dict()
 
+    smallest_first: bool = False  # a metric floor: best is the smallest model keeping it
+
     def best_within_budget(self) -> pd.Series | None:
         if self.front.empty:
             return None
+        if self.smallest_first:
+            return self.front.sort_values(["size_bytes", "metric"], ascending=[True, False]).iloc[0]
         return self.front.sort_values(["metric", "size_bytes"], ascending=[False, True]).iloc[0]
 
 
@@ -130,6 +156,8 @@ class Driver:
         self.stats = DriverStats()
         self.seeds: list[dict[str, Any]] = []  # knapsack-seeded params, set before open()
         self.asks = self.infeasible = 0
+        self.directions = directions(prepared.config)
+        self.best_key = best_key(prepared.budget)
         self.worker_seconds = {True: 0.0, False: 0.0}  # by feasibility of the candidate
 
     # -- set-up -----------------------------------------------------------------------
@@ -138,9 +166,9 @@ class Driver:
         p.study_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(p.study_dir, 0o700)  # the study is the user's alone
         url = storage_url(p.study_dir)
-        opened = open_study(url, p.study, DIRECTIONS, resume=p.resume)
+        opened = open_study(url, p.study, self.directions, resume=p.resume)
         sampler = TimedSampler(SAMPLERS[self.sampler_name](p.config.seed, self.target), self.stats)
-        self.study = optuna.create_study(directions=DIRECTIONS, sampler=sampler,
+        self.study = optuna.create_study(directions=self.directions, sampler=sampler,
                                          study_name=p.study)  # fmt: skip
         self.study.add_trials(opened.finished)
         self._reconcile(opened.finished)
@@ -268,13 +296,19 @@ class Driver:
             self._tell(candidate, trial, state, cached)
 
     def _tell(self, candidate: _Candidate, trial: Trial, state: str, result: dict) -> dict:
+        budget = self.p.budget
+        metric = result.get("metric") if state == "COMPLETE" else None
+        feasible = candidate.feasible and (state != "COMPLETE" or budget.keeps(metric))
         row = self._row(trial.number, state, candidate.policy, candidate.cost,
-                        feasible=candidate.feasible, result=result, origin=candidate.origin)  # fmt: skip
+                        feasible=feasible, result=result, origin=candidate.origin)  # fmt: skip
         if state == "FAIL":
             frozen = self.study.tell(trial, state=TrialState.FAIL)
         else:
-            metric = INFEASIBLE_METRIC if state == "INFEASIBLE" else row["metric"]
-            frozen = self.study.tell(trial, [candidate.cost.size_bytes, metric])
+            if budget.metric_floor is not None:  # known only now: set before tell
+                trial.set_constraint("metric", budget.metric_violation(metric))
+            values = objective_values(self.directions, candidate.cost.size_bytes,
+                                      INFEASIBLE_METRIC if metric is None else metric)  # fmt: skip
+            frozen = self.study.tell(trial, values)
         self.recorder.finished(frozen, row)
         self.finished += 1
         self.stats.trials += 1
@@ -311,7 +345,8 @@ class Driver:
 
     def _remember(self, row: dict[str, Any]) -> None:
         self.cache[row["policy_hash"]] = (row["trial"], row)
-        if self.best is None or (row["metric"], -row["size_bytes"]) > (self.best[0], -self.best[1]):
+        if row["feasible"] and (self.best is None or self.best_key(row) > self.best_key(
+                {"metric": self.best[0], "size_bytes": self.best[1]})):  # fmt: skip
             self.best = (row["metric"], row["size_bytes"])
 
 
@@ -335,7 +370,9 @@ def write_run_json(prepared: Prepared, *, sampler: str, base_metric: float | Non
         "config": config,
         "versions": versions(),
         "sampler": sampler,
-        "budget": prepared.budget.limits,
+        "objective": prepared.config.objective,
+        "directions": directions(prepared.config),
+        "budget": {**prepared.budget.limits, "metric_floor": prepared.budget.metric_floor},
         "space": prepared.space.to_dict(),
         "base": {**prepared.base_cost.as_dict(), "metric": base_metric},
         "runs": runs,
@@ -459,7 +496,8 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
                         front=compute_front(trials), base_metric=base_metric,
                         base_size=prepared.base_cost.size_bytes, sampler=sampler,
                         interrupted=driver.interrupted, seconds=time.monotonic() - started,
-                        error=driver.error, driver=driver.stats.as_dict())  # fmt: skip
+                        error=driver.error, driver=driver.stats.as_dict(),
+                        smallest_first=prepared.budget.metric_floor is not None)  # fmt: skip
 
 
 __all__ = ["SearchResult", "auto_sampler", "prepare", "run_prepared", "run_search"]

@@ -206,3 +206,25 @@ def test_sensitivity_verb_prints_every_knob(ray_cluster, tmp_path, monkeypatch, 
     for knob in space.searchable:
         assert knob.name in out
     assert len(list((tmp_path / "sensitivity").glob("*.parquet"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("budget", "directions"),
+    [("size=15KB", ["maximize"]), ("metric>=0.97", ["minimize"])],
+)
+def test_budget_objective(ray_cluster, tmp_path, budget, directions):
+    cfg, result = _search(tmp_path, trials=20, objective="budget", budget=budget, seed=6)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/s/study.db")
+    assert [d.name.lower() for d in study.directions] == directions
+    trials = result.trials
+    best = result.best_within_budget()
+    feasible = trials[(trials["state"] == "COMPLETE") & trials["feasible"]]
+    assert best is not None and not feasible.empty
+    if "size" in budget:  # the best metric within the size budget
+        assert (feasible["size_bytes"] <= 15_000).all()
+        assert best["metric"] == feasible["metric"].max()
+    else:  # the smallest model that keeps the metric
+        complete = trials[trials["state"] == "COMPLETE"]
+        assert ((complete["metric"] >= 0.97) == complete["feasible"]).all()
+        assert best["size_bytes"] == feasible["size_bytes"].min()
+        assert (result.front["metric"] >= 0.97).all()
