@@ -54,7 +54,8 @@ class Rebuilder:
         self._base = {k: v.detach().clone() for k, v in self._params.items()}
         self._prune = PRUNE_STEPS[space.pruning]
         self._dirty: set[str] = set()
-        self._slicer = Slicer(self.model, space.plan) if space.plan is not None else None
+        self._slicer = Slicer(self.model, space.plan, reuse=True) if space.plan else None
+        self._named: tuple[nn.Module, dict[str, torch.Tensor]] | None = None
 
     def to(self, device: torch.device | str) -> Rebuilder:
         self.model.to(device)
@@ -62,7 +63,7 @@ class Rebuilder:
         self._params.update(self.model.named_buffers())
         self._base = {k: v.to(device) for k, v in self._base.items()}
         if self._slicer is not None:
-            self._slicer = Slicer(self.model, self.space.plan)  # tensors now on `device`
+            self._slicer = Slicer(self.model, self.space.plan, reuse=True)  # now on `device`
         return self
 
     def restore(self) -> None:
@@ -123,7 +124,10 @@ class Rebuilder:
 
     @torch.no_grad()
     def _quantize(self, model: nn.Module, settings: Mapping[str, LayerSetting]) -> None:
-        tensors = dict(model.named_parameters())
+        # the working copy and the slicer's scratch model keep their Parameter objects
+        if self._named is None or self._named[0] is not model:
+            self._named = (model, dict(model.named_parameters()))
+        tensors = self._named[1]
         for layer in self.space.profile.layers:
             bits = settings[layer.name].bits
             if bits >= FLOAT_BITS:

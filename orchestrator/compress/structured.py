@@ -56,16 +56,22 @@ FIXERS: dict[type, Callable[[nn.Module, dict], None]] = {
 class Slicer:
     """Slices copies of one base model along one plan; made once per worker.
 
-    Per candidate it builds only what changes: index tensors (cached per group count),
-    sliced or cloned tensors, and a clone of the module tree whose tensor dicts point at
-    them (`copy.deepcopy` of the tree cost half the rebuild time: issue 3 benchmark)."""
+    Per candidate it builds only what changes: index tensors (cached per group count) and
+    sliced tensors. With `reuse=True` (a worker's rebuild) every call returns the same
+    scratch model, its tensors swapped or reset in place, so the module tree is built once
+    (`copy.deepcopy` of the tree per candidate cost half the rebuild time: issue 3
+    benchmark); the model a call returns is valid until the next call. Without it, each
+    call returns an independent clone."""
 
-    def __init__(self, base: nn.Module, plan: PruningPlan) -> None:
+    def __init__(self, base: nn.Module, plan: PruningPlan, *, reuse: bool = False) -> None:
         self.base, self.plan = base, plan
+        self.reuse = reuse
+        self._scratch: nn.Module | None = None
         self.tensors = dict(base.named_parameters())
         self.tensors.update(base.named_buffers())
         self.old = {n: {a: getattr(m, a, None) for a in _ATTRS} for n, m in base.named_modules()}
         self._index: dict[tuple[str, int, tuple[int, ...]], torch.Tensor | None] = {}
+        self._rank: dict[tuple[str, str, int], torch.Tensor] = {}
         self._owners: dict[str, list[tuple[GroupPlan, DimSlice]]] = {}
         for g in plan.groups:
             for s in g.slices:
@@ -94,9 +100,14 @@ class Slicer:
                 if tensor is not original:  # sliced: a new tensor (a view would share storage)
                     new[key] = tensor
                     touched.add(key.rpartition(".")[0])
-        model = self._clone(new) if self._plain else self._deepcopy(new)
-        for name in touched:
-            module = model.get_submodule(name)
+        if self.reuse and self._plain:
+            model = self._refill(new)
+            # every sliceable module: reset the shapes a previous candidate changed too
+            fixes = self._fixes
+        else:
+            model = self._clone(new) if self._plain else self._deepcopy(new)
+            fixes = [(model.get_submodule(name), name) for name in touched]
+        for module, name in fixes:
             fixer = FIXERS.get(type(module))
             if fixer is not None:
                 fixer(module, self.old[name])
@@ -119,14 +130,66 @@ class Slicer:
         state = tuple(counts.get(g.name, g.channels) for g, _ in owners)
         cache_key = (key, dim, state)
         if cache_key not in self._index:
-            cut: set[int] = set()
-            for (group, sl), count in zip(owners, state, strict=True):
-                for channel in group.order[count:]:  # the least important channels go
-                    cut.update(sl.index[channel])
-            keep = [i for i in range(size) if i not in cut]
-            device = self.tensors[key].device
-            self._index[cache_key] = torch.tensor(keep, device=device) if cut else None
+            (group, sl), count = owners[0], state[0]
+            if len(owners) == 1 and group.channels * sl.multiplicity == size:
+                # one group owns the whole dimension: its channels in importance order
+                if count >= group.channels:
+                    index = None
+                else:
+                    ranked = self._ranked(group, sl)
+                    index = ranked[:count].reshape(-1).sort().values
+            else:
+                cut: set[int] = set()
+                for (group, sl), count in zip(owners, state, strict=True):
+                    for channel in group.order[count:]:  # the least important channels go
+                        cut.update(sl.index[channel])
+                keep = [i for i in range(size) if i not in cut]
+                index = torch.tensor(keep, device=self.tensors[key].device) if cut else None
+            self._index[cache_key] = index
         return self._index[cache_key]
+
+    def _ranked(self, group: GroupPlan, sl: DimSlice) -> torch.Tensor:
+        """(channels, multiplicity) indices of the slice, rows in importance order."""
+        key = (group.name, sl.key, sl.dim)
+        if key not in self._rank:
+            rows = [sl.index[c] for c in group.order]
+            self._rank[key] = torch.tensor(rows, device=self.tensors[sl.key].device)
+        return self._rank[key]
+
+    def _refill(self, new: Mapping[str, torch.Tensor]) -> nn.Module:
+        """The scratch model with this candidate's tensors: sliced ones swapped in, the
+        others reset to the base values (a previous candidate quantized or re-estimated
+        them in place)."""
+        if self._scratch is None:
+            self._scratch = self._clone({})
+            modules = dict(self._scratch.named_modules())
+            self._slots = [(modules[k.rpartition(".")[0]], k.rpartition(".")[2], k)
+                           for k in self.tensors]  # fmt: skip
+            self._fixes = [
+                (modules[n], n) for n in sorted({k.rpartition(".")[0] for k in self._owners})
+            ]
+        with torch.no_grad():
+            for module, name, key in self._slots:
+                base = self.tensors[key]
+                source = new.get(key)
+                if name in module._parameters:
+                    param = module._parameters[name]
+                    param.grad = None
+                    if source is not None:
+                        param.data = source
+                    elif param.shape == base.shape:
+                        param.data.copy_(base)
+                    else:
+                        param.data = base.detach().clone()
+                else:
+                    current = module._buffers[name]
+                    if source is not None:
+                        module._buffers[name] = source
+                    elif current.shape == base.shape:
+                        current.copy_(base)
+                    else:
+                        module._buffers[name] = base.clone()
+        return self._scratch
 
     def _clone(self, new: Mapping[str, torch.Tensor]) -> nn.Module:
         """The module tree, every module a new object, every tensor fresh (sliced or copied),
