@@ -71,7 +71,8 @@ class Slicer:
         self.tensors.update(base.named_buffers())
         self.old = {n: {a: getattr(m, a, None) for a in _ATTRS} for n, m in base.named_modules()}
         self._index: dict[tuple[str, int, tuple[int, ...]], torch.Tensor | None] = {}
-        self._rank: dict[tuple[str, str, int], torch.Tensor] = {}
+        self._tables: dict[tuple[str, str, int], tuple[torch.Tensor, bool]] = {}
+        self._kept_channels: dict[tuple[str, int], torch.Tensor] = {}
         self._owners: dict[str, list[tuple[GroupPlan, DimSlice]]] = {}
         for g in plan.groups:
             for s in g.slices:
@@ -136,8 +137,10 @@ class Slicer:
                 if count >= group.channels:
                     index = None
                 else:
-                    ranked = self._ranked(group, sl)
-                    index = ranked[:count].reshape(-1).sort().values
+                    table, monotone = self._table(group, sl)
+                    index = table.index_select(0, self._channels(group, count)).reshape(-1)
+                    if not monotone:  # e.g. LSTM gates: h, H+h, 2H+h, 3H+h
+                        index = index.sort().values
             else:
                 cut: set[int] = set()
                 for (group, sl), count in zip(owners, state, strict=True):
@@ -148,13 +151,23 @@ class Slicer:
             self._index[cache_key] = index
         return self._index[cache_key]
 
-    def _ranked(self, group: GroupPlan, sl: DimSlice) -> torch.Tensor:
-        """(channels, multiplicity) indices of the slice, rows in importance order."""
+    def _table(self, group: GroupPlan, sl: DimSlice) -> tuple[torch.Tensor, bool]:
+        """(channels, multiplicity) indices of the slice by channel, and whether reading
+        its rows in channel order gives sorted indices (then no sort per candidate)."""
         key = (group.name, sl.key, sl.dim)
-        if key not in self._rank:
-            rows = [sl.index[c] for c in group.order]
-            self._rank[key] = torch.tensor(rows, device=self.tensors[sl.key].device)
-        return self._rank[key]
+        if key not in self._tables:
+            flat = [i for row in sl.index for i in row]
+            table = torch.tensor(sl.index, device=self.tensors[sl.key].device)
+            self._tables[key] = (table, flat == sorted(flat))
+        return self._tables[key]
+
+    def _channels(self, group: GroupPlan, count: int) -> torch.Tensor:
+        """The `count` most important channels of a group, in channel order."""
+        key = (group.name, count)
+        if key not in self._kept_channels:
+            device = next(iter(self.tensors.values())).device
+            self._kept_channels[key] = torch.tensor(group.kept_channels(count), device=device)
+        return self._kept_channels[key]
 
     def _refill(self, new: Mapping[str, torch.Tensor]) -> nn.Module:
         """The scratch model with this candidate's tensors: sliced ones swapped in, the
