@@ -69,8 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace, **overrides: Any):
     from orchestrator.config import load_config_file, make_config
 
-    data = load_config_file(args.config) if args.config else {}
+    if args.config:
+        data = load_config_file(args.config)
+    elif getattr(args, "resume", False):  # continue the study as it was configured
+        data = _recorded_config(args.out or "runs", args.study)
+    else:
+        data = {}
     return make_config(data, **overrides)
+
+
+def _recorded_config(out: str, study: str | None) -> dict[str, Any]:
+    """The config a study was run with (`--resume` without CONFIG): the named study, or
+    the latest one in `out`."""
+    runs = [Path(out) / study / "run.json"] if study else list(Path(out).glob("*/run.json"))
+    runs = [r for r in runs if r.is_file()]
+    if not runs:
+        where = f"'{Path(out) / study}'" if study else f"'{out}'"
+        raise ConfigError(f"--resume: no prunesearch study in {where}; check --study and --out")
+    latest = max(runs, key=lambda r: r.stat().st_mtime)
+    try:
+        return dict(json.loads(latest.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--resume: '{latest}' is damaged ({exc}); give the study's CONFIG "
+                          "file") from None  # fmt: skip
 
 
 def _sys_path(args: argparse.Namespace) -> tuple[str, ...]:

@@ -228,3 +228,19 @@ def test_budget_objective(ray_cluster, tmp_path, budget, directions):
         assert ((complete["metric"] >= 0.97) == complete["feasible"]).all()
         assert best["size_bytes"] == feasible["size_bytes"].min()
         assert (result.front["metric"] >= 0.97).all()
+
+
+def test_resume_without_config_continues_the_study_as_configured(ray_cluster, tmp_path):
+    from orchestrator.cli import main
+
+    config = tmp_path / "lstm.yaml"
+    config.write_text("task: digits-lstm\nseeding: false\nsampler: random\n")
+    base = ["--out", str(tmp_path), "--study", "s", "--workers", "2", "--quiet"]
+    assert main(["run", str(config), "--trials", "6", *base]) == 0
+    # no CONFIG: the recorded config (task digits-lstm, sampler random) is used
+    assert main(["run", "--resume", "--trials", "9", *base]) == 0
+    trials = pd.read_parquet(tmp_path / "s" / "trials")
+    assert len(trials) == 9 and trials["trial"].is_unique
+    run = json.loads((tmp_path / "s" / "run.json").read_text())
+    assert run["config"]["task"] == "digits-lstm" and run["config"]["trials"] == 9
+    assert [r["resume"] for r in run["runs"]] == [False, True]
