@@ -79,6 +79,7 @@ class SearchConfig(_Frozen):
     recovery: RecoveryConfig = RecoveryConfig()
     baselines: StrictBool = True  # evaluate the uniform float/8/4/2-bit policies first
     seeding: StrictBool = True  # sensitivity analysis, then knapsack-seeded policies first
+    repair: StrictBool = True  # follow each over-budget ask with its nearest fitting policy
     retries: StrictInt = Field(default=2, ge=0)  # re-dispatches of a candidate whose worker died
 
     @field_validator("budget")

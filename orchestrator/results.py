@@ -45,7 +45,7 @@ SCHEMA = pa.schema(
         ("attempt", pa.int64()),
         ("error", pa.string()),
         ("cached_from", pa.int64()),  # trial whose result a duplicate policy reused
-        ("origin", pa.string()),  # sampler | baseline (uniform policy) | requeued (interrupted)
+        ("origin", pa.string()),  # sampler | baseline | seed | repair | requeued
         ("finished_at", pa.timestamp("us", tz="UTC")),
     ]
 )

@@ -117,7 +117,7 @@ class _Candidate:
     policy: Policy
     cost: Cost
     feasible: bool
-    origin: str  # "sampler", "baseline" (uniform policy) or "requeued" (interrupted before)
+    origin: str  # sampler | baseline (uniform) | seed (knapsack) | repair | requeued
     duplicates: list[Trial] = field(default_factory=list)
 
 
@@ -265,6 +265,9 @@ class Driver:
         self.recorder.created(self.study._storage.get_trial(trial._trial_id))
         if not candidate.feasible:
             self._tell(candidate, trial, "INFEASIBLE", {})
+            repaired = self._repair(trial.params) if self.p.config.repair else None
+            if repaired is not None:  # next: the nearest candidate within the budget
+                self.requeue.insert(0, (repaired, "repair"))
         elif policy.hash in self.cache:
             number, row = self.cache[policy.hash]
             self._tell(candidate, trial, "COMPLETE", {**row, "cached_from": number,
@@ -329,6 +332,34 @@ class Driver:
             "attempt": result.get("attempt", 0), "error": result.get("error"),
             "cached_from": result.get("cached_from"), "origin": origin, "finished_at": _now(),
         }  # fmt: skip
+
+    def _repair(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        """Move an over-budget candidate into the budget: step down, one choice at a time,
+        the knob whose step cuts the budget excess most, until it fits (None if nothing
+        fits). The sampler still learns from the infeasible ask; the repaired candidate is
+        the feasible point nearest to where it was looking."""
+        values = dict(params)
+        knobs = self.space.searchable
+        excess = self._excess(values)
+        while excess > 0:
+            best = None
+            for knob in knobs:
+                lower = [c for c in knob.choices if c < values[knob.name]]
+                if not lower:
+                    continue
+                trial_values = {**values, knob.name: max(lower)}
+                cut = self._excess(trial_values)
+                if best is None or cut < best[0]:
+                    best = (cut, trial_values)
+            if best is None:
+                return None
+            excess, values = best
+        return values
+
+    def _excess(self, values: dict[str, Any]) -> float:
+        policy = Policy.from_values(self.space, {**self.fixed, **values})
+        violations = self.p.budget.violations(policy_cost(self.space, policy))
+        return sum(max(0.0, v) for v in violations.values())
 
     def summary(self) -> dict[str, Any]:
         """This run's figures for run.json: how much sampling and worker time went where."""

@@ -83,6 +83,10 @@ def test_budget_infeasible_candidates_never_reach_a_worker(ray_cluster, tmp_path
     assert run["asks"] == 30 and run["infeasible_asks"] == len(infeasible)
     assert run["infeasible_share"] == pytest.approx(len(infeasible) / 30)
     assert run["worker_seconds"] > 0 and run["worker_seconds_feasible_share"] == 1.0
+    # each over-budget ask is followed by its repair: the nearest policy that fits
+    repairs = trials[trials["origin"] == "repair"]
+    assert len(repairs) > 0 and (repairs["size_bytes"] <= 14_000).all()
+    assert set(repairs["trial"] - 1) <= set(infeasible["trial"])
 
 
 def test_duplicate_policies_are_evaluated_once(ray_cluster, tmp_path):
