@@ -59,6 +59,23 @@ class RecoveryConfig(_Frozen):
     lr: float = Field(default=1e-3, gt=0)
 
 
+class FidelityConfig(_Frozen):
+    """Multi-fidelity evaluation (orchestrator.fidelity): auto is on for the front
+    objective with the default accuracy metric (its range is [0, 1])."""
+
+    enabled: StrictBool | Literal["auto"] = "auto"
+    steps: tuple[float, ...] = (0.25, 0.5, 1.0)
+    error_rate: float = Field(default=0.05, gt=0, lt=1)
+    metric_range: tuple[float, float] = (0.0, 1.0)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v):
+        if not v or any(not 0 < f <= 1 for f in v):
+            raise ValueError("fractions of the validation data in (0, 1], e.g. [0.25, 0.5, 1]")
+        return tuple(sorted(v))
+
+
 SAMPLERS = ("auto", "tpe", "nsga2", "random")
 
 
@@ -77,6 +94,7 @@ class SearchConfig(_Frozen):
     space: SpaceConfig = SpaceConfig()
     workers: WorkersConfig = WorkersConfig()
     recovery: RecoveryConfig = RecoveryConfig()
+    fidelity: FidelityConfig = FidelityConfig()
     baselines: StrictBool = True  # evaluate the uniform float/8/4/2-bit policies first
     seeding: StrictBool = True  # sensitivity analysis, then knapsack-seeded policies first
     repair: StrictBool = True  # follow each over-budget ask with its nearest fitting policy

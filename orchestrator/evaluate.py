@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ from torch import nn
 
 from orchestrator.batches import Batch, call_model, logits_of, to_device
 from orchestrator.compress.rebuild import Rebuilder
+from orchestrator.fidelity import FidelitySettings, dominated, prefix_lengths, upper_bound
 from orchestrator.task import Task
 from search_spaces import SearchSpace
 from search_spaces.config import FLOAT_BITS
@@ -89,6 +90,17 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch]) -> list[st
     return [f"{n}.{s}" for n in norms for s in suffixes]
 
 
+def _count(targets: Any) -> int:
+    """Samples in a batch's targets (the first dimension of the first tensor)."""
+    if isinstance(targets, torch.Tensor):
+        return int(targets.shape[0]) if targets.dim() else 1
+    if isinstance(targets, Mapping):
+        return _count(next(iter(targets.values())))
+    if isinstance(targets, (tuple, list)):
+        return _count(targets[0]) if targets else 0
+    return 1
+
+
 class Evaluator:
     """Scores policies on one task; made once per worker."""
 
@@ -101,6 +113,8 @@ class Evaluator:
         calibration = [to_device(b, self.device) for b in task.calibration()]
         limit = recovery.calibration_batches
         self.calibration = calibration if limit is None else calibration[:limit]
+        counts = [_count(targets) for _, targets in self.validation]
+        self._samples = {n: sum(counts[:n]) for n in range(len(counts) + 1)}
         self.train: list[Batch] = []
         if recovery.finetune_steps:
             if task.train is None:
@@ -111,7 +125,12 @@ class Evaluator:
         self.rebuilder.restore()
         return float(self.task.metric(self.rebuilder.model, self.validation))
 
-    def evaluate(self, policy: Mapping[str, int | float]) -> dict[str, Any]:
+    def evaluate(self, policy: Mapping[str, int | float], *, size: int | None = None,
+                 front: Sequence[tuple[int, float]] = (),
+                 fidelity: FidelitySettings | None = None) -> dict[str, Any]:  # fmt: skip
+        """Rebuild, recover, score. With `fidelity` and the current `front`, score growing
+        prefixes of the validation batches and stop (`pruned`) once the candidate of
+        `size` bytes cannot reach the front (orchestrator.fidelity)."""
         start = time.perf_counter()
         self._tuned_seconds = 0.0
         compressed = self._compresses(policy)
@@ -123,17 +142,31 @@ class Evaluator:
             if model is self.rebuilder.model:  # a sliced model is new: nothing to restore
                 self.rebuilder.mark_dirty(changed)
         recovered = time.perf_counter()
-        with torch.no_grad():
-            metric = float(self.task.metric(model, self.validation))
-        if not math.isfinite(metric):
-            raise ValueError(f"the task's metric returned {metric}")
+        metric, share, pruned = self._score(model, size, front, fidelity)
         return {
             "metric": metric,
-            "fidelity": 1.0,
+            "fidelity": share,
+            "pruned": pruned,
             "rebuild_seconds": rebuilt - start - self._tuned_seconds,
             "recovery_seconds": recovered - rebuilt + self._tuned_seconds,
             "eval_seconds": time.perf_counter() - start,  # rebuild + recovery + scoring
         }
+
+    @torch.no_grad()
+    def _score(self, model: nn.Module, size: int | None, front: Sequence[tuple[int, float]],
+               fidelity: FidelitySettings | None) -> tuple[float, float, bool]:  # fmt: skip
+        lengths = [len(self.validation)]
+        if fidelity is not None and front and size is not None:
+            lengths = prefix_lengths(len(self.validation), fidelity.steps)
+        for length in lengths:
+            batches = self.validation[:length]
+            metric = float(self.task.metric(model, batches))
+            if not math.isfinite(metric):
+                raise ValueError(f"the task's metric returned {metric}")
+            seen = self._samples[length]
+            if length < lengths[-1] and dominated(size, upper_bound(metric, seen, fidelity), front):
+                return metric, seen / self._samples[len(self.validation)], True
+        return metric, 1.0, False
 
     def _finetune(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         r, start = self.recovery, time.perf_counter()

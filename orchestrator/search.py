@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from orchestrator.budget import Budget
 from orchestrator.config import SearchConfig
 from orchestrator.cost import Cost, policy_cost
+from orchestrator.fidelity import FidelitySettings
 from orchestrator.policy import Policy
 from orchestrator.prepare import Prepared, prepare
 from orchestrator.progress import Progress
@@ -135,8 +136,25 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
+def fidelity_settings(prepared: Prepared, *, custom_evaluator: bool) -> FidelitySettings | None:
+    """Multi-fidelity evaluation, if on: `auto` means on for the front objective with the
+    task's default accuracy metric (whose range [0, 1] the bound needs)."""
+    from orchestrator.batches import accuracy
+
+    config = prepared.config.fidelity
+    enabled = config.enabled
+    if enabled == "auto":
+        enabled = (prepared.config.objective == "front" and prepared.task.metric is accuracy
+                   and not custom_evaluator)  # fmt: skip
+    if not enabled:
+        return None
+    return FidelitySettings(steps=config.steps, error_rate=config.error_rate,
+                            metric_range=config.metric_range)  # fmt: skip
+
+
 class Driver:
-    def __init__(self, prepared: Prepared, pool: Any, *, sampler: str, quiet: bool) -> None:
+    def __init__(self, prepared: Prepared, pool: Any, *, sampler: str, quiet: bool,
+                 fidelity: FidelitySettings | None = None) -> None:  # fmt: skip
         self.p, self.pool = prepared, pool
         self.space: SearchSpace = prepared.space
         self.target = prepared.config.trials
@@ -156,6 +174,9 @@ class Driver:
         self.stats = DriverStats()
         self.seeds: list[dict[str, Any]] = []  # knapsack-seeded params, set before open()
         self.asks = self.infeasible = 0
+        self.fidelity = fidelity
+        self.front_points: list[tuple[int, float]] = []  # feasible complete (size, metric)
+        self.fidelity_seen: list[float] = []  # fidelity of every evaluation by a worker
         self.directions = directions(prepared.config)
         self.best_key = best_key(prepared.budget)
         self.worker_seconds = {True: 0.0, False: 0.0}  # by feasibility of the candidate
@@ -280,13 +301,19 @@ class Driver:
 
             self.inflight[policy.hash] = candidate
             self.by_trial[trial.number] = candidate
-            self.pool.submit(Job(trial=trial.number, policy=dict(policy)))
+            context = None
+            if self.fidelity is not None:
+                context = {"size": cost.size_bytes, "front": list(self.front_points),
+                           "fidelity": self.fidelity}  # fmt: skip
+            self.pool.submit(Job(trial=trial.number, policy=dict(policy), context=context))
 
     def _complete(self, candidate: _Candidate, job: Any, result: dict[str, Any]) -> None:
         del self.inflight[candidate.policy.hash]
         self.worker_seconds[candidate.feasible] += result.get("seconds", 0.0)
         result = {**result, "attempt": job.attempt}
-        state = "FAIL" if "error" in result else "COMPLETE"
+        state = "FAIL" if "error" in result else "PRUNED" if result.get("pruned") else "COMPLETE"
+        if state != "FAIL":
+            self.fidelity_seen.append(result.get("fidelity") or 1.0)
         self.failures_in_a_row = self.failures_in_a_row + 1 if state == "FAIL" else 0
         self.evaluated_ok += state == "COMPLETE"
         self.last_error = result.get("error")
@@ -300,12 +327,12 @@ class Driver:
 
     def _tell(self, candidate: _Candidate, trial: Trial, state: str, result: dict) -> dict:
         budget = self.p.budget
-        metric = result.get("metric") if state == "COMPLETE" else None
+        metric = result.get("metric") if state in ("COMPLETE", "PRUNED") else None
         feasible = candidate.feasible and (state != "COMPLETE" or budget.keeps(metric))
         row = self._row(trial.number, state, candidate.policy, candidate.cost,
                         feasible=feasible, result=result, origin=candidate.origin)  # fmt: skip
-        if state == "FAIL":
-            frozen = self.study.tell(trial, state=TrialState.FAIL)
+        if state in ("FAIL", "PRUNED"):
+            frozen = self.study.tell(trial, state=TrialState[state])
         else:
             if budget.metric_floor is not None:  # known only now: set before tell
                 trial.set_constraint("metric", budget.metric_violation(metric))
@@ -320,7 +347,8 @@ class Driver:
 
     def _row(self, number: int, state: str, policy: Policy, cost: Cost, *, feasible: bool,
              result: dict[str, Any], origin: str | None = None) -> dict[str, Any]:  # fmt: skip
-        metric = result.get("metric") if state == "COMPLETE" else None
+        # a PRUNED row keeps the metric of the prefix it was stopped on (see `fidelity`)
+        metric = result.get("metric") if state in ("COMPLETE", "PRUNED") else None
         return {
             "study": self.p.study, "trial": number, "state": state, "metric": metric,
             **cost.as_dict(), "feasible": feasible, "policy": policy.to_json(),
@@ -371,11 +399,19 @@ class Driver:
             "infeasible_share": self.infeasible / self.asks if self.asks else 0.0,
             "worker_seconds": spent,
             "worker_seconds_feasible_share": self.worker_seconds[True] / spent if spent else 1.0,
+            "multi_fidelity": self.fidelity is not None,
+            "validation_share_saved": (1 - sum(self.fidelity_seen) / len(self.fidelity_seen)
+                                       if self.fidelity_seen else 0.0),  # fmt: skip
             "driver": self.stats.as_dict(),
         }  # fmt: skip
 
     def _remember(self, row: dict[str, Any]) -> None:
         self.cache[row["policy_hash"]] = (row["trial"], row)
+        if row["feasible"]:
+            point = (row["size_bytes"], row["metric"])
+            if not any(s <= point[0] and m >= point[1] for s, m in self.front_points):
+                self.front_points = [(s, m) for s, m in self.front_points
+                                     if not (point[0] <= s and point[1] >= m)] + [point]  # fmt: skip
         if row["feasible"] and (self.best is None or self.best_key(row) > self.best_key(
                 {"metric": self.best[0], "size_bytes": self.best[1]})):  # fmt: skip
             self.best = (row["metric"], row["size_bytes"])
@@ -513,7 +549,8 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
     with worker_pool(config, prepared.space, evaluator_factory=evaluator_factory,
                      sys_path=sys_path) as (pool, infos):  # fmt: skip
         base_metric = pool.base_metric()
-        driver = Driver(prepared, pool, sampler=sampler, quiet=quiet)
+        fidelity = fidelity_settings(prepared, custom_evaluator=evaluator_factory is not None)
+        driver = Driver(prepared, pool, sampler=sampler, quiet=quiet, fidelity=fidelity)
         if config.seeding and not prepared.resume:
             driver.seeds = _seeds(prepared, pool, base_metric, quiet=quiet)
         driver.open()

@@ -67,9 +67,11 @@ class _Worker:
     def base_metric(self) -> float:
         return float(self.evaluator.base_metric())
 
-    def evaluate(self, policy: dict[str, Any]) -> dict[str, Any]:
-        try:
-            result = dict(self.evaluator.evaluate(policy))
+    def evaluate(
+        self, policy: dict[str, Any], context: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        try:  # context: keyword arguments of multi-fidelity evaluation (size, front, ...)
+            result = dict(self.evaluator.evaluate(policy, **(context or {})))
         except Exception as exc:  # the trial fails, the worker goes on
             last = traceback.extract_tb(exc.__traceback__)[-1]
             result = {"error": f"{type(exc).__name__}: {exc} ({os.path.basename(last.filename)}"
@@ -82,6 +84,7 @@ class _Worker:
 class Job:
     trial: int
     policy: dict[str, Any]
+    context: dict[str, Any] | None = None
     attempt: int = 1
     started: float = field(default_factory=time.monotonic)
 
@@ -143,7 +146,7 @@ class WorkerPool:
     def submit(self, job: Job) -> None:
         actor = self._idle.pop()
         job.started = time.monotonic()
-        self._running[actor.evaluate.remote(job.policy)] = (actor, job)
+        self._running[actor.evaluate.remote(job.policy, job.context)] = (actor, job)
 
     def wait(self, timeout: float) -> list[tuple[Job, dict[str, Any]]]:
         """Finished jobs with their results; workers that died are replaced and their jobs

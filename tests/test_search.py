@@ -38,8 +38,10 @@ def test_search_records_every_trial_and_a_true_front(ray_cluster, tmp_path, task
     assert sorted(trials["trial"]) == sorted(t.number for t in finished)
     for t in finished:  # the Parquet row and the study agree trial by trial
         row = trials.set_index("trial").loc[t.number]
-        assert row["size_bytes"] == t.values[0]
-        assert row["metric"] == pytest.approx(t.values[1])
+        assert row["state"] == t.state.name
+        if t.state.name == "COMPLETE":
+            assert row["size_bytes"] == t.values[0]
+            assert row["metric"] == pytest.approx(t.values[1])
 
     # every row's cost is the cost model's price of its canonical policy
     _, _, space = build_space(cfg)
@@ -63,7 +65,9 @@ def test_search_records_every_trial_and_a_true_front(ray_cluster, tmp_path, task
     assert float_row["metric"] == pytest.approx(run["base"]["metric"])
     assert run["config"]["task"] == task and run["space"]["knobs"]
     assert set(trials["worker"].dropna()) <= {"w1", "w2"}
-    assert (trials["fidelity"] == 1.0).all()
+    # multi-fidelity: complete trials saw all the validation data, stopped ones a prefix
+    assert (trials.loc[trials["state"] == "COMPLETE", "fidelity"] == 1.0).all()
+    assert (trials.loc[trials["state"] == "PRUNED", "fidelity"] < 1.0).all()
 
 
 def test_budget_infeasible_candidates_never_reach_a_worker(ray_cluster, tmp_path):
@@ -164,7 +168,7 @@ def test_structured_search_through_the_cli(ray_cluster, tmp_path, capsys, task):
     assert run["space"]["pruning"] == "structured" and run["space"]["groups"]
     assert "output shape" in " ".join(run["space"]["unpruned"].values())  # reasons recorded
     trials = pd.read_parquet(tmp_path / "s" / "trials")
-    assert len(trials) == 16 and (trials["state"] == "COMPLETE").all()
+    assert len(trials) == 16 and trials["state"].isin(["COMPLETE", "PRUNED"]).all()
     front = pd.read_parquet(tmp_path / "s" / "pareto.parquet")
     assert not front.empty and (front["params"] > 0).all()
     # structured keep knobs are per coupling group, and really shrink the model
@@ -188,7 +192,8 @@ def test_seeded_search_records_sensitivity_and_evaluates_seeds_first(
     trials = result.trials.sort_values("trial")
     seeds = trials[trials["origin"] == "seed"]
     assert len(seeds) >= 1 and (seeds["size_bytes"] <= 20_000).all()
-    firsts = trials.head(len(seeds) + 4)["origin"]  # baselines, then seeds, before sampling
+    # baselines (each over-budget one followed by its repair), then seeds, before sampling
+    firsts = trials[trials["origin"] != "repair"].head(len(seeds) + 4)["origin"]
     assert set(firsts) <= {"baseline", "seed"}
     cached = list((tmp_path / "cache" / "sensitivity").glob("*.parquet"))
     assert len(cached) == 1
@@ -248,3 +253,18 @@ def test_resume_without_config_continues_the_study_as_configured(ray_cluster, tm
     run = json.loads((tmp_path / "s" / "run.json").read_text())
     assert run["config"]["task"] == "digits-lstm" and run["config"]["trials"] == 9
     assert [r["resume"] for r in run["runs"]] == [False, True]
+
+
+def test_multi_fidelity_stops_candidates_that_cannot_reach_the_front(ray_cluster, tmp_path):
+    _, result = _search(tmp_path, trials=40, seed=8, sampler="random", seeding=False)
+    trials = result.trials
+    pruned = trials[trials["state"] == "PRUNED"]
+    assert len(pruned) > 0  # random 2-bit / keep-0.1 candidates are far below the front
+    assert (pruned["fidelity"] < 1).all() and pruned["metric"].notna().all()
+    assert not set(pruned["trial"]) & set(result.front["trial"])
+    run = json.loads((tmp_path / "s" / "run.json").read_text())["runs"][-1]
+    assert run["multi_fidelity"] and 0 < run["validation_share_saved"] < 1
+    # off: every evaluation sees all the validation data
+    off = make_config({"out": str(tmp_path), "study": "off", "workers": {"count": 2},
+                       "trials": 12, "fidelity": {"enabled": False}})  # fmt: skip
+    assert (run_search(off).trials["fidelity"].dropna() == 1.0).all()
