@@ -123,8 +123,9 @@ def test_unknown_verb(capsys):
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["--study", "nope"], ["--resume", "nope", "not a prunesearch study"]),
-        ([], ["--resume: no study of task 'digits-cnn'"]),
+        # without CONFIG, --resume reads the study's recorded config: there is none
+        (["--study", "nope"], ["--resume", "nope", "no prunesearch study"]),
+        ([], ["--resume: no prunesearch study in", "check --study and --out"]),
     ],
 )
 def test_resume_of_a_study_that_does_not_exist(capsys, tmp_path, flags, expected):
