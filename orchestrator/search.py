@@ -8,6 +8,7 @@ INFEASIBLE; already evaluated: the earlier result) or sends it to a free worker.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import platform
@@ -422,8 +423,6 @@ def write_run_json(prepared: Prepared, *, sampler: str, base_metric: float | Non
     path = prepared.study_dir / "run.json"
     previous = {}
     if path.is_file():
-        import json
-
         previous = json.loads(path.read_text())
     runs = previous.get("runs", []) + [
         {"started_at": _now(), "trials": prepared.config.trials, "sampler": sampler,
@@ -448,8 +447,6 @@ def write_run_json(prepared: Prepared, *, sampler: str, base_metric: float | Non
 
 def finish_run_json(prepared: Prepared, summary: dict[str, Any]) -> None:
     """Add this run's figures (feasibility shares, driver timings) to its run.json entry."""
-    import json
-
     path = prepared.study_dir / "run.json"
     data = json.loads(path.read_text())
     data["runs"][-1].update(summary)
