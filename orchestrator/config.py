@@ -60,8 +60,8 @@ class RecoveryConfig(_Frozen):
 
 
 class FidelityConfig(_Frozen):
-    """Multi-fidelity evaluation (orchestrator.fidelity): auto is on for the front
-    objective with the default accuracy metric (its range is [0, 1])."""
+    """Multi-fidelity evaluation (orchestrator.fidelity): auto is on with the default
+    accuracy metric (its range is [0, 1])."""
 
     enabled: StrictBool | Literal["auto"] = "auto"
     steps: tuple[float, ...] = (0.25, 0.5, 1.0)

@@ -138,15 +138,14 @@ def _now() -> str:
 
 
 def fidelity_settings(prepared: Prepared, *, custom_evaluator: bool) -> FidelitySettings | None:
-    """Multi-fidelity evaluation, if on: `auto` means on for the front objective with the
-    task's default accuracy metric (whose range [0, 1] the bound needs)."""
+    """Multi-fidelity evaluation, if on: `auto` means on with the task's default accuracy
+    metric (whose range [0, 1] the bound needs)."""
     from orchestrator.batches import accuracy
 
     config = prepared.config.fidelity
     enabled = config.enabled
     if enabled == "auto":
-        enabled = (prepared.config.objective == "front" and prepared.task.metric is accuracy
-                   and not custom_evaluator)  # fmt: skip
+        enabled = prepared.task.metric is accuracy and not custom_evaluator
     if not enabled:
         return None
     return FidelitySettings(steps=config.steps, error_rate=config.error_rate,
@@ -304,7 +303,7 @@ class Driver:
             self.by_trial[trial.number] = candidate
             context = None
             if self.fidelity is not None:
-                context = {"size": cost.size_bytes, "front": list(self.front_points),
+                context = {"size": cost.size_bytes, "front": self._to_beat(),
                            "fidelity": self.fidelity}  # fmt: skip
             self.pool.submit(Job(trial=trial.number, policy=dict(policy), context=context))
 
@@ -333,6 +332,10 @@ class Driver:
         row = self._row(trial.number, state, candidate.policy, candidate.cost,
                         feasible=feasible, result=result, origin=candidate.origin)  # fmt: skip
         if state in ("FAIL", "PRUNED"):
+            if state == "PRUNED" and len(self.directions) == 1:
+                # the prefix it was stopped on, as an intermediate report (Optuna's pruning
+                # record; multi-objective studies have none)
+                trial.report(metric, step=round(100 * row["fidelity"]))
             frozen = self.study.tell(trial, state=TrialState[state])
         else:
             if budget.metric_floor is not None:  # known only now: set before tell
@@ -361,6 +364,17 @@ class Driver:
             "attempt": result.get("attempt", 0), "error": result.get("error"),
             "cached_from": result.get("cached_from"), "origin": origin, "finished_at": _now(),
         }  # fmt: skip
+
+    def _to_beat(self) -> list[tuple[int, float]]:
+        """What a candidate must be able to reach to matter, as (size, metric) points for
+        the early-stopping test: the front (objective front); the metric floor, or the best
+        metric within the budget so far (objective budget; any size)."""
+        if self.p.config.objective == "front":
+            return list(self.front_points)
+        floor = self.p.budget.metric_floor
+        if floor is not None:
+            return [(0, floor)]
+        return [(0, self.best[0])] if self.best is not None else []
 
     def _repair(self, params: dict[str, Any]) -> dict[str, Any] | None:
         """Move an over-budget candidate into the budget: step down, one choice at a time,

@@ -229,6 +229,10 @@ def test_budget_objective(ray_cluster, tmp_path, budget, directions):
     best = result.best_within_budget()
     feasible = trials[(trials["state"] == "COMPLETE") & trials["feasible"]]
     assert best is not None and not feasible.empty
+    pruned = trials[trials["state"] == "PRUNED"]  # stopped early: could not beat the best
+    for t in (t for t in study.trials if t.state.name == "PRUNED"):
+        assert t.intermediate_values  # the prefix it was stopped on, reported to Optuna
+    assert (pruned["fidelity"] < 1).all()
     if "size" in budget:  # the best metric within the size budget
         assert (feasible["size_bytes"] <= 15_000).all()
         assert best["metric"] == feasible["metric"].max()
