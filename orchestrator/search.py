@@ -51,7 +51,7 @@ SAMPLERS: dict[str, Callable[[int | None, int], optuna.samplers.BaseSampler]] = 
     ),
     "random": lambda seed, trials: optuna.samplers.RandomSampler(seed=seed),
 }
-TPE_MAX_KNOB_TRIALS = 4000
+TPE_MAX_KNOB_TRIALS_PER_WORKER = 8000  # knobs x trials x workers (benchmarks/sampler.py)
 
 
 def directions(config: SearchConfig) -> list[str]:
@@ -75,10 +75,13 @@ def best_key(budget: Budget) -> Callable[[dict], tuple]:
     return lambda row: (row["metric"], -row["size_bytes"])
 
 
-def auto_sampler(knobs: int, trials: int) -> str:
-    """TPE learns most per trial but its ask cost grows with knobs x trials; past ~4,000
-    (about 40 ms per ask here) it would leave workers idle, so NSGA-II takes over."""
-    return "tpe" if knobs * trials <= TPE_MAX_KNOB_TRIALS else "nsga2"
+def auto_sampler(knobs: int, trials: int, workers: int = 2) -> str:
+    """TPE learns the most per trial, but its ask cost grows with knobs and history
+    (7-30 ms here up to 40 knobs x 300 trials: benchmarks/sampler.py), and the driver
+    must ask once per finished evaluation of every worker. So TPE while knobs x trials x
+    workers <= 8,000 (with 2 workers: knobs x trials <= 4,000), NSGA-II (under 5 ms)
+    beyond, so that sampling never leaves workers idle."""
+    return "tpe" if knobs * trials * max(1, workers) <= TPE_MAX_KNOB_TRIALS_PER_WORKER else "nsga2"
 
 
 def distribution(knob: Knob) -> BaseDistribution:
@@ -553,12 +556,12 @@ def worker_pool(config: SearchConfig, space: SearchSpace, *, evaluator_factory: 
 def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: Any = None,
                  sys_path: tuple[str, ...] = ()) -> SearchResult:  # fmt: skip
     config = prepared.config
-    sampler = config.sampler
-    if sampler == "auto":
-        sampler = auto_sampler(len(prepared.space.searchable), config.trials)
     started = time.monotonic()
     with worker_pool(config, prepared.space, evaluator_factory=evaluator_factory,
                      sys_path=sys_path) as (pool, infos):  # fmt: skip
+        sampler = config.sampler
+        if sampler == "auto":  # by knobs, trial budget and the workers actually started
+            sampler = auto_sampler(len(prepared.space.searchable), config.trials, pool.size)
         base_metric = pool.base_metric()
         fidelity = fidelity_settings(prepared, custom_evaluator=evaluator_factory is not None)
         driver = Driver(prepared, pool, sampler=sampler, quiet=quiet, fidelity=fidelity)
