@@ -121,6 +121,14 @@ class SearchConfig(_Frozen):
         return self
 
     @property
+    def directions(self) -> list[str]:
+        """Optuna directions. front: (size_bytes, metric); budget: the metric within the
+        budget, or with a metric floor (`metric>=X`) the size of the smallest model."""
+        if self.objective == "front":
+            return ["minimize", "maximize"]
+        return ["minimize"] if self.parsed_budget.metric_floor is not None else ["maximize"]
+
+    @property
     def parsed_budget(self) -> Budget:
         return parse_budget(self.budget)
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from search_spaces import SearchSpace, SpaceError
@@ -68,7 +69,8 @@ class Policy(Mapping[str, Value]):
     def __len__(self) -> int:
         return len(self.items_)
 
-    def to_json(self) -> str:
+    @cached_property
+    def _json(self) -> str:
         # repr-exact floats, sorted keys, no spaces: the canonical text that is hashed.
         return json.dumps(dict(self.items_), separators=(",", ":"), sort_keys=True)
 
@@ -76,6 +78,9 @@ class Policy(Mapping[str, Value]):
     def from_json(cls, space: SearchSpace, text: str) -> Policy:
         return cls.from_values(space, json.loads(text))
 
-    @property
+    def to_json(self) -> str:
+        return self._json
+
+    @cached_property  # read several times per trial by the driver: computed once
     def hash(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]

@@ -145,7 +145,7 @@ def check_resume(study_dir: Path, config: SearchConfig, space: SearchSpace) -> N
     if task != config.task:
         raise ConfigError(f"--resume: study '{study_dir.name}' searched task '{task}', not "
                           f"'{config.task}'; use the study's task or a new --study")  # fmt: skip
-    if recorded.get("directions", ["minimize", "maximize"]) != _directions(config):
+    if recorded.get("directions", ["minimize", "maximize"]) != config.directions:
         raise ConfigError(f"--resume: study '{study_dir.name}' was started with objective "
                           f"{recorded.get('objective', 'front')} and budget "
                           f"{recorded['config'].get('budget')}; keep them or start a new "
@@ -164,12 +164,6 @@ def check_devices(config: SearchConfig) -> None:
     if wants_gpu and not torch.cuda.is_available():
         raise ConfigError("workers.gpus_per_worker/workers.device ask for a GPU but this machine "
                           "has no CUDA device; set gpus_per_worker: 0 and device: auto")  # fmt: skip
-
-
-def _directions(config: SearchConfig) -> list[str]:
-    from orchestrator.search import directions
-
-    return directions(config)
 
 
 def prepare(config: SearchConfig, *, resume: bool = False) -> Prepared:

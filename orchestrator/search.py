@@ -38,7 +38,6 @@ from orchestrator.store import INTERRUPTED, ROW_ATTR, Recorder, open_study, stor
 from orchestrator.timing import DriverStats, TimedSampler
 from search_spaces import Knob, SearchSpace
 
-DIRECTIONS = ["minimize", "maximize"]  # objective front: size_bytes, metric
 UNIFORM_BASELINE_BITS = (32, 8, 4, 2)
 INFEASIBLE_METRIC = 0.0  # told for over-budget trials; constraints rank them, not this value
 
@@ -52,14 +51,6 @@ SAMPLERS: dict[str, Callable[[int | None, int], optuna.samplers.BaseSampler]] = 
     "random": lambda seed, trials: optuna.samplers.RandomSampler(seed=seed),
 }
 TPE_MAX_KNOB_TRIALS_PER_WORKER = 8000  # knobs x trials x workers (benchmarks/sampler.py)
-
-
-def directions(config: SearchConfig) -> list[str]:
-    """front: (size_bytes, metric). budget: the metric within the budget, or with a metric
-    floor (`metric>=X`) the size of the smallest model that keeps it."""
-    if config.objective == "front":
-        return DIRECTIONS
-    return ["minimize"] if config.parsed_budget.metric_floor is not None else ["maximize"]
 
 
 def objective_values(dirs: list[str], size: int, metric: float) -> list[float]:
@@ -164,7 +155,7 @@ class Driver:
         self.sampler_name = sampler
         self.quiet = quiet
         self.distributions = {k.name: distribution(k) for k in self.space.searchable}
-        self.fixed = {k.name: k.choices[0] for k in self.space.knobs if not k.searchable}
+        self.fixed = self.space.fixed_values
         self.cache: dict[str, tuple[int, dict[str, Any]]] = {}  # policy hash -> (trial, result)
         self.inflight: dict[str, _Candidate] = {}  # policy hash -> candidate at a worker
         self.by_trial: dict[int, _Candidate] = {}
@@ -173,14 +164,14 @@ class Driver:
         self.interrupted = False
         self.error: str | None = None
         self.last_error: str | None = None
-        self.best: tuple[float, int] | None = None  # (metric, size_bytes) of the best feasible
+        self.best_row: dict[str, Any] | None = None  # the best feasible complete trial
         self.stats = DriverStats()
         self.seeds: list[dict[str, Any]] = []  # knapsack-seeded params, set before open()
         self.asks = self.infeasible = 0
         self.fidelity = fidelity
         self.front_points: list[tuple[int, float]] = []  # feasible complete (size, metric)
         self.fidelity_seen: list[float] = []  # fidelity of every evaluation by a worker
-        self.directions = directions(prepared.config)
+        self.directions = prepared.config.directions
         self.best_key = best_key(prepared.budget)
         self.worker_seconds = {True: 0.0, False: 0.0}  # by feasibility of the candidate
 
@@ -248,13 +239,13 @@ class Driver:
                         self._issue()
                     if not self.pool.busy:
                         break
-                    bar.update_status(self.pool.busy, self.pool.size, self.best)
+                    bar.update_status(self.pool.busy, self.pool.size, self._best())
                     waited = time.perf_counter()
                     done = self.pool.wait(timeout=0.2)
                     self.stats.wait_seconds += time.perf_counter() - waited
                     for job, result in done:
                         self._complete(self.by_trial.pop(job.trial), job, result)
-                bar.update_status(self.pool.busy, self.pool.size, self.best)
+                bar.update_status(self.pool.busy, self.pool.size, self._best())
             except KeyboardInterrupt:
                 self.interrupted = True
         self.stats.loop_seconds = time.perf_counter() - start
@@ -368,6 +359,10 @@ class Driver:
             "cached_from": result.get("cached_from"), "origin": origin, "finished_at": _now(),
         }  # fmt: skip
 
+    def _best(self) -> tuple[float, int] | None:
+        row = self.best_row
+        return None if row is None else (row["metric"], row["size_bytes"])
+
     def _to_beat(self) -> list[tuple[int, float]]:
         """What a candidate must be able to reach to matter, as (size, metric) points for
         the early-stopping test: the front (objective front); the metric floor, or the best
@@ -377,7 +372,7 @@ class Driver:
         floor = self.p.budget.metric_floor
         if floor is not None:
             return [(0, floor)]
-        return [(0, self.best[0])] if self.best is not None else []
+        return [(0, self.best_row["metric"])] if self.best_row is not None else []
 
     def _repair(self, params: dict[str, Any]) -> dict[str, Any] | None:
         """Move an over-budget candidate into the budget: step down, one choice at a time,
@@ -430,9 +425,9 @@ class Driver:
             if not any(s <= point[0] and m >= point[1] for s, m in self.front_points):
                 self.front_points = [(s, m) for s, m in self.front_points
                                      if not (point[0] <= s and point[1] >= m)] + [point]  # fmt: skip
-        if row["feasible"] and (self.best is None or self.best_key(row) > self.best_key(
-                {"metric": self.best[0], "size_bytes": self.best[1]})):  # fmt: skip
-            self.best = (row["metric"], row["size_bytes"])
+        if row["feasible"] and (self.best_row is None
+                                or self.best_key(row) > self.best_key(self.best_row)):  # fmt: skip
+            self.best_row = row
 
 
 def write_run_json(prepared: Prepared, *, sampler: str, base_metric: float | None,
@@ -454,7 +449,7 @@ def write_run_json(prepared: Prepared, *, sampler: str, base_metric: float | Non
         "versions": versions(),
         "sampler": sampler,
         "objective": prepared.config.objective,
-        "directions": directions(prepared.config),
+        "directions": prepared.config.directions,
         "budget": {**prepared.budget.limits, "metric_floor": prepared.budget.metric_floor},
         "space": prepared.space.to_dict(),
         "base": {**prepared.base_cost.as_dict(), "metric": base_metric},
@@ -480,7 +475,7 @@ def _seeds(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool) ->
     table = table_for(config.task, prepared.space, config.recovery.model_dump(), pool, base_metric)
     prepared.study_dir.mkdir(parents=True, exist_ok=True)
     write_table(table, prepared.study_dir / "sensitivity.parquet")
-    fixed = {k.name: k.choices[0] for k in prepared.space.knobs if not k.searchable}
+    fixed = prepared.space.fixed_values
     return [
         params for params in seed_policies(prepared.space, table, base_metric)
         if prepared.budget.allows(

@@ -62,6 +62,11 @@ class SearchSpace:
     def searchable(self) -> tuple[Knob, ...]:
         return tuple(k for k in self.knobs if k.searchable)
 
+    @cached_property
+    def fixed_values(self) -> dict[str, Value]:
+        """Knobs with one choice: not searched, always at that choice."""
+        return {k.name: k.choices[0] for k in self.knobs if not k.searchable}
+
     def canonical_value(self, knob: Knob, value: Any) -> Value:
         """Bits as int; keep rounded to a whole element count of the largest member."""
         if knob.kind == "bits":
