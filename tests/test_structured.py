@@ -189,3 +189,35 @@ def test_importance_criteria_follow_their_definitions():
     # and the rebuilt model keeps the most important channels
     kept = head.kept_channels(5)
     assert set(kept) == set(channel_order(state, head, "l1", modules)[:5])
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_cached_rebuilds_equal_fresh_ones_whatever_ran_before(name, data):
+    """One worker's Rebuilder reuses sliced and quantized tensors across candidates: what it
+    returns must equal a fresh Rebuilder's model, however earlier candidates were recovered
+    (BatchNorm re-estimation writes buffers, fine-tuning writes weights)."""
+    from orchestrator.evaluate import recalibrate_batchnorm
+
+    model, example, space, _ = _space(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    worker = Rebuilder(model, space)
+    for _ in range(4):
+        policy = _policy(space, data)
+        tune = data.draw(st.booleans(), label="fine-tune")
+
+        def scribble(m, masks):  # stands in for fine-tuning: writes every weight
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(1.0)
+
+        got = worker(policy, before_quantize=scribble if tune else None)
+        recalibrate_batchnorm(got, [(example, None)])
+        with torch.no_grad():
+            out = got(example)
+            fresh = Rebuilder(model, space)(policy, before_quantize=scribble if tune else None)
+            recalibrate_batchnorm(fresh, [(example, None)])
+            assert torch.equal(out, fresh(example))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert worker.cache.hits + worker.cache.misses > 0

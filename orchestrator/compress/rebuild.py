@@ -4,8 +4,11 @@ A Rebuilder is made once per worker and reused for every candidate.
 
 - unstructured / none: it keeps the base weights and one working copy, restores only the
   weights the previous candidate changed, then masks and fake-quantizes each layer;
-- structured: it slices a fresh, physically smaller copy of the base model along the
-  space's pruning plan (planned once, by the driver) and fake-quantizes its weights.
+- structured: it slices a physically smaller copy of the base model along the space's
+  pruning plan (planned once, by the driver) and fake-quantizes its weights. Each sliced
+  and each quantized tensor is computed once per variant (its own bits and the counts of
+  the groups that cut it) and then reused from a byte-bounded cache (compress/memo.py),
+  unless the candidate is fine-tuned (then every tensor is a fresh copy).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from orchestrator.compress.memo import TensorCache
 from orchestrator.compress.prune import magnitude_masks
 from orchestrator.compress.quantize import fake_quantize, fake_quantize_
 from orchestrator.compress.structured import Slicer
@@ -54,17 +58,23 @@ class Rebuilder:
         self._base = {k: v.detach().clone() for k, v in self._params.items()}
         self._prune = PRUNE_STEPS[space.pruning]
         self._dirty: set[str] = set()
-        self._slicer = Slicer(self.model, space.plan, reuse=True) if space.plan else None
-        self._named: tuple[nn.Module, dict[str, torch.Tensor]] | None = None
+        self.cache = TensorCache()
+        self._slicer = self._new_slicer()
+        self._named: tuple[nn.Module, dict[str, torch.Tensor], list[nn.RNNBase]] | None = None
 
     def to(self, device: torch.device | str) -> Rebuilder:
         self.model.to(device)
         self._params = dict(self.model.named_parameters())
         self._params.update(self.model.named_buffers())
         self._base = {k: v.to(device) for k, v in self._base.items()}
-        if self._slicer is not None:
-            self._slicer = Slicer(self.model, self.space.plan, reuse=True)  # now on `device`
+        self.cache.clear()
+        self._slicer = self._new_slicer()  # now on `device`
         return self
+
+    def _new_slicer(self) -> Slicer | None:
+        if self.space.plan is None:
+            return None
+        return Slicer(self.model, self.space.plan, reuse=True, cache=self.cache)
 
     def restore(self) -> None:
         """Put back every tensor a previous candidate changed (weights, BatchNorm state)."""
@@ -86,8 +96,10 @@ class Rebuilder:
         pruned float model (recovery fine-tuning); `masks` are the unstructured masks."""
         self.restore()
         settings = self._settings(policy)
-        if self.space.plan is not None:
-            model = self._slicer(self.space.channel_counts(policy))
+        # shared: parameters are cached tensors, never written; fine-tuning writes them
+        shared = self._slicer is not None and before_quantize is None
+        if self._slicer is not None:
+            model = self._slicer(self.space.channel_counts(policy), shared=shared)
             masks: dict[str, torch.Tensor] = {}
         else:
             model, masks = self.model, self._mask(settings)
@@ -96,7 +108,10 @@ class Rebuilder:
             if model is self.model:
                 self._dirty.update(self._params)  # training touched every tensor
             model.eval()
-        self._quantize(model, settings)
+        if shared:
+            self._quantize_shared(model, settings)
+        else:
+            self._quantize(model, settings)
         return model  # in eval mode, as the base model copies are
 
     def _settings(self, policy: Mapping[str, int | float]) -> Mapping[str, LayerSetting]:
@@ -123,11 +138,39 @@ class Rebuilder:
         return masks
 
     @torch.no_grad()
-    def _quantize(self, model: nn.Module, settings: Mapping[str, LayerSetting]) -> None:
+    def _quantize_shared(self, model: nn.Module, settings: Mapping[str, LayerSetting]) -> None:
+        """Point each quantized weight at its cached fake-quantized variant."""
+        tensors = self._tensors(model)
+        states = self._slicer.states
+        for layer in self.space.profile.layers:
+            bits = settings[layer.name].bits
+            if bits >= FLOAT_BITS:
+                continue
+            for w in layer.weights:
+                param = tensors[w.key]
+                key = ("quant", w.key, states.get(w.key, ()), bits)
+                quantized = self.cache.get(key)
+                if quantized is None:
+                    quantized = self.cache.put(key, fake_quantize(param.data, bits))
+                param.data = quantized
+        for module in self._rnns(model):  # cuDNN keeps RNN weights in one flat buffer
+            if module.weight_hh_l0.is_cuda:  # elsewhere it holds the same Parameters
+                module._init_flat_weights()
+
+    def _tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         # the working copy and the slicer's scratch model keep their Parameter objects
         if self._named is None or self._named[0] is not model:
-            self._named = (model, dict(model.named_parameters()))
-        tensors = self._named[1]
+            rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+            self._named = (model, dict(model.named_parameters()), rnns)
+        return self._named[1]
+
+    def _rnns(self, model: nn.Module) -> list[nn.RNNBase]:
+        self._tensors(model)
+        return self._named[2]
+
+    @torch.no_grad()
+    def _quantize(self, model: nn.Module, settings: Mapping[str, LayerSetting]) -> None:
+        tensors = self._tensors(model)
         for layer in self.space.profile.layers:
             bits = settings[layer.name].bits
             if bits >= FLOAT_BITS:

@@ -15,34 +15,40 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrize import is_parametrized
 
+from orchestrator.compress.memo import TensorCache
 from search_spaces.structure import DimSlice, GroupPlan, PruningPlan
 
 
+def _set(m: nn.Module, **attrs: object) -> None:
+    # plain int attributes: Module.__setattr__'s parameter checks cost more than the rebuild
+    m.__dict__.update(attrs)
+
+
 def _fix_conv(m: nn.Module, old: dict) -> None:
+    out, per_group = m.weight.shape[:2]
     if old["groups"] > 1 and old["groups"] == old["in_channels"] == old["out_channels"]:
-        m.groups = m.in_channels = m.out_channels = m.weight.shape[0]  # depthwise stays so
+        _set(m, groups=out, in_channels=out, out_channels=out)  # depthwise stays so
         return
-    m.out_channels = m.weight.shape[0]
-    m.in_channels = m.weight.shape[1] * m.groups
+    _set(m, out_channels=out, in_channels=per_group * m.groups)
 
 
 def _fix_linear(m: nn.Module, old: dict) -> None:
-    m.out_features, m.in_features = m.weight.shape
+    out, inp = m.weight.shape
+    _set(m, out_features=out, in_features=inp)
 
 
 def _fix_norm(m: nn.Module, old: dict) -> None:
     ref = m.weight if m.weight is not None else m.running_mean
-    m.num_features = ref.shape[0]
+    _set(m, num_features=ref.shape[0])
 
 
 def _fix_layer_norm(m: nn.Module, old: dict) -> None:
-    m.normalized_shape = (m.weight.shape[0],)
+    _set(m, normalized_shape=(m.weight.shape[0],))
 
 
 def _fix_rnn(m: nn.Module, old: dict) -> None:
-    m.hidden_size = m.weight_hh_l0.shape[1]
-    m.input_size = m.weight_ih_l0.shape[1]
-    m._init_flat_weights()
+    _set(m, hidden_size=m.weight_hh_l0.shape[1], input_size=m.weight_ih_l0.shape[1])
+    m._init_flat_weights()  # new shapes: cuDNN's flat buffer (GPU) is rebuilt
 
 
 _ATTRS = ("groups", "in_channels", "out_channels")
@@ -63,9 +69,11 @@ class Slicer:
     benchmark); the model a call returns is valid until the next call. Without it, each
     call returns an independent clone."""
 
-    def __init__(self, base: nn.Module, plan: PruningPlan, *, reuse: bool = False) -> None:
+    def __init__(self, base: nn.Module, plan: PruningPlan, *, reuse: bool = False,
+                 cache: TensorCache | None = None) -> None:  # fmt: skip
         self.base, self.plan = base, plan
-        self.reuse = reuse
+        self.reuse, self.cache = reuse, cache
+        self.states: dict[str, tuple[int, ...]] = {}
         self._scratch: nn.Module | None = None
         self.tensors = dict(base.named_parameters())
         self.tensors.update(base.named_buffers())
@@ -87,25 +95,30 @@ class Slicer:
             for m in base.modules()
         }  # fmt: skip
 
-    def __call__(self, counts: Mapping[str, int]) -> nn.Module:
+    def __call__(self, counts: Mapping[str, int], *, shared: bool = False) -> nn.Module:
+        """The model keeping `counts[group]` channels of each group. `shared` (with `reuse`
+        and a cache): parameters share the cached sliced tensors and the base tensors, so
+        the caller must not write them in place (buffers are always fresh copies);
+        `self.states` then names each sliced tensor's variant for the caller's caches."""
         new: dict[str, torch.Tensor] = {}
         touched: set[str] = set()
+        self.states = {}
         with torch.no_grad():
             for key, owners in self._owners.items():
-                tensor = original = self.tensors[key].detach()
-                for dim in sorted({s.dim for _, s in owners}):
-                    index = self._kept(key, dim, [(g, s) for g, s in owners if s.dim == dim],
-                                       counts, tensor.shape[dim])  # fmt: skip
-                    if index is not None:
-                        tensor = tensor.index_select(dim, index)
-                if tensor is not original:  # sliced: a new tensor (a view would share storage)
+                state = tuple(counts.get(g.name, g.channels) for g, _ in owners)
+                if all(c >= g.channels for c, (g, _) in zip(state, owners, strict=True)):
+                    continue  # nothing cut (the least important channels beyond a count go)
+                tensor = self._sliced(key, owners, counts, state)
+                if tensor is not None:
                     new[key] = tensor
+                    self.states[key] = state
                     touched.add(key.rpartition(".")[0])
         if self.reuse and self._plain:
-            model = self._refill(new)
+            model = self._refill(new, shared=shared and self.cache is not None)
             # every sliceable module: reset the shapes a previous candidate changed too
             fixes = self._fixes
         else:
+            new = {k: v.clone() for k, v in new.items()} if self.cache is not None else new
             model = self._clone(new) if self._plain else self._deepcopy(new)
             fixes = [(model.get_submodule(name), name) for name in touched]
         for module, name in fixes:
@@ -117,6 +130,24 @@ class Slicer:
                 owner, _, attr = group.count_attr.rpartition(".")
                 setattr(model.get_submodule(owner), attr, counts.get(group.name, group.channels))
         return model
+
+    def _sliced(self, key: str, owners: list[tuple[GroupPlan, DimSlice]],
+                counts: Mapping[str, int], state: tuple[int, ...]) -> torch.Tensor | None:  # fmt: skip
+        """`key`'s tensor with the cut channels of every owning group removed (None: none
+        cut); cached per the owning groups' counts."""
+        cached = self.cache.get(("slice", key, state)) if self.cache is not None else None
+        if cached is not None:
+            return cached
+        tensor = original = self.tensors[key].detach()
+        for dim in sorted({s.dim for _, s in owners}):
+            index = self._kept(key, dim, [(g, s) for g, s in owners if s.dim == dim], counts,
+                               tensor.shape[dim])  # fmt: skip
+            if index is not None:
+                tensor = tensor.index_select(dim, index)
+        if tensor is original:
+            return None
+        # a view would share the base's storage; index_select gave a new tensor
+        return self.cache.put(("slice", key, state), tensor) if self.cache is not None else tensor
 
     def _kept(
         self,
@@ -169,10 +200,11 @@ class Slicer:
             self._kept_channels[key] = torch.tensor(group.kept_channels(count), device=device)
         return self._kept_channels[key]
 
-    def _refill(self, new: Mapping[str, torch.Tensor]) -> nn.Module:
+    def _refill(self, new: Mapping[str, torch.Tensor], *, shared: bool) -> nn.Module:
         """The scratch model with this candidate's tensors: sliced ones swapped in, the
-        others reset to the base values (a previous candidate quantized or re-estimated
-        them in place)."""
+        others reset to the base values (a previous candidate quantized, fine-tuned or
+        re-estimated them). Shared: parameters point at the sliced (cached) or base tensors
+        without copies; otherwise every tensor is the scratch model's own."""
         if self._scratch is None:
             self._scratch = self._clone({})
             modules = dict(self._scratch.named_modules())
@@ -183,25 +215,20 @@ class Slicer:
             ]
         with torch.no_grad():
             for module, name, key in self._slots:
-                base = self.tensors[key]
                 source = new.get(key)
+                source = self.tensors[key].detach() if source is None else source
                 if name in module._parameters:
                     param = module._parameters[name]
                     param.grad = None
-                    if source is not None:
-                        param.data = source
-                    elif param.shape == base.shape:
-                        param.data.copy_(base)
-                    else:
-                        param.data = base.detach().clone()
-                else:
+                    # not shared: a copy of its own (a shared call may have left the
+                    # parameter pointing at a cached or base tensor: never write those)
+                    param.data = source if shared else source.clone()
+                else:  # buffers are always the scratch model's own (BatchNorm writes them)
                     current = module._buffers[name]
-                    if source is not None:
-                        module._buffers[name] = source
-                    elif current.shape == base.shape:
-                        current.copy_(base)
+                    if current.shape == source.shape:
+                        current.copy_(source)
                     else:
-                        module._buffers[name] = base.clone()
+                        module._buffers[name] = source.clone()
         return self._scratch
 
     def _clone(self, new: Mapping[str, torch.Tensor]) -> nn.Module:
