@@ -67,11 +67,23 @@ def layer_encodings(layer: LayerInfo, setting: LayerSetting) -> dict[str, int]:
                      bits=setting.bits, kept=setting.keep_count)  # fmt: skip
 
 
-def layer_encoding(layer: LayerInfo, setting: LayerSetting) -> tuple[str, int]:
+def smallest(sizes: Mapping[str, int]) -> tuple[str, int]:
     """The smallest encoding (ties: the first in table order) and its bytes."""
-    sizes = layer_encodings(layer, setting)
     name = min(sizes, key=sizes.__getitem__)
     return name, sizes[name]
+
+
+def layer_encoding(layer: LayerInfo, setting: LayerSetting) -> tuple[str, int]:
+    """The encoding a (masked, unsliced) layer is stored in, and its bytes."""
+    return smallest(layer_encodings(layer, setting))
+
+
+def sliced_encoding(layer: LayerInfo, shapes: list[tuple[int, ...]], bits: int) -> tuple[str, int]:
+    """The encoding a structurally sliced layer (weights of `shapes`, none masked) is
+    stored in, and its bytes."""
+    numel = sum(math.prod(shape) for shape in shapes)
+    return smallest(encodings(numel=numel, rows=sum(shape[0] for shape in shapes),
+                              dtype_bytes=layer.dtype_bytes, bits=bits, kept=numel))  # fmt: skip
 
 
 def layer_bytes(layer: LayerInfo, setting: LayerSetting) -> int:
@@ -110,11 +122,27 @@ def _structured_cost(space: SearchSpace, settings: Mapping[str, LayerSetting],
         shapes = [sliced_shape(w.shape, w.key, plan, counts) for w in layer.weights]
         numel = sum(math.prod(shape) for shape in shapes)
         bits = settings[layer.name].bits
-        size += min(encodings(numel=numel, rows=sum(shape[0] for shape in shapes),
-                              dtype_bytes=layer.dtype_bytes, bits=bits, kept=numel).values())  # fmt: skip
+        size += sliced_encoding(layer, shapes, bits)[1]
         macs += numel * layer.uses
         bops += numel * layer.uses * min(bits, FLOAT_BITS) * ACTIVATION_BITS
     return Cost(size_bytes=size, macs=macs, bops=bops, params=params)
+
+
+def policy_encodings(space: SearchSpace,
+                     policy: Mapping[str, int | float]) -> dict[str, tuple[str, int]]:  # fmt: skip
+    """Per compressible layer, the encoding `size_bytes` counts and its bytes: what the
+    export stores (orchestrator.export)."""
+    settings = space.layer_settings(policy)
+    if space.plan is None:
+        return {layer.name: layer_encoding(layer, settings[layer.name])
+                for layer in space.profile.layers}  # fmt: skip
+    counts = space.channel_counts(policy)
+    return {
+        layer.name: sliced_encoding(
+            layer, [sliced_shape(w.shape, w.key, space.plan, counts) for w in layer.weights],
+            settings[layer.name].bits)
+        for layer in space.profile.layers
+    }  # fmt: skip
 
 
 def policy_cost(space: SearchSpace, policy: Mapping[str, int | float]) -> Cost:

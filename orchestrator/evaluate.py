@@ -132,15 +132,9 @@ class Evaluator:
         prefixes of the validation batches and stop (`pruned`) once the candidate of
         `size` bytes cannot reach the front (orchestrator.fidelity)."""
         start = time.perf_counter()
-        self._tuned_seconds = 0.0
-        compressed = self._compresses(policy)
-        tune = self._finetune if compressed and self.recovery.finetune_steps else None
-        model = self.rebuilder(policy, before_quantize=tune)
+        model, compressed = self._rebuild(policy)
         rebuilt = time.perf_counter()
-        if self.recovery.bn_recalibration and compressed:
-            changed = set(recalibrate_batchnorm(model, self.calibration))
-            if model is self.rebuilder.model:  # a sliced model is new: nothing to restore
-                self.rebuilder.mark_dirty(changed)
+        self._recover(model, compressed)
         recovered = time.perf_counter()
         metric, share, pruned = self._score(model, size, front, fidelity)
         return {
@@ -151,6 +145,35 @@ class Evaluator:
             "recovery_seconds": recovered - rebuilt + self._tuned_seconds,
             "eval_seconds": time.perf_counter() - start,  # rebuild + recovery + scoring
         }
+
+    def compressed_model(self, policy: Mapping[str, int | float], *,
+                         before_quantize: Callable | None = None) -> nn.Module:  # fmt: skip
+        """The model `evaluate` scores for `policy`: rebuilt, recovered and fake-quantized
+        (valid until the next call). `before_quantize(model, masks)` sees the float weights
+        the quantizer gets, after any fine-tuning (export takes their integer codes)."""
+        model, compressed = self._rebuild(policy, before_quantize)
+        self._recover(model, compressed)
+        return model
+
+    def _rebuild(self, policy: Mapping[str, int | float],
+                 observe: Callable | None = None) -> tuple[nn.Module, bool]:  # fmt: skip
+        self._tuned_seconds = 0.0
+        compressed = self._compresses(policy)
+        steps = [self._finetune] if compressed and self.recovery.finetune_steps else []
+        steps += [observe] if observe is not None else []
+
+        def before_quantize(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+            for step in steps:
+                step(model, masks)
+
+        model = self.rebuilder(policy, before_quantize=before_quantize if steps else None)
+        return model, compressed
+
+    def _recover(self, model: nn.Module, compressed: bool) -> None:
+        if self.recovery.bn_recalibration and compressed:
+            changed = set(recalibrate_batchnorm(model, self.calibration))
+            if model is self.rebuilder.model:  # a sliced model is new: nothing to restore
+                self.rebuilder.mark_dirty(changed)
 
     @torch.no_grad()
     def _score(self, model: nn.Module, size: int | None, front: Sequence[tuple[int, float]],

@@ -1,0 +1,563 @@
+"""Export: a study's best policy as a real, smaller model file, and the loader for it.
+
+`export_best` picks a trial (the best within a budget, or a named one), rebuilds exactly
+the model that trial scored (the driver's config, space, Rebuilder and recovery), stores
+each compressible layer in the encoding the cost model counted (so the file's payload is
+`size_bytes` to the byte), loads the bytes back and checks the loaded model's metric
+against the recorded one before writing anything. Files (docs/export.md):
+
+- `model.safetensors`: tensors only, no pickles; packed layers as uint8 bit streams with
+  float32 scales, masks as bitmaps;
+- `manifest.json`: what the loader needs (encodings, shapes, channel counts, the task or
+  the architecture);
+- `policy.json`: what was exported and why (policy, per-layer table, predicted cost,
+  recorded and verified metric, versions); no timestamps, so exports are byte-identical;
+- `model.onnx` (optional, the `onnx` extra): the loaded model, checked with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from orchestrator.batches import call_model, to_device
+from orchestrator.budget import Budget, BudgetError, format_bytes, parse_budget
+from orchestrator.compress.architecture import architecture, build_architecture
+from orchestrator.compress.codec import (
+    Encoded,
+    ExportError,
+    decode_state,
+    dtype_name,
+    dtype_of,
+    encode,
+    keep_packed,
+    layer_masks,
+)
+from orchestrator.compress.structured import slice_model
+from orchestrator.config import SearchConfig, make_config
+from orchestrator.cost import policy_cost
+from orchestrator.errors import ConfigError
+from orchestrator.policy import Policy
+from orchestrator.results import atomic_write_bytes, read_trials
+from search_spaces import SearchSpace, SpaceError
+
+FORMAT = "prunesearch-compressed/1"
+POLICY_FORMAT = "prunesearch-policy/1"
+MODEL_FILE, MANIFEST_FILE, POLICY_FILE, ONNX_FILE = (
+    "model.safetensors", "manifest.json", "policy.json", "model.onnx")  # fmt: skip
+METRIC_TOLERANCE = 1e-9  # the loaded model must score what the trial recorded
+ONNX_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3}  # onnxruntime vs torch outputs
+LOADER_CONFIG_KEYS = ("task", "pruning", "importance", "space")
+MODEL_FIELDS = ("bytes", "payload_bytes", "header_bytes", "sha256")  # policy.json's model_file
+
+
+# -- which trial ------------------------------------------------------------------------
+
+
+def read_study(study_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    """run.json and the trials of a study directory, or ConfigError saying what is wrong."""
+    if not (study_dir / "run.json").is_file():
+        raise ConfigError(f"'{study_dir}' is not a prunesearch study directory (no run.json); "
+                          "give <out>/<study>")  # fmt: skip
+    try:
+        run = json.loads((study_dir / "run.json").read_text())
+        if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+            raise ValueError("no 'config' object")
+        trials = read_trials(study_dir)
+    except Exception as exc:
+        raise ConfigError(f"study '{study_dir}' is damaged: {type(exc).__name__}: {exc}") from None
+    return run, trials
+
+
+def _budget(text: str | None, config: SearchConfig) -> Budget:
+    if text is None:
+        return config.parsed_budget
+    try:
+        return parse_budget(text)
+    except BudgetError as exc:
+        raise ConfigError(f"--budget: {exc}") from None
+
+
+def _within(row: Any, budget: Budget) -> bool:
+    fits = all(getattr(row, field) <= limit for field, limit in budget.limits.items())
+    return fits and budget.keeps(row.metric)
+
+
+def _describe(row: Any) -> str:
+    return f"trial {row.trial}, {format_bytes(row.size_bytes)} with metric {row.metric:.4f}"
+
+
+def choose_trial(trials: pd.DataFrame, budget: Budget, *, trial: int | None,
+                 study: str) -> Any:  # fmt: skip
+    """The named trial, or the best COMPLETE trial within `budget`: with a metric floor the
+    smallest that keeps it, else the best metric (ties: smaller, then earlier)."""
+    if trial is not None:
+        rows = list(trials[trials["trial"] == trial].itertuples())
+        if not rows:
+            raise ConfigError(f"--trial {trial}: study '{study}' has no such trial (it has "
+                              f"{len(trials)} trials); see 'prunesearch front'")  # fmt: skip
+        row = rows[0]
+        if row.state != "COMPLETE" or pd.isna(row.metric):
+            raise ConfigError(f"--trial {trial} is {row.state}; only COMPLETE trials (scored on "
+                              "all validation data) can be exported")  # fmt: skip
+        if budget and not _within(row, budget):
+            raise ConfigError(f"--trial {trial} ({_describe(row)}) is not within budget "
+                              f"{budget.describe()}; drop --budget or pick another trial")  # fmt: skip
+        return row
+    done = trials[(trials["state"] == "COMPLETE") & trials["metric"].notna()]
+    if done.empty:
+        raise ConfigError(f"study '{study}' has no COMPLETE trial to export; run more trials "
+                          "(prunesearch run --resume)")  # fmt: skip
+    fits = [r for r in done.itertuples() if _within(r, budget)]
+    if not fits:
+        smallest = min(done.itertuples(), key=lambda r: (r.size_bytes, -r.metric, r.trial))
+        raise ConfigError(f"no COMPLETE trial of study '{study}' is within budget "
+                          f"{budget.describe()}: the smallest recorded is {_describe(smallest)}; "
+                          "raise --budget or give --trial N")  # fmt: skip
+    if budget.metric_floor is not None:
+        return min(fits, key=lambda r: (r.size_bytes, -r.metric, r.trial))
+    return min(fits, key=lambda r: (-r.metric, r.size_bytes, r.trial))
+
+
+# -- loading --------------------------------------------------------------------------
+
+
+def _export_dir(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+def read_export(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The manifest and stored tensors of an export directory (or a file in it), checked
+    against the manifest's SHA-256; ConfigError for anything missing or damaged."""
+    from safetensors.torch import load
+
+    where = _export_dir(path)
+    manifest_path = where / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ConfigError(f"'{path}' is not a prunesearch export (no {MANIFEST_FILE}); give the "
+                          "directory 'prunesearch export' wrote")  # fmt: skip
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
+        data = (where / manifest["model_file"]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+            raise ValueError(f"{manifest['model_file']} does not match the manifest's SHA-256")
+        tensors = load(data)
+    except Exception as exc:
+        raise ConfigError(f"export '{where}' is damaged: {type(exc).__name__}: {exc}; export "
+                          "it again") from None  # fmt: skip
+    return manifest, tensors
+
+
+def _model_of(manifest: Mapping[str, Any], *, base: nn.Module | None = None,
+              space: SearchSpace | None = None) -> nn.Module:  # fmt: skip
+    """The module to load the state into: from the manifest's architecture, else the task's
+    model (sliced to the manifest's channel counts when structured)."""
+    if manifest.get("architecture") is not None:
+        return build_architecture(manifest["architecture"])
+    if base is None or space is None:
+        from orchestrator.prepare import build_space
+
+        try:
+            _, base, space = build_space(make_config(manifest["config"]))
+        except ConfigError as exc:
+            raise ConfigError(f"loading this export needs task '{manifest['task']}' (its model "
+                              f"is not a plain nn.Sequential): {exc}") from None  # fmt: skip
+    if manifest["pruning"] == "structured":
+        return slice_model(base, space.plan, manifest["channels"])
+    return copy.deepcopy(base)  # the caller's base model stays as it was
+
+
+def _assemble(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *,
+              base: nn.Module | None = None, space: SearchSpace | None = None) -> nn.Module:  # fmt: skip
+    try:
+        state = decode_state(manifest, tensors)
+    except Exception as exc:
+        raise ConfigError(f"the export is damaged: {type(exc).__name__}: {exc}; export it "
+                          "again") from None  # fmt: skip
+    model = _model_of(manifest, base=base, space=space)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ConfigError(f"the model of task '{manifest['task']}' no longer matches this "
+                          f"export ({' '.join(line.strip() for line in first[:2])})") from None  # fmt: skip
+    return model.eval()
+
+
+def load_compressed(path: str | Path, *, packed: bool = False) -> nn.Module:
+    """The exported model, runnable, on CPU, in eval mode. `path`: the export directory
+    (or its manifest.json / model.safetensors).
+
+    Weights are dequantized on load (a plain model). With `packed=True` each packed layer
+    keeps its bit stream, scales and bitmap instead (parametrizations) and dequantizes its
+    weights on every forward pass. A plain nn.Sequential rebuilds from the manifest
+    alone; any other model needs its task (the model definition): see docs/export.md."""
+    manifest, tensors = read_export(path)
+    model = _assemble(manifest, tensors)
+    if packed:
+        keep_packed(model, manifest, tensors)
+    return model
+
+
+# -- ONNX (the `onnx` extra) ----------------------------------------------------------
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"ONNX export needs the onnx extra ({exc.name} is missing): pip "
+                          "install 'prunesearch[onnx]'") from None  # fmt: skip
+
+
+def _leaves(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _leaves(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _leaves(v)]
+    return []
+
+
+def _as_args(inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
+
+
+def _twice(inputs: Any) -> Any:
+    """A batch of two from a batch of one: a batch of one would fix the batch size."""
+    if isinstance(inputs, torch.Tensor):
+        return torch.cat([inputs, inputs])
+    if isinstance(inputs, Mapping):
+        return {k: _twice(v) for k, v in inputs.items()}
+    return type(inputs)(_twice(v) for v in inputs)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.onnx logs and warns a lot (missing torchvision ops, decompositions)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def onnx_bytes(model: nn.Module, example_inputs: Any, *, check_inputs: Any = None) -> bytes:
+    """The model as ONNX (dynamic batch size), checked: onnxruntime's outputs on
+    `check_inputs` (default: the example inputs, doubled) match torch's (ONNX_TOLERANCE)."""
+    _require_onnx()
+    import onnxruntime
+
+    model = model.cpu().eval()
+    args, kwargs = _as_args(_twice(example_inputs))
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = ({k: {0: batch} for k in kwargs} if kwargs
+               else tuple({0: batch} for _ in args))  # fmt: skip
+    with _quiet():
+        program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True,
+                                    dynamic_shapes=dynamic, verbose=False)  # fmt: skip
+    data = program.model_proto.SerializeToString()
+    check = _twice(example_inputs) if check_inputs is None else to_device(check_inputs, "cpu")
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), _leaves(check), strict=True)}
+    with torch.no_grad():
+        expected = _leaves(call_model(model, check))
+    got = session.run(None, feeds)
+    for want, have in zip(expected, got, strict=True):
+        if not torch.allclose(torch.from_numpy(have), want, **ONNX_TOLERANCE):
+            diff = (torch.from_numpy(have) - want).abs().max().item()
+            raise ExportError(f"the ONNX model's outputs differ from torch's by up to {diff:.3g} "
+                              f"(tolerance {ONNX_TOLERANCE})")  # fmt: skip
+    return data
+
+
+def export_onnx(source: nn.Module | str | Path, path: str | Path, *,
+                example_inputs: Any = None) -> Path:  # fmt: skip
+    """Write `source` (a model, or an export directory: its loaded model) as ONNX at `path`,
+    checked with onnxruntime. Without `example_inputs`, the export's recorded input shapes
+    (random values) are used."""
+    model = source if isinstance(source, nn.Module) else load_compressed(source)
+    if example_inputs is None:
+        if isinstance(source, nn.Module):
+            raise ConfigError("export_onnx: give example_inputs for a model")
+        manifest, _ = read_export(source)
+        example_inputs = sample_inputs(manifest["inputs"])
+    path = Path(path)
+    atomic_write_bytes(path, onnx_bytes(model, example_inputs))
+    return path
+
+
+def describe_inputs(inputs: Any) -> Any:
+    """Shapes and dtypes of (example) inputs, for the manifest."""
+    if isinstance(inputs, torch.Tensor):
+        return {"shape": list(inputs.shape), "dtype": dtype_name(inputs.dtype)}
+    if isinstance(inputs, Mapping):
+        return {"dict": {k: describe_inputs(v) for k, v in inputs.items()}}
+    if isinstance(inputs, (tuple, list)):
+        return {"tuple": [describe_inputs(v) for v in inputs]}
+    return None
+
+
+def sample_inputs(spec: Any, *, seed: int = 0) -> Any:
+    """Inputs of the described shapes: floats standard normal, integers zero."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(s: Any) -> Any:
+        if "dict" in s:
+            return {k: make(v) for k, v in s["dict"].items()}
+        if "tuple" in s:
+            return tuple(make(v) for v in s["tuple"])
+        dtype = dtype_of(s["dtype"])
+        if dtype.is_floating_point:
+            return torch.randn(s["shape"], generator=generator).to(dtype)
+        return torch.zeros(s["shape"], dtype=dtype)
+
+    return make(spec)
+
+
+# -- export_best ------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    from orchestrator.search import versions as study_versions
+
+    found = study_versions()
+    for dist in ("safetensors", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """The worker's thread count: the same float summation order as when it was scored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _device(config: SearchConfig) -> torch.device:
+    """Where the trial was scored: the workers' device (auto: a GPU only if they had one)."""
+    from orchestrator.evaluate import pick_device
+
+    w = config.workers
+    if w.device == "auto":
+        return pick_device("auto" if w.gpus_per_worker != 0 else "cpu")  # "auto" or > 0
+    return pick_device(w.device)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Exported:
+    """One trial's export, in memory and checked; nothing written yet."""
+
+    files: dict[str, bytes]  # file name -> bytes
+    metric: float  # the loaded model's metric
+    model: nn.Module  # the loaded model
+    example_inputs: Any
+    check_inputs: Any  # a validation batch's inputs
+
+
+def _rebuild(config: SearchConfig, space: SearchSpace, task: Any, policy: Policy):
+    """The scored model of `policy` (the driver's Evaluator, the worker's threads and
+    device) and the float weights its quantizer got."""
+    from orchestrator.evaluate import Evaluator, RecoverySettings
+
+    evaluator = Evaluator(task, space, recovery=RecoverySettings(**config.recovery.model_dump()),
+                          device=_device(config))  # fmt: skip
+    keys = {w.key for layer in space.profile.layers for w in layer.weights}
+    before: dict[str, torch.Tensor] = {}
+
+    def snapshot(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+        before.update({k: v.detach().clone() for k, v in model.state_dict().items() if k in keys})
+
+    return evaluator, evaluator.compressed_model(policy, before_quantize=snapshot), before
+
+
+def export_trial(config: SearchConfig, run: Mapping[str, Any], row: Any, *,
+                 budget: Budget | None = None) -> Exported:  # fmt: skip
+    """Rebuild trial `row` of a study, encode it, load the bytes back and check them."""
+    from safetensors.torch import save
+
+    from orchestrator.prepare import build_space
+
+    task, base, space = build_space(config)
+    study = run.get("study", "?")
+    if run.get("space", {}).get("knobs") != space.to_dict()["knobs"]:
+        raise ConfigError(f"the search space of task '{config.task}' differs from the one study "
+                          f"'{study}' searched (its model or space changed); export from a "
+                          "matching task")  # fmt: skip
+    try:
+        policy = Policy.from_json(space, row.policy)
+    except (SpaceError, ValueError) as exc:
+        raise ConfigError(f"trial {row.trial}'s recorded policy is damaged: {exc}") from None
+    cost = policy_cost(space, policy)
+    if cost.size_bytes != row.size_bytes:
+        raise ConfigError(f"trial {row.trial} recorded {row.size_bytes} bytes but the cost model "
+                          f"now says {cost.size_bytes}: task '{config.task}' changed")  # fmt: skip
+    with _threads(int(config.workers.cpus_per_worker)):
+        evaluator, scored, before = _rebuild(config, space, task, policy)
+        encoded = encode(scored, before, space, policy, layer_masks(space, policy, base))
+        payload = sum(t.numel() * t.element_size() for t in encoded.tensors.values())
+        if payload != cost.size_bytes:
+            raise ExportError(f"internal: the export holds {payload} bytes of tensors, the cost "
+                              f"model counted {cost.size_bytes}")  # fmt: skip
+        model_bytes = save(encoded.tensors, metadata={"format": FORMAT})
+        manifest = _manifest(config, space, policy, task, scored, encoded, model_bytes)
+        loaded = _assemble(manifest, _load_bytes(model_bytes), base=base, space=space)
+        _same_state(loaded, encoded.state)
+        metric = float(task.metric(loaded.to(evaluator.device), evaluator.validation))
+    loaded.cpu()
+    if not abs(metric - row.metric) <= METRIC_TOLERANCE:
+        raise ExportError(f"the exported model of trial {row.trial} scores {metric:.6f} but the "
+                          f"trial recorded {row.metric:.6f}: its evaluation does not reproduce "
+                          "here (another device or thread count, or a nondeterministic task); "
+                          "nothing was written")  # fmt: skip
+    record = _policy_record(run, row, space, policy, cost, manifest, metric)
+    record.update(task=config.task, budget=budget.describe() if budget else None)
+    return Exported(files={MODEL_FILE: model_bytes, MANIFEST_FILE: _json_bytes(manifest),
+                           POLICY_FILE: _json_bytes(record)},
+                    metric=metric, model=loaded, example_inputs=task.example_inputs(),
+                    check_inputs=evaluator.validation[0][0])  # fmt: skip
+
+
+def _load_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(data)
+
+
+def _same_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    for key, tensor in model.state_dict().items():
+        if not torch.equal(tensor.cpu(), state[key]):
+            raise ExportError(f"internal: the loaded tensor {key} differs from the scored model's")
+
+
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _manifest(config: SearchConfig, space: SearchSpace, policy: Policy, task: Any,
+              scored: nn.Module, encoded: Encoded, model_bytes: bytes) -> dict[str, Any]:  # fmt: skip
+    payload = sum(t.numel() * t.element_size() for t in encoded.tensors.values())
+    # what build_space needs to rebuild the task's model and plan (the loader's fallback)
+    recorded = {k: v for k, v in config.to_dict().items() if k in LOADER_CONFIG_KEYS}
+    return {
+        "format": FORMAT,
+        "model_file": MODEL_FILE,
+        "sha256": hashlib.sha256(model_bytes).hexdigest(),
+        "bytes": len(model_bytes),
+        "payload_bytes": payload,
+        "header_bytes": len(model_bytes) - payload,
+        "task": config.task,
+        "config": recorded,
+        "pruning": space.pruning,
+        "channels": dict(sorted(space.channel_counts(policy).items())),
+        "architecture": architecture(scored),
+        "inputs": describe_inputs(task.example_inputs()),
+        **encoded.manifest,
+    }
+
+
+def _policy_record(run: Mapping[str, Any], row: Any, space: SearchSpace,
+                   policy: Policy, cost: Any, manifest: Mapping[str, Any],
+                   metric: float) -> dict[str, Any]:  # fmt: skip
+    channels = {t["key"]: t["shape"] for t in manifest["tensors"]}
+    layers = []
+    for entry, info in zip(manifest["layers"], space.profile.layers, strict=True):
+        first = info.weights[0]
+        layers.append({
+            "layer": entry["name"], "kind": entry["kind"], "bits": entry["bits"],
+            "channels": channels[first.key][0], "channels_of": first.shape[0],
+            "weights": entry["kept"], "weights_of": info.numel,
+            "encoding": entry["encoding"], "bytes": entry["bytes"],
+        })  # fmt: skip
+    groups = {g.name: {"kept": manifest["channels"].get(g.name, g.channels), "of": g.channels,
+                       "unit": g.unit} for g in (space.plan.groups if space.plan else ())}  # fmt: skip
+    return {
+        "format": POLICY_FORMAT,
+        "study": run.get("study"),
+        "trial": int(row.trial),
+        "policy": dict(policy.items_),
+        "policy_hash": policy.hash,
+        "layers": layers,
+        "groups": groups,
+        "predicted": cost.as_dict(),
+        "metric": float(row.metric),
+        "verified_metric": metric,
+        "base": run.get("base", {}),
+        "model_file": {"name": MODEL_FILE, **{k: manifest[k] for k in MODEL_FIELDS}},
+        "versions": versions(),
+    }
+
+
+def export_best(
+    study_dir: str | Path,
+    *,
+    budget: str | None = None,
+    trial: int | None = None,
+    out: str | Path | None = None,
+    onnx: bool = False,
+) -> Path:
+    """Export the best trial of a study within `budget` (default: the study's budget, else
+    the best metric overall; ties: the smaller model), or trial number `trial`.
+
+    Writes policy.json, model.safetensors and manifest.json (and model.onnx with `onnx`)
+    to `out` (default `<study_dir>/export/`) and returns that directory. Refusals raise
+    ConfigError (one line) and write nothing; so does a failed check (ExportError)."""
+    study_dir = Path(study_dir)
+    run, trials = read_study(study_dir)
+    try:
+        config = make_config(run["config"])
+    except ConfigError as exc:
+        raise ConfigError(f"study '{study_dir}' is damaged: run.json's config: {exc}") from None
+    # the study's budget picks the best; a named trial is checked only against --budget
+    limits = _budget(budget, config) if trial is None or budget is not None else Budget()
+    row = choose_trial(trials, limits, trial=trial, study=run.get("study", study_dir.name))
+    target = Path(out) if out is not None else study_dir / "export"
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--out '{target}' is a file; give a directory")
+    if onnx:
+        _require_onnx()
+    exported = export_trial(config, run, row, budget=limits)
+    files = dict(exported.files)
+    if onnx:
+        files[ONNX_FILE] = onnx_bytes(exported.model, exported.example_inputs,
+                                      check_inputs=exported.check_inputs)  # fmt: skip
+    target.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        atomic_write_bytes(target / name, data)
+    if not onnx:
+        (target / ONNX_FILE).unlink(missing_ok=True)  # never leave another export's model
+    return target
