@@ -19,6 +19,7 @@ _EXPORTS = {
     "SearchResult": "orchestrator.search", "run_search": "orchestrator.search",
     "load_front": "orchestrator.results", "load_results": "orchestrator.results",
     "Task": "orchestrator.task", "resolve_task": "orchestrator.task",
+    "export_best": "orchestrator.export", "load_compressed": "orchestrator.export",
 }  # fmt: skip
 __all__ = sorted(_EXPORTS)
 

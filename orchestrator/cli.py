@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from orchestrator.errors import ConfigError, WorkerStartError
+from orchestrator.errors import ConfigError, JobError, WorkerStartError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -46,6 +46,14 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    "(key: objective)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue an existing study")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--address", help="Ray to join: auto (the cluster this runs in) or HOST:PORT; "
+                   "default: start a local one (key: address)")  # fmt: skip
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", help="job id (printed by submit)")
+    p.add_argument("--address", help="Ray job server, e.g. http://HEAD:8265 (default: "
+                   "$RAY_ADDRESS)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,8 +69,36 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("sensitivity", help="metric per knob value, every other layer float")
     _config_args(se)
     se.add_argument("--workers", type=int, help="number of workers (key: workers.count)")
+    sb = sub.add_parser("submit", help="submit the search to a Ray cluster as a Ray Job")
+    sb.add_argument("config", help="YAML config (its directory is shipped with the job)")
+    sb.add_argument("--address", help="Ray job server, e.g. http://HEAD:8265 (default: "
+                    "$RAY_ADDRESS)")  # fmt: skip
+    sb.add_argument("--study", help="study name (default: <task>-<time>; needed with --resume)")
+    sb.add_argument("--out", help="results directory as the cluster sees it: a shared path or "
+                    "s3://... (key: out; a relative path is made absolute)")  # fmt: skip
+    sb.add_argument("--trials", type=int, help="total trials of the study (key: trials)")
+    sb.add_argument("--budget", help="hard limits, e.g. size=40KB (key: budget)")
+    sb.add_argument("--resume", action="store_true", help="continue the study --study")
+    _job_args(sub.add_parser("status", help="state of a submitted job"))
+    lg = sub.add_parser("logs", help="output of a submitted job")
+    _job_args(lg)
+    lg.add_argument("--follow", action="store_true", help="stream until the job ends")
+    _job_args(sub.add_parser("stop", help="stop a submitted job (the study stays resumable)"))
     fr = sub.add_parser("front", help="print the Pareto front of a study directory")
     fr.add_argument("study_dir", help="<out>/<study>")
+    ex = sub.add_parser("export", help="write the best trial within budget (or --trial N) as "
+                        "policy.json, a packed model file and its manifest")  # fmt: skip
+    ex.add_argument("study_dir", help="<out>/<study>")
+    ex.add_argument("--budget", help="hard limits as for run, e.g. size=40KB (default: the "
+                    "study's budget, else the best metric)")  # fmt: skip
+    ex.add_argument("--trial", type=int, help="export this trial instead of the best")
+    ex.add_argument("--out", help="directory for the files (default: <study_dir>/export)")
+    ex.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with "
+                    "onnxruntime (needs the onnx extra)")  # fmt: skip
+    rp = sub.add_parser("report", help="write the front (PNG, HTML), the chosen policy by layer "
+                        "(PNG) and a markdown summary of a study directory")  # fmt: skip
+    rp.add_argument("study_dir", help="<out>/<study>")
+    rp.add_argument("--out", help="directory for the report files (default: the study directory)")
     return parser
 
 
@@ -113,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys_path = _sys_path(args)
     config = _load(args, trials=args.trials, **{"workers.count": args.workers}, budget=args.budget,
                    out=args.out, study=args.study, seed=args.seed, sampler=args.sampler,
-                   objective=args.objective)  # fmt: skip
+                   objective=args.objective, address=args.address)  # fmt: skip
     prepared = prepare(config, resume=args.resume)  # all checks before Ray starts
     if not args.quiet:
         print(f"study {prepared.study} in {prepared.study_dir} ({len(prepared.space.searchable)} "
@@ -197,6 +233,55 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator import jobs
+    from orchestrator.prepare import default_study_name
+
+    path = Path(args.config)
+    out = jobs.results_path(args.out) if args.out else None
+    flags = {"out": out, "trials": args.trials, "budget": args.budget}
+    config = make_config_from(path, **flags, study=args.study)
+    if args.resume and not config.study:
+        raise ConfigError("submit --resume needs --study NAME (printed when it was submitted)")
+    if out is None and "://" not in config.out and not Path(config.out).is_absolute():
+        flags["out"] = jobs.results_path(config.out)  # else it lands in the job's temp dir
+    study = config.study or default_study_name(config.task)
+    job = jobs.submit(path, config, study, flags, address=args.address, resume=args.resume)
+    print(job)
+    print(f"study {study}: results in {flags['out'] or config.out}/{study}; follow with "
+          f"prunesearch logs {job} --follow", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def make_config_from(path: Path, **overrides: Any):
+    from orchestrator.config import load_config_file, make_config
+
+    return make_config(load_config_file(path), **overrides)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator import jobs
+
+    state, message = jobs.status(args.job, address=args.address)
+    print(f"{state}{': ' + message if message else ''}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from orchestrator import jobs
+
+    jobs.logs(args.job, address=args.address, follow=args.follow)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from orchestrator import jobs
+
+    stopped = jobs.stop(args.job, address=args.address)
+    print("stopping" if stopped else "not running")
+    return 0
+
+
 def cmd_front(args: argparse.Namespace) -> int:
     from orchestrator.summary import print_front, read_study
 
@@ -205,9 +290,47 @@ def cmd_front(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.report import write_report
+
+    for path in write_report(args.study_dir, out=args.out):
+        print(path)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.budget import format_bytes
+    from orchestrator.export import (
+        MANIFEST_FILE,
+        ONNX_FILE,
+        POLICY_FILE,
+        ExportError,
+        export_best,
+    )
+
+    _sys_path(args)
+    try:
+        out = export_best(args.study_dir, budget=args.budget, trial=args.trial, out=args.out,
+                          onnx=args.onnx)  # fmt: skip
+    except ExportError as exc:
+        print(f"prunesearch: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    record = json.loads((out / POLICY_FILE).read_text())
+    model = record["model_file"]
+    print(f"exported trial {record['trial']} of study {record['study']}: metric "
+          f"{record['verified_metric']:.4f} (recorded {record['metric']:.4f}), predicted "
+          f"{format_bytes(record['predicted']['size_bytes'])}")  # fmt: skip
+    print(f"{out / model['name']}: {model['bytes']:,} bytes ({model['payload_bytes']:,} "
+          f"tensors + {model['header_bytes']:,} header)")  # fmt: skip
+    for name in (MANIFEST_FILE, POLICY_FILE, *([ONNX_FILE] if args.onnx else [])):
+        print(out / name)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "eval": cmd_eval, "space": cmd_space, "front": cmd_front,
-    "sensitivity": cmd_sensitivity,
+    "sensitivity": cmd_sensitivity, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs,
+    "stop": cmd_stop, "report": cmd_report, "export": cmd_export,
 }  # fmt: skip
 
 
@@ -233,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except WorkerStartError as exc:
+    except (WorkerStartError, JobError) as exc:
         print(f"prunesearch: error: {_one_line(exc)}", file=sys.stderr)
         return 1
 

@@ -36,10 +36,19 @@ class _Frozen(BaseModel):
 
 
 class WorkersConfig(_Frozen):
-    count: StrictInt | Literal["auto"] = "auto"  # auto: one per CPU core (cpus_per_worker)
+    # auto: one per GPU of the cluster (gpus_per_worker), else one per cpus_per_worker CPUs;
+    # grows as nodes join
+    count: StrictInt | Literal["auto"] = "auto"
     cpus_per_worker: Number = Field(default=1, gt=0)
-    gpus_per_worker: Number = Field(default=0, ge=0)
+    # auto: 1 where the cluster has GPUs, else 0; fractions share a GPU (0.5: two per GPU)
+    gpus_per_worker: Number | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def gpus(self, cluster_gpus: float) -> float:
+        """GPUs per worker on a cluster with `cluster_gpus` GPUs in all."""
+        if self.gpus_per_worker == "auto":
+            return 1.0 if cluster_gpus > 0 else 0.0
+        return float(self.gpus_per_worker)
 
     @field_validator("count", mode="before")
     @classmethod
@@ -99,6 +108,24 @@ class SearchConfig(_Frozen):
     seeding: StrictBool = True  # sensitivity analysis, then knapsack-seeded policies first
     repair: StrictBool = True  # follow each over-budget ask with its nearest fitting policy
     retries: StrictInt = Field(default=2, ge=0)  # re-dispatches of a candidate whose worker died
+    # seconds one evaluation may take; past it the worker is replaced and the trial FAILs
+    timeout: Number | None = Field(default=None, gt=0)
+    # Ray: None starts a local one (127.0.0.1 only); "auto" joins the cluster this runs in;
+    # or host:port / ray://host:10001
+    address: StrictStr | None = None
+    # Optuna storage: None = sqlite in the study directory; postgresql://user@host/db (the
+    # password only from PRUNESEARCH_STORAGE_PASSWORD); journal:///path/file.log (no server)
+    storage: StrictStr | None = None
+    pip: tuple[StrictStr, ...] = ()  # `submit`: pip requirements installed for the job
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v):
+        if v is not None:
+            from orchestrator.storage import check_storage_url
+
+            check_storage_url(v)
+        return v
 
     @field_validator("budget")
     @classmethod

@@ -18,3 +18,7 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
 
 class WorkerStartError(RuntimeError):
     """A worker could not start or load the task (the CLI prints it as one line, exit 1)."""
+
+
+class JobError(RuntimeError):
+    """The Ray job server refused or failed a request (one line, exit 1)."""

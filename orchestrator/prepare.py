@@ -7,6 +7,7 @@ starts Ray nor writes a file, so bad input never costs a worker or touches a stu
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -114,6 +115,10 @@ def _latest_study(out: Path, task_spec: str) -> str | None:
     return max(candidates)[1] if candidates else None
 
 
+def default_study_name(task_name: str) -> str:
+    return f"{_slug(task_name.rpartition(':')[2] or task_name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def resolve_study(config: SearchConfig, task: Task, *, resume: bool) -> tuple[str, Path]:
     out = Path(config.out)
     name = config.study
@@ -123,7 +128,7 @@ def resolve_study(config: SearchConfig, task: Task, *, resume: bool) -> tuple[st
             raise ConfigError(f"--resume: no study of task '{config.task}' in '{out}'; give "
                               "--study NAME (and --out DIR) of the study to continue")  # fmt: skip
     if name is None:
-        name = f"{_slug(task.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = default_study_name(task.name)
     study_dir = out / name
     if resume and not (study_dir / "run.json").is_file():
         raise ConfigError(f"--resume: '{study_dir}' is not a prunesearch study (no run.json); "
@@ -156,11 +161,41 @@ def check_resume(study_dir: Path, config: SearchConfig, space: SearchSpace) -> N
                           "start a new --study")  # fmt: skip
 
 
+def check_storage(config: SearchConfig, study: str, *, resume: bool) -> None:
+    """A configured storage: reachable (URL, server, password) and, for a new study, free of
+    the name; for --resume, holding it. Checked before Ray starts."""
+    if config.storage is None:
+        return
+    from orchestrator.storage import PASSWORD_ENV, close_storage, open_storage, redact
+
+    shown = redact(config.storage)
+    storage = None
+    try:
+        storage = open_storage(config.storage)
+        names = {s.study_name for s in storage.get_all_studies()}
+    except Exception as exc:  # driver errors vary (psycopg2, sqlite3, OSError)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        secret = os.environ.get(PASSWORD_ENV)
+        text = text.replace(secret, "***") if secret else text
+        raise ConfigError(f"storage '{shown}': cannot open it ({text}); check the URL, that the "
+                          f"server runs, and {PASSWORD_ENV}") from None  # fmt: skip
+    finally:
+        if storage is not None:
+            close_storage(storage)
+    if resume and study not in names:
+        raise ConfigError(f"--resume: storage '{shown}' has no study '{study}'; check --study")
+    if not resume and study in names:
+        raise ConfigError(f"study '{study}' already exists in storage '{shown}'; add --resume to "
+                          "continue it or give --study NEW_NAME")  # fmt: skip
+
+
 def check_devices(config: SearchConfig) -> None:
     """Local runs: refuse GPU settings on a machine without CUDA before anything starts."""
     import torch
 
-    wants_gpu = config.workers.gpus_per_worker > 0 or config.workers.device == "cuda"
+    if config.address is not None:
+        return  # the cluster's nodes have the GPUs, not necessarily this machine
+    wants_gpu = config.workers.gpus(0) > 0 or config.workers.device == "cuda"
     if wants_gpu and not torch.cuda.is_available():
         raise ConfigError("workers.gpus_per_worker/workers.device ask for a GPU but this machine "
                           "has no CUDA device; set gpus_per_worker: 0 and device: auto")  # fmt: skip
@@ -172,6 +207,7 @@ def prepare(config: SearchConfig, *, resume: bool = False) -> Prepared:
     budget = config.parsed_budget
     check_budget(space, budget)
     study, study_dir = resolve_study(config, task, resume=resume)
+    check_storage(config, study, resume=resume)
     if resume:
         check_resume(study_dir, config, space)
     base = policy_cost(space, Policy.uniform(space, 32, 1.0))

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from orchestrator.results import ResultSink
-from orchestrator.store import StudyWriter, open_storage, read_messages
+from orchestrator.storage import open_storage
+from orchestrator.store import StudyWriter, read_messages
 
 
 def main(argv: list[str]) -> int:

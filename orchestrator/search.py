@@ -29,12 +29,14 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from orchestrator.budget import Budget
 from orchestrator.config import SearchConfig
 from orchestrator.cost import Cost, policy_cost
+from orchestrator.errors import WorkerStartError
 from orchestrator.fidelity import FidelitySettings
 from orchestrator.policy import Policy
 from orchestrator.prepare import Prepared, prepare
 from orchestrator.progress import Progress
 from orchestrator.results import ResultSink, atomic_write_json, compute_front, read_trials
-from orchestrator.store import INTERRUPTED, ROW_ATTR, Recorder, open_study, storage_url
+from orchestrator.storage import study_storage
+from orchestrator.store import INTERRUPTED, ROW_ATTR, Recorder, open_study
 from orchestrator.timing import DriverStats, TimedSampler
 from search_spaces import Knob, SearchSpace
 
@@ -180,7 +182,7 @@ class Driver:
         p = self.p
         p.study_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(p.study_dir, 0o700)  # the study is the user's alone
-        url = storage_url(p.study_dir)
+        url = study_storage(p.config.storage, p.study_dir)
         opened = open_study(url, p.study, self.directions, resume=p.resume)
         sampler = TimedSampler(SAMPLERS[self.sampler_name](p.config.seed, self.target), self.stats)
         self.study = optuna.create_study(directions=self.directions, sampler=sampler,
@@ -230,21 +232,31 @@ class Driver:
 
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> None:
+        """Feed every free worker, then wait for the next result; while every worker is
+        busy, ask candidates ahead just in time for the evaluations expected to finish
+        (issue 6: a freed worker is fed at once, without waiting for a sampler ask)."""
         start = time.perf_counter()
+        self.ready: list[_Candidate] = []  # asked, priced, new: waiting for a worker
+        self.sent: dict[int, float] = {}  # trial -> when its evaluation was sent
+        self.eval_estimate: float | None = None  # seconds per evaluation (moving average)
+        self.ask_estimate = 0.0  # seconds per ask (moving average)
         with Progress(total=self.target, initial=self.finished, quiet=self.quiet) as bar:
             self.bar = bar
             try:
                 while not self._give_up():
-                    while self.pool.free and self.issued < self.target:
-                        self._issue()
+                    self._feed()
                     if not self.pool.busy:
                         break
                     bar.update_status(self.pool.busy, self.pool.size, self._best())
+                    ahead = self._ask_ahead_in()
                     waited = time.perf_counter()
-                    done = self.pool.wait(timeout=0.2)
+                    done = self.pool.wait(timeout=min(0.2, ahead))
                     self.stats.wait_seconds += time.perf_counter() - waited
+                    self._feed(ask=False)  # the freed worker first, the sampler after
                     for job, result in done:
                         self._complete(self.by_trial.pop(job.trial), job, result)
+                    if not done and ahead <= 0:
+                        self._ask()
                 bar.update_status(self.pool.busy, self.pool.size, self._best())
             except KeyboardInterrupt:
                 self.interrupted = True
@@ -260,7 +272,36 @@ class Driver:
                       f"last error: {self.last_error}")  # fmt: skip
         return True
 
-    def _issue(self) -> None:
+    def _feed(self, *, ask: bool = True) -> None:
+        """Every free worker gets a ready candidate, or (ask) one asked now."""
+        while self.pool.free:
+            if self.ready:
+                self._submit(self.ready.pop(0))
+            elif ask and self.issued < self.target:
+                self._ask()
+            else:
+                return
+
+    def _ask_ahead_in(self) -> float:
+        """Seconds until the next candidate should be asked ahead (0: now). Each running
+        evaluation is expected to end one average evaluation after it was sent; the j-th
+        to end needs the j-th ready candidate, and the candidates still missing take an
+        average ask each (plus one spare), so asking starts that long before. Evaluations
+        of equal length end in bursts (a large cluster started at once): the burst's
+        candidates are asked just before it, not one after another as workers free up.
+        Before the first result every evaluation may end now; the sampler knows nothing
+        yet either, so asking those candidates early costs it nothing."""
+        if self.issued >= self.target or not self.sent:
+            return math.inf
+        now, have = time.monotonic(), len(self.ready)
+        ends = sorted(sent + (self.eval_estimate or 0.0) for sent in self.sent.values())
+        return max(0.0, min((end - now - (j - have + 1) * self.ask_estimate
+                             for j, end in enumerate(ends, 1) if j > have), default=math.inf))  # fmt: skip
+
+    def _ask(self) -> None:
+        """Ask one candidate: recorded at once if over budget or already evaluated, else
+        ready for the next free worker."""
+        asked = time.perf_counter()
         origin = "sampler"
         if self.requeue:
             params, origin = self.requeue.pop(0)
@@ -288,21 +329,31 @@ class Driver:
             self._tell(candidate, trial, "COMPLETE", {**row, "cached_from": number,
                                                       "eval_seconds": 0.0, "rebuild_seconds": 0.0,
                                                       "recovery_seconds": 0.0})  # fmt: skip
-        elif policy.hash in self.inflight:
+        elif policy.hash in self.inflight:  # running or ready: its result serves both
             self.inflight[policy.hash].duplicates.append(trial)
         else:
-            from orchestrator.workers import Job
-
             self.inflight[policy.hash] = candidate
-            self.by_trial[trial.number] = candidate
-            context = None
-            if self.fidelity is not None:
-                context = {"size": cost.size_bytes, "front": self._to_beat(),
-                           "fidelity": self.fidelity}  # fmt: skip
-            self.pool.submit(Job(trial=trial.number, policy=dict(policy), context=context))
+            self.ready.append(candidate)
+        self.ask_estimate += 0.3 * (time.perf_counter() - asked - self.ask_estimate)
+
+    def _submit(self, candidate: _Candidate) -> None:
+        from orchestrator.workers import Job
+
+        number = candidate.trial.number
+        self.by_trial[number] = candidate
+        context = None
+        if self.fidelity is not None:  # the front as it stands now, not when it was asked
+            context = {"size": candidate.cost.size_bytes, "front": self._to_beat(),
+                       "fidelity": self.fidelity}  # fmt: skip
+        self.sent[number] = time.monotonic()
+        self.pool.submit(Job(trial=number, policy=dict(candidate.policy), context=context))
 
     def _complete(self, candidate: _Candidate, job: Any, result: dict[str, Any]) -> None:
         del self.inflight[candidate.policy.hash]
+        self.sent.pop(job.trial, None)
+        if "error" not in result and "seconds" in result:  # for asking ahead in time
+            seconds, old = result["seconds"], self.eval_estimate
+            self.eval_estimate = seconds if old is None else old + 0.2 * (seconds - old)
         self.worker_seconds[candidate.feasible] += result.get("seconds", 0.0)
         result = {**result, "attempt": job.attempt}
         state = "FAIL" if "error" in result else "PRUNED" if result.get("pruned") else "COMPLETE"
@@ -484,30 +535,47 @@ def _seeds(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool) ->
 
 
 def _ray_init(config: SearchConfig) -> bool:
-    """Start a local Ray unless one is running in this process. Returns whether we started it."""
+    """Connect to Ray: the cluster at `address`, or a new local one (bound to 127.0.0.1, no
+    dashboard), unless this process is connected already. Returns whether to disconnect."""
     import ray
 
     if ray.is_initialized():
         return False
+    quiet = {"log_to_driver": False, "logging_level": "ERROR", "configure_logging": True}
+    if config.address is not None:
+        try:
+            ray.init(address=config.address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WorkerStartError(f"cannot connect to Ray at '{config.address}': {first}; start "
+                                   "it with `ray start --head` or check --address") from None  # fmt: skip
+        return True
     w = config.workers
     cpus = os.cpu_count() or 1
     if w.count != "auto":
         cpus = max(cpus, math.ceil(w.count * w.cpus_per_worker))
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR", configure_logging=True, object_store_memory=200 * 2**20)  # fmt: skip
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+             _node_ip_address="127.0.0.1", object_store_memory=200 * 2**20, **quiet)  # fmt: skip
     return True
 
 
 def worker_count(config: SearchConfig) -> int:
+    """`workers.count`, or for auto what the cluster holds now (pool.target for later)."""
     import ray
 
     w = config.workers
     if w.count != "auto":
         return w.count
-    resources = ray.cluster_resources()
-    if w.gpus_per_worker > 0 and resources.get("GPU", 0) > 0:
-        return max(1, int(resources["GPU"] / w.gpus_per_worker))
-    return max(1, int(resources.get("CPU", 1) / w.cpus_per_worker))
+    return target_workers(w, ray.cluster_resources())
+
+
+def target_workers(w: Any, resources: dict[str, float]) -> int:
+    """auto: one worker per `gpus_per_worker` GPUs where the cluster has GPUs, else one per
+    `cpus_per_worker` CPUs."""
+    gpus = w.gpus(resources.get("GPU", 0))
+    if gpus > 0:
+        return max(1, int(resources.get("GPU", 0) / gpus + 1e-9))
+    return max(1, int(resources.get("CPU", 1) / w.cpus_per_worker + 1e-9))
 
 
 def run_search(config: SearchConfig, *, resume: bool = False, quiet: bool = True,
@@ -533,10 +601,14 @@ def worker_pool(config: SearchConfig, space: SearchSpace, *, evaluator_factory: 
         factory = evaluator_factory or TaskEvaluatorFactory(
             config.task, space, RecoverySettings(**config.recovery.model_dump())
         )
+        w = config.workers
+        elastic = w.count == "auto"
         settings = PoolSettings(
-            count=worker_count(config), cpus_per_worker=config.workers.cpus_per_worker,
-            gpus_per_worker=config.workers.gpus_per_worker, device=config.workers.device,
+            count=worker_count(config), cpus_per_worker=w.cpus_per_worker,
+            gpus_per_worker=w.gpus(ray.cluster_resources().get("GPU", 0)), device=w.device,
             retries=config.retries, sys_path=tuple(sys_path) or (os.getcwd(),),
+            timeout=config.timeout,
+            target=(lambda: target_workers(w, ray.cluster_resources())) if elastic else None,
         )  # fmt: skip
         pool = WorkerPool(factory, settings)
         infos = pool.start()

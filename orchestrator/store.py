@@ -35,33 +35,13 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import event
 
 from orchestrator.results import ResultSink
+from orchestrator.storage import close_storage, open_storage
 
 ROW_ATTR = "prunesearch.row"
 INTERRUPTED = "interrupted: the driver stopped before this trial finished; re-queued on resume"
 _HEADER = struct.Struct("<I")  # length prefix of each pickled message
-
-
-def storage_url(study_dir: Path) -> str:
-    return f"sqlite:///{Path(study_dir).resolve() / 'study.db'}"
-
-
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-
-    # WAL + synchronous=NORMAL: commits survive a process crash without an fsync each,
-    # and readers (optuna-dashboard, `prunesearch front`) never block the writer.
-    @event.listens_for(storage.engine, "connect")
-    def _pragmas(conn, _record):
-        cursor = conn.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    storage.engine.dispose()  # reconnect so every connection gets the pragmas
-    return storage
 
 
 @dataclass
@@ -87,7 +67,7 @@ def open_study(url: str, name: str, directions: list[str], *, resume: bool) -> O
         finished = sorted(study.get_trials(deepcopy=True), key=lambda t: t.number)
         return OpenedStudy(study_id=study._study_id, finished=finished, requeue=requeue)
     finally:
-        storage.engine.dispose()
+        close_storage(storage)
 
 
 class StudyWriter:

@@ -11,6 +11,7 @@ import pandas as pd
 from orchestrator.budget import format_bytes
 from orchestrator.errors import ConfigError
 from orchestrator.results import compute_front, read_trials
+from orchestrator.storage import redact
 from search_spaces import SearchSpace
 
 
@@ -97,7 +98,9 @@ def print_summary(result: Any, prepared: Any) -> None:
     else:
         print(f"\nno completed trial {where}")
     d = result.study_dir
-    print(f"\nfiles: {d}/run.json, {d}/study.db, {d}/trials/, {d}/pareto.parquet")
+    storage = prepared.config.storage
+    study = f"{d}/study.db" if storage is None else f"study '{prepared.study}' in {redact(storage)}"
+    print(f"\nfiles: {d}/run.json, {study}, {d}/trials/, {d}/pareto.parquet")
 
 
 def print_sensitivity(table: pd.DataFrame, *, base_metric: float) -> None:

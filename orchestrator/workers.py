@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +58,9 @@ class _Worker:
             device = "cuda"
         self.device = pick_device("cpu" if device == "auto" else device)
         self.name = name
-        self.node = ray.util.get_node_ip_address() or socket.gethostname()
+        # address and Ray node id: several nodes may share a host (and so an address)
+        ip = ray.util.get_node_ip_address() or socket.gethostname()
+        self.node = f"{ip}/{ray.get_runtime_context().get_node_id()[:8]}"
         self.evaluator = factory(self.device)
 
     def info(self) -> dict[str, Any]:
@@ -97,29 +100,43 @@ class PoolSettings:
     device: str = "auto"
     retries: int = 2
     sys_path: tuple[str, ...] = ()
+    timeout: float | None = None  # seconds per evaluation; past it: worker replaced, FAIL
+    # workers the cluster holds now (workers.count: auto): checked every `grow_seconds`,
+    # new workers start as nodes join
+    target: Callable[[], int] | None = None
+    grow_seconds: float = 5.0
 
 
 class WorkerPool:
+    """Workers are idle, running a job, or starting (loading the task; they join the idle
+    ones when ready, so a worker waiting for a node never holds a candidate). Candidates
+    of dead workers wait in a retry queue for the next free worker."""
+
     def __init__(self, factory: EvaluatorFactory, settings: PoolSettings) -> None:
         self.factory, self.settings = factory, settings
         self._remote = ray.remote(num_cpus=settings.cpus_per_worker,
                                   num_gpus=settings.gpus_per_worker)(_Worker)  # fmt: skip
         self._idle: list[Any] = []
         self._running: dict[Any, tuple[Any, Job]] = {}  # ObjectRef -> (actor, job)
+        self._starting: dict[Any, Any] = {}  # ObjectRef of info() -> actor
+        self._retry: deque[Job] = deque()
         self._names = 0
-        self.replaced = 0
+        self._grown = time.monotonic()
+        self.replaced = self.timed_out = self.failed_starts = 0
+        self.infos: list[dict[str, Any]] = []
 
     def start(self) -> list[dict[str, Any]]:
         """Start the workers and wait until each has loaded the task (errors surface here)."""
         self._idle = [self._new_actor() for _ in range(self.settings.count)]
         try:
-            return ray.get([a.info.remote() for a in self._idle])
+            self.infos = ray.get([a.info.remote() for a in self._idle])
         except RayError as exc:
             cause = getattr(exc, "cause", None) or exc
             first = (
                 str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
             )
             raise WorkerStartError(f"a worker failed to load the task: {first}") from exc
+        return self.infos
 
     def _new_actor(self) -> Any:
         self._names += 1
@@ -128,11 +145,16 @@ class WorkerPool:
             self.factory, f"w{self._names}", self.settings.device, threads, self.settings.sys_path
         )
 
+    def _start_another(self) -> None:
+        actor = self._new_actor()
+        self._starting[actor.info.remote()] = actor
+
     def base_metric(self) -> float:
         return ray.get(self._idle[0].base_metric.remote())
 
     @property
     def size(self) -> int:
+        """Workers ready to evaluate (idle or running)."""
         return len(self._idle) + len(self._running)
 
     @property
@@ -141,7 +163,8 @@ class WorkerPool:
 
     @property
     def busy(self) -> int:
-        return len(self._running)
+        """Candidates in flight: running, or waiting to be re-dispatched."""
+        return len(self._running) + len(self._retry)
 
     def submit(self, job: Job) -> None:
         actor = self._idle.pop()
@@ -149,29 +172,82 @@ class WorkerPool:
         self._running[actor.evaluate.remote(job.policy, job.context)] = (actor, job)
 
     def wait(self, timeout: float) -> list[tuple[Job, dict[str, Any]]]:
-        """Finished jobs with their results; workers that died are replaced and their jobs
-        re-dispatched (or returned failed once out of retries)."""
-        if not self._running:
-            return []
-        ready, _ = ray.wait(list(self._running), num_returns=1, timeout=timeout)
-        done = []
-        for ref in ready:
-            actor, job = self._running.pop(ref)
-            try:
-                result = ray.get(ref)
-            except RayError as exc:  # the worker process died (or the task escaped it)
-                self._replace(actor)
-                if job.attempt <= self.settings.retries:
-                    job.attempt += 1
-                    self.submit(job)
-                    continue
-                result = {"error": f"worker died {job.attempt} times evaluating this candidate; "
-                                   f"last: {type(exc).__name__}"}  # fmt: skip
-            else:
-                self._idle.append(actor)
-            result["seconds"] = time.monotonic() - job.started
-            done.append((job, result))
+        """Finished jobs with their results. Workers that died are replaced and their jobs
+        re-dispatched (or returned failed once out of retries); jobs past the timeout are
+        returned failed and their workers replaced; new nodes get new workers."""
+        self._grow()
+        refs = list(self._running) + list(self._starting)
+        done: list[tuple[Job, dict[str, Any]]] = []
+        if refs:
+            ready, _ = ray.wait(refs, num_returns=1, timeout=self._wait_time(timeout))
+            for ref in ready:
+                if ref in self._starting:
+                    self._started(ref)
+                else:
+                    done.extend(self._finished(ref))
+        done.extend(self._expire())
+        while self._retry and self._idle:
+            self.submit(self._retry.popleft())
         return done
+
+    def _wait_time(self, timeout: float) -> float:
+        """Wake up in time for the earliest evaluation deadline."""
+        if self.settings.timeout is None or not self._running:
+            return timeout
+        first = min(job.started for _, job in self._running.values())
+        return max(0.0, min(timeout, first + self.settings.timeout - time.monotonic()))
+
+    def _started(self, ref: Any) -> None:
+        actor = self._starting.pop(ref)
+        try:
+            self.infos.append(ray.get(ref))
+        except RayError:  # e.g. its node left while it loaded: the next growth check retries
+            self.failed_starts += 1
+            ray.kill(actor, no_restart=True)
+            return
+        self._idle.append(actor)
+
+    def _finished(self, ref: Any) -> list[tuple[Job, dict[str, Any]]]:
+        actor, job = self._running.pop(ref)
+        try:
+            result = ray.get(ref)
+        except RayError as exc:  # the worker process died (or the task escaped it)
+            self._replace(actor)
+            if job.attempt <= self.settings.retries:
+                job.attempt += 1
+                self._retry.append(job)
+                return []
+            result = {"error": f"worker died {job.attempt} times evaluating this candidate; "
+                               f"last: {type(exc).__name__}"}  # fmt: skip
+        else:
+            self._idle.append(actor)
+        result["seconds"] = time.monotonic() - job.started
+        return [(job, result)]
+
+    def _expire(self) -> list[tuple[Job, dict[str, Any]]]:
+        limit = self.settings.timeout
+        if limit is None:
+            return []
+        now = time.monotonic()
+        late = [ref for ref, (_, job) in self._running.items() if now - job.started > limit]
+        done = []
+        for ref in late:
+            actor, job = self._running.pop(ref)
+            self._replace(actor)  # a hung evaluation holds its worker: only a new one helps
+            self.timed_out += 1
+            done.append((job, {"error": f"TimeoutError: the evaluation took longer than timeout="
+                                        f"{limit:g} s; its worker was replaced",
+                               "seconds": now - job.started}))  # fmt: skip
+        return done
+
+    def _grow(self) -> None:
+        """workers.count auto: start workers for capacity that joined (nodes added)."""
+        target = self.settings.target
+        if target is None or time.monotonic() - self._grown < self.settings.grow_seconds:
+            return
+        self._grown = time.monotonic()
+        for _ in range(target() - self.size - len(self._starting)):
+            self._start_another()
 
     def map(self, policies: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Evaluate many policies on every worker, in any order; results in input order."""
@@ -186,11 +262,15 @@ class WorkerPool:
         return results  # type: ignore[return-value]
 
     def _replace(self, actor: Any) -> None:
+        """Kill `actor` and start a replacement; it takes candidates once it has loaded the
+        task (on a lost node it waits for capacity without holding one)."""
         ray.kill(actor, no_restart=True)
-        self._idle.append(self._new_actor())
+        self._start_another()
         self.replaced += 1
 
     def shutdown(self) -> None:
-        for actor in self._idle + [a for a, _ in self._running.values()]:
+        actors = self._idle + [a for a, _ in self._running.values()] + list(self._starting.values())
+        for actor in actors:
             ray.kill(actor, no_restart=True)
-        self._idle, self._running = [], {}
+        self._idle, self._running, self._starting = [], {}, {}
+        self._retry.clear()
