@@ -284,3 +284,23 @@ def test_storage_mistakes_are_one_line_before_anything_starts(postgres, tmp_path
         assert len(lines) == 1 and words in lines[0], done.stderr
         assert ":pw@" not in lines[0]
         assert not (tmp_path / "o").exists()
+
+
+def test_journal_storage_needs_no_server_and_resumes(ray_cluster, tmp_path):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from orchestrator.config import make_config
+    from orchestrator.search import run_search
+
+    log = tmp_path / "shared" / "studies.log"
+    config = make_config({"task": "digits-cnn", "trials": 8, "seeding": False, "study": "j",
+                          "out": str(tmp_path / "out"), "storage": f"journal://{log}",
+                          "workers": {"count": 2}})  # fmt: skip
+    run_search(config)
+    run_search(config.model_copy(update={"trials": 14}), resume=True)
+    study = optuna.load_study(study_name="j", storage=JournalStorage(JournalFileBackend(str(log))))
+    trials = _check_once(tmp_path / "out" / "j")
+    assert len(trials) == 14
+    assert sorted(trials["trial"]) == sorted(t.number for t in study.trials)
+    assert not (tmp_path / "out" / "j" / "study.db").exists()
