@@ -189,6 +189,21 @@ def check_storage(config: SearchConfig, study: str, *, resume: bool) -> None:
                           "continue it or give --study NEW_NAME")  # fmt: skip
 
 
+def check_no_live_driver(config: SearchConfig, study: str, study_dir: Path) -> None:
+    """--resume fails the trials a dead driver left running: never those of a live one."""
+    from orchestrator.storage import study_storage
+    from orchestrator.store import live_driver
+
+    if config.storage is None and not (study_dir / "study.db").is_file():
+        return
+    beat = live_driver(study_storage(config.storage, study_dir), study)
+    if beat is not None:
+        ago = time.time() - beat["at"]
+        raise ConfigError(f"study '{study}' is being run by another driver (pid {beat['pid']} on "
+                          f"{beat['host']}, alive {ago:.0f} s ago); stop it first, or wait a "
+                          "minute if it died")  # fmt: skip
+
+
 def check_devices(config: SearchConfig) -> None:
     """Local runs: refuse GPU settings on a machine without CUDA before anything starts."""
     import torch
@@ -210,6 +225,7 @@ def prepare(config: SearchConfig, *, resume: bool = False) -> Prepared:
     check_storage(config, study, resume=resume)
     if resume:
         check_resume(study_dir, config, space)
+        check_no_live_driver(config, study, study_dir)
     base = policy_cost(space, Policy.uniform(space, 32, 1.0))
     return Prepared(config=config, task=task, base_model=model, space=space, budget=budget,
                     base_cost=base, study=study, study_dir=study_dir, resume=resume)  # fmt: skip

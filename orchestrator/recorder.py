@@ -7,6 +7,7 @@ Imports no torch and no Ray: it starts in about a second.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,12 +22,15 @@ def main(argv: list[str]) -> int:
     storage = open_storage(url)
     writer = StudyWriter(storage, storage.get_study_id_from_name(study_name),
                          ResultSink(study_dir))  # fmt: skip
+    driver = os.getppid()
+    writer.heartbeat(driver_pid=driver)
     last_flush = time.monotonic()
     for messages, eof in read_messages(sys.stdin.fileno(), flush_seconds):
         writer.apply(messages)
         if eof or time.monotonic() - last_flush >= flush_seconds:
             writer.sink.flush()
             last_flush = time.monotonic()
+        writer.heartbeat(driver_pid=driver, stopped=eof)  # end of stream: the driver is gone
     return 0
 
 

@@ -23,6 +23,7 @@ import contextlib
 import os
 import pickle
 import queue
+import socket
 import struct
 import subprocess
 import sys
@@ -40,6 +41,11 @@ from orchestrator.results import ResultSink
 from orchestrator.storage import close_storage, open_storage
 
 ROW_ATTR = "prunesearch.row"
+# the live driver of a study: {"host", "pid", "at" (unix time), "stopped"}; written by its
+# recorder every HEARTBEAT_SECONDS, so a second driver's --resume can tell it is running
+DRIVER_ATTR = "prunesearch.driver"
+HEARTBEAT_SECONDS = 10.0
+STALE_SECONDS = 45.0
 INTERRUPTED = "interrupted: the driver stopped before this trial finished; re-queued on resume"
 _HEADER = struct.Struct("<I")  # length prefix of each pickled message
 
@@ -78,6 +84,16 @@ class StudyWriter:
         self.storage, self.study_id, self.sink = storage, study_id, sink
         self._ids: dict[int, int] = {}  # trial number -> storage trial id
         self._done: set[int] = set()
+        self._beat = 0.0
+
+    def heartbeat(self, *, driver_pid: int, stopped: bool = False) -> None:
+        """Say the study's driver is alive (at most every HEARTBEAT_SECONDS) or gone."""
+        now = time.time()
+        if not stopped and now - self._beat < HEARTBEAT_SECONDS:
+            return
+        self._beat = now
+        value = {"host": socket.gethostname(), "pid": driver_pid, "at": now, "stopped": stopped}
+        self.storage.set_study_user_attr(self.study_id, DRIVER_ATTR, value)
 
     def apply(self, batch: list[tuple[str, FrozenTrial, Any]]) -> None:
         finals = {t.number: (t, row) for kind, t, row in batch if kind == "finished"}
@@ -110,6 +126,33 @@ class StudyWriter:
         for key, value in _with_row(trial, row).user_attrs.items():
             self.storage.set_trial_user_attr(trial_id, key, value)
         self.storage.set_trial_state_values(trial_id, trial.state, trial.values)
+
+
+def live_driver(url: str, name: str) -> dict[str, Any] | None:
+    """The driver running study `name` now (its heartbeat is fresh and not stopped), if any."""
+    storage = open_storage(url)
+    try:
+        study_id = storage.get_study_id_from_name(name)
+        beat = storage.get_study_user_attrs(study_id).get(DRIVER_ATTR)
+    except KeyError:
+        return None
+    finally:
+        close_storage(storage)
+    if not beat or beat.get("stopped") or time.time() - beat.get("at", 0) > STALE_SECONDS:
+        return None
+    if beat.get("host") == socket.gethostname() and not _alive(int(beat.get("pid", 0))):
+        return None  # died on this machine moments ago
+    return beat
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return pid > 0
 
 
 def _with_row(trial: FrozenTrial, row: dict[str, Any]) -> FrozenTrial:

@@ -119,3 +119,23 @@ def test_driver_killed_then_resume_finishes_with_every_trial_once(tmp_path):
     assert len(trials) == len(all_trials) == target
     evaluated = trials[(trials["state"] == "COMPLETE") & trials["cached_from"].isna()]
     assert evaluated["policy_hash"].is_unique  # no completed trial evaluated twice
+
+
+def test_resume_is_refused_while_another_driver_runs_the_study(tmp_path):
+    """--resume fails the trials a dead driver left running: never a live driver's."""
+    study_dir = tmp_path / "s"
+    args = ("run", "--out", str(tmp_path), "--study", "s", "--workers", "1", "--quiet",
+            "--sampler", "random")  # fmt: skip
+    proc = _cli(*args, "--trials", "5000")
+    try:
+        _wait_for_rows(study_dir)
+        second = _cli(*args, "--trials", "5000", "--resume")
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 2, err
+        assert len(err.strip().splitlines()) == 1
+        assert "being run by another driver" in err and f"pid {proc.pid}" in err
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    _check_study(study_dir)  # the refused resume touched nothing: each trial once
