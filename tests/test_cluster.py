@@ -106,6 +106,7 @@ def _config(tmp_path: Path, **extra) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_submitted_job_is_followed_to_completion_and_its_results_read_back(head, tmp_path):
     config = _config(tmp_path, trials=12)
     out = tmp_path / "results"
@@ -124,6 +125,7 @@ def test_submitted_job_is_followed_to_completion_and_its_results_read_back(head,
     assert (trials["node"].str.startswith("127.0.0.1/") | trials["node"].str.contains("/")).all()
 
 
+@pytest.mark.slow
 def test_a_stopped_job_resumes_with_submit_resume(head, tmp_path):
     config = _config(tmp_path, trials=3000)
     out = tmp_path / "results"
@@ -197,6 +199,7 @@ def _wait(cond, timeout: float, what: str, proc: subprocess.Popen | None = None)
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_two_nodes_workers_on_both_grow_with_a_new_node_and_survive_a_lost_one(tmp_path):
     from ray.cluster_utils import Cluster
 
@@ -243,6 +246,7 @@ def postgres(tmp_path_factory):
     server.cleanup()
 
 
+@pytest.mark.slow
 def test_postgres_storage_keeps_the_study_and_never_the_password(postgres, tmp_path):
     secret = "pw-7Hq2-secret"
     env = {**_env(), "PRUNESEARCH_STORAGE_PASSWORD": secret}

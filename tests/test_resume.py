@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 
 from orchestrator.cli import main
 
@@ -40,6 +41,7 @@ def _check_study(study_dir: Path) -> tuple[pd.DataFrame, list]:
     return trials, study.trials
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_resume_loses_and_repeats_nothing(tmp_path):
     study_dir = tmp_path / "s"
     args = ("run", "--out", str(tmp_path), "--study", "s", "--workers", "2", "--quiet")
@@ -100,6 +102,7 @@ def _wait_until_consistent(study_dir: Path, timeout: float = 60) -> tuple[pd.Dat
             time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_driver_killed_then_resume_finishes_with_every_trial_once(tmp_path):
     study_dir = tmp_path / "s"
     args = ("run", "--out", str(tmp_path), "--study", "s", "--workers", "2", "--quiet",
