@@ -249,10 +249,7 @@ class Driver:
                         break
                     bar.update_status(self.pool.busy, self.pool.size, self._best())
                     ahead = self._ask_ahead_in()
-                    waited = time.perf_counter()
-                    done = self.pool.wait(timeout=min(0.2, ahead))
-                    self.stats.wait_seconds += time.perf_counter() - waited
-                    self._feed(ask=False)  # the freed worker first, the sampler after
+                    done = self._collect(timeout=min(0.2, ahead))
                     for job, result in done:
                         self._complete(self.by_trial.pop(job.trial), job, result)
                     if not done and ahead <= 0:
@@ -272,6 +269,21 @@ class Driver:
                       f"last error: {self.last_error}")  # fmt: skip
         return True
 
+    def _collect(self, *, timeout: float) -> list[tuple[Any, dict[str, Any]]]:
+        """Finished evaluations, waiting up to `timeout` for the first. Each freed worker
+        takes a ready candidate at once, and results that arrive meanwhile are collected
+        (their workers fed too) before any is told: a burst of results is dispatched
+        first, told after."""
+        waited = time.perf_counter()
+        done = self.pool.wait(timeout=timeout)
+        self.stats.wait_seconds += time.perf_counter() - waited
+        more = done
+        while more:
+            self._feed(ask=False)
+            more = self.pool.wait(timeout=0)
+            done += more
+        return done
+
     def _feed(self, *, ask: bool = True) -> None:
         """Every free worker gets a ready candidate, or (ask) one asked now."""
         while self.pool.free:
@@ -283,19 +295,23 @@ class Driver:
                 return
 
     def _ask_ahead_in(self) -> float:
-        """Seconds until the next candidate should be asked ahead (0: now). Each running
-        evaluation is expected to end one average evaluation after it was sent; the j-th
-        to end needs the j-th ready candidate, and the candidates still missing take an
-        average ask each (plus one spare), so asking starts that long before. Evaluations
-        of equal length end in bursts (a large cluster started at once): the burst's
-        candidates are asked just before it, not one after another as workers free up.
-        Before the first result every evaluation may end now; the sampler knows nothing
-        yet either, so asking those candidates early costs it nothing."""
+        """Seconds until the next candidate should be asked ahead (0: now). One is always
+        ready, so a freed worker never waits for the sampler (and the ask time is known
+        before it matters). Beyond that, just in time: each running evaluation is expected
+        to end one average evaluation after it was sent; the j-th to end needs the j-th
+        ready candidate, so asking starts as long before it as the missing candidates
+        take, plus one, at twice the average ask (asks vary with load and grow with the
+        history). Evaluations of equal length end in bursts (a large cluster started at
+        once): the burst's candidates are asked before it, while the driver is idle, not
+        one after another as workers free up. Before the first result every evaluation
+        may end now; the sampler knows nothing yet either, so asking early costs nothing."""
         if self.issued >= self.target or not self.sent:
             return math.inf
+        if not self.ready:
+            return 0.0
         now, have = time.monotonic(), len(self.ready)
         ends = sorted(sent + (self.eval_estimate or 0.0) for sent in self.sent.values())
-        return max(0.0, min((end - now - (j - have + 1) * self.ask_estimate
+        return max(0.0, min((end - now - 2 * (j - have + 1) * self.ask_estimate
                              for j, end in enumerate(ends, 1) if j > have), default=math.inf))  # fmt: skip
 
     def _ask(self) -> None:
