@@ -124,7 +124,10 @@ def _recorded_config(out: str, study: str | None) -> dict[str, Any]:
         raise ConfigError(f"--resume: no prunesearch study in {where}; check --study and --out")
     latest = max(runs, key=lambda r: r.stat().st_mtime)
     try:
-        return dict(json.loads(latest.read_text())["config"])
+        config = json.loads(latest.read_text())["config"]
+        if not isinstance(config, dict):
+            raise TypeError(f"its config is a {type(config).__name__}, not an object")
+        return config
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"--resume: '{latest}' is damaged ({exc}); give the study's CONFIG "
                           "file") from None  # fmt: skip
@@ -286,7 +289,14 @@ def cmd_front(args: argparse.Namespace) -> int:
     from orchestrator.summary import print_front, read_study
 
     front, run = read_study(Path(args.study_dir))
-    print_front(front, base=run.get("base", {}))
+    if not isinstance(run, dict):
+        raise ConfigError(f"'{Path(args.study_dir) / 'run.json'}' is damaged (not a JSON object); "
+                          "rerun or resume the study to rewrite it")  # fmt: skip
+    base = run.get("base") if isinstance(run.get("base"), dict) else {}
+    # numbers only: where run.json lacks them the front prints without the base columns
+    base = {k: v for k, v in base.items() if k in ("size_bytes", "metric")
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+    print_front(front, base=base)
     return 0
 
 

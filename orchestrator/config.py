@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,7 +30,23 @@ from orchestrator.budget import Budget, BudgetError, parse_budget
 from orchestrator.errors import ConfigError
 from search_spaces.config import Importance, PruningMode, SpaceConfig
 
-Number = StrictInt | float
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+Number = Annotated[StrictInt | float, AfterValidator(_finite)]
+Finite = Annotated[float, AfterValidator(_finite)]
+MAX_SEED = 2**32 - 1  # numpy's (and so Optuna's samplers') seed range
+
+
+def _plain_text(value: str | None) -> str | None:
+    """Paths and names: a NUL or control character cannot be a file name (os calls raise)."""
+    if value is not None and any(ord(c) < 32 or c == "\x7f" for c in value):
+        raise ValueError("must not contain control characters (NUL, newline, tab, ...)")
+    return value
 
 
 class _Frozen(BaseModel):
@@ -50,6 +68,13 @@ class WorkersConfig(_Frozen):
             return 1.0 if cluster_gpus > 0 else 0.0
         return float(self.gpus_per_worker)
 
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _gpus(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError("must be 0 or more (fractions share a GPU), or auto")
+        return v
+
     @field_validator("count", mode="before")
     @classmethod
     def _count(cls, v):
@@ -65,7 +90,7 @@ class RecoveryConfig(_Frozen):
     calibration_batches: StrictInt | None = Field(default=None, ge=1)
     finetune_steps: StrictInt = Field(default=0, ge=0)  # short fine-tune on the train batches
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(default=1e-3, gt=0)
+    lr: Finite = Field(default=1e-3, gt=0)
 
 
 class FidelityConfig(_Frozen):
@@ -75,7 +100,7 @@ class FidelityConfig(_Frozen):
     enabled: StrictBool | Literal["auto"] = "auto"
     steps: tuple[float, ...] = (0.25, 0.5, 1.0)
     error_rate: float = Field(default=0.05, gt=0, lt=1)
-    metric_range: tuple[float, float] = (0.0, 1.0)
+    metric_range: tuple[Finite, Finite] = (0.0, 1.0)
 
     @field_validator("steps")
     @classmethod
@@ -83,6 +108,13 @@ class FidelityConfig(_Frozen):
         if not v or any(not 0 < f <= 1 for f in v):
             raise ValueError("fractions of the validation data in (0, 1], e.g. [0.25, 0.5, 1]")
         return tuple(sorted(v))
+
+    @field_validator("metric_range")
+    @classmethod
+    def _range(cls, v):
+        if not v[0] < v[1]:
+            raise ValueError("[lowest, highest] the metric can take, lowest first, e.g. [0, 1]")
+        return v
 
 
 SAMPLERS = ("auto", "tpe", "nsga2", "random")
@@ -93,7 +125,7 @@ class SearchConfig(_Frozen):
     study: StrictStr | None = None  # default: <task>-<timestamp>
     out: StrictStr = "runs"
     trials: StrictInt = Field(default=60, ge=1)
-    seed: StrictInt | None = 0
+    seed: StrictInt | None = Field(default=0, ge=0, le=MAX_SEED)
     sampler: Literal["auto", "tpe", "nsga2", "random"] = "auto"
     # front: the whole size/metric front; budget: the best within `budget` (front kept too)
     objective: Literal["front", "budget"] = "front"
@@ -138,7 +170,14 @@ class SearchConfig(_Frozen):
     def _study(cls, v):
         if v is not None and (not v or "/" in v or v.startswith(".")):
             raise ValueError("must be a plain directory name (no '/', not starting with '.')")
-        return v
+        return _plain_text(v)
+
+    @field_validator("out")
+    @classmethod
+    def _out(cls, v):
+        if not v:
+            raise ValueError("must name a directory, e.g. runs")
+        return _plain_text(v)
 
     @model_validator(mode="after")
     def _objective(self) -> SearchConfig:

@@ -6,6 +6,7 @@ starts Ray nor writes a file, so bad input never costs a worker or touches a stu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -41,7 +42,11 @@ class Prepared:
 
 
 def build_space(config: SearchConfig) -> tuple[Task, nn.Module, SearchSpace]:
-    task = resolve_task(config.task)
+    try:
+        task = resolve_task(config.task)
+    except SystemExit as exc:  # e.g. a training script's argparse run at import
+        raise ConfigError(f"task '{config.task}': loading it called sys.exit({exc.code!r}); "
+                          "make_task() must return a Task without exiting") from None  # fmt: skip
     try:
         model = task.model()
         example = task.example_inputs()
@@ -119,8 +124,24 @@ def default_study_name(task_name: str) -> str:
     return f"{_slug(task_name.rpartition(':')[2] or task_name)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_out_dir(out: Path) -> None:
+    """`out` is a directory this user can write in, or can be made one: checked here, so
+    a file in the way fails before Ray starts, not when the study directory is made."""
+    path = out.absolute()
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out '{out}': '{parent}' is a file, not a directory; give a "
+                                  "directory for the results (key: out)")  # fmt: skip
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"--out '{out}': cannot write in '{parent}'; give a directory "
+                                  "you can write to (key: out)")  # fmt: skip
+            return
+
+
 def resolve_study(config: SearchConfig, task: Task, *, resume: bool) -> tuple[str, Path]:
     out = Path(config.out)
+    check_out_dir(out)
     name = config.study
     if name is None and resume:
         name = _latest_study(out, config.task)
@@ -159,6 +180,45 @@ def check_resume(study_dir: Path, config: SearchConfig, space: SearchSpace) -> N
         raise ConfigError(f"--resume: the search space differs from the one study "
                           f"'{study_dir.name}' was started with; keep its space settings or "
                           "start a new --study")  # fmt: skip
+    if config.storage is None:
+        check_study_db(study_dir)
+    check_parts(study_dir)
+
+
+def check_study_db(study_dir: Path) -> None:
+    """--resume with the default storage: `study.db` holds this study. Read only, so a
+    foreign or damaged file is neither changed nor mistaken for the study."""
+    import sqlite3
+
+    path = study_dir / "study.db"
+    if not path.is_file():
+        raise ConfigError(f"--resume: '{study_dir}' has no study.db (its Optuna study); it cannot "
+                          "be continued: start a new --study")  # fmt: skip
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro",
+                                                uri=True)) as db:  # fmt: skip
+            names = {name for (name,) in db.execute("SELECT study_name FROM studies")}
+    except sqlite3.Error as exc:
+        raise ConfigError(f"--resume: '{path}' is not an Optuna study database ({exc}); it "
+                          "cannot be continued: start a new --study") from None  # fmt: skip
+    if study_dir.name not in names:
+        found = ", ".join(sorted(map(str, names))) or "none"
+        raise ConfigError(f"--resume: '{path}' holds no study '{study_dir.name}' (it holds: "
+                          f"{found}); it was copied or renamed: start a new --study")  # fmt: skip
+
+
+def check_parts(study_dir: Path) -> None:
+    """--resume: every Parquet part reads (prunesearch never leaves a torn one; a damaged
+    file came from elsewhere). The Optuna study holds every row, so removing it is safe."""
+    import pyarrow.parquet as pq
+
+    for part in sorted((study_dir / "trials").glob("part-*.parquet")):
+        try:
+            pq.read_metadata(part)
+        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            raise ConfigError(f"--resume: '{part}' is damaged ({text}); move it out of the "
+                              "study and resume: its rows are rebuilt from the Optuna study") from None  # fmt: skip
 
 
 def check_storage(config: SearchConfig, study: str, *, resume: bool) -> None:
@@ -214,6 +274,10 @@ def check_devices(config: SearchConfig) -> None:
     if wants_gpu and not torch.cuda.is_available():
         raise ConfigError("workers.gpus_per_worker/workers.device ask for a GPU but this machine "
                           "has no CUDA device; set gpus_per_worker: 0 and device: auto")  # fmt: skip
+    cpus, w = os.cpu_count() or 1, config.workers
+    if w.count == "auto" and w.cpus_per_worker > cpus:  # no worker could ever be placed
+        raise ConfigError(f"workers.cpus_per_worker={w.cpus_per_worker:g} is more than this "
+                          f"machine's {cpus} CPUs; lower it or set workers.count")  # fmt: skip
 
 
 def prepare(config: SearchConfig, *, resume: bool = False) -> Prepared:

@@ -541,6 +541,7 @@ def _seeds(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool) ->
     config = prepared.config
     table = table_for(config.task, prepared.space, config.recovery.model_dump(), pool, base_metric)
     prepared.study_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(prepared.study_dir, 0o700)  # the study is the user's alone (as Driver.open)
     write_table(table, prepared.study_dir / "sensitivity.parquet")
     fixed = prepared.space.fixed_values
     return [
@@ -570,8 +571,18 @@ def _ray_init(config: SearchConfig) -> bool:
     cpus = os.cpu_count() or 1
     if w.count != "auto":
         cpus = max(cpus, math.ceil(w.count * w.cpus_per_worker))
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-             _node_ip_address="127.0.0.1", object_store_memory=200 * 2**20, **quiet)  # fmt: skip
+    # Ray on Linux swaps 127.0.0.1 for the machine's outward address and then listens on
+    # every interface; with its single-machine mode (its default on macOS and Windows)
+    # every port binds the loopback, so nothing on the network can send it work. Only
+    # for this call: the flag also picks the driver's address when joining a cluster.
+    import ray._private.ray_constants as ray_constants
+
+    previous, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", object_store_memory=200 * 2**20, **quiet)  # fmt: skip
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
     return True
 
 

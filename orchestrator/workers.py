@@ -8,6 +8,8 @@ dies (process killed, node lost) is replaced and its candidate re-dispatched up 
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import socket
 import sys
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+import torch
 from ray.exceptions import RayError
 
 from orchestrator.errors import WorkerStartError
@@ -68,19 +71,46 @@ class _Worker:
                 "pid": os.getpid()}  # fmt: skip
 
     def base_metric(self) -> float:
-        return float(self.evaluator.base_metric())
+        return _finite_metric(self.evaluator.base_metric())
 
     def evaluate(
         self, policy: dict[str, Any], context: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         try:  # context: keyword arguments of multi-fidelity evaluation (size, front, ...)
             result = dict(self.evaluator.evaluate(policy, **(context or {})))
+            result["metric"] = _finite_metric(result.get("metric"))
         except Exception as exc:  # the trial fails, the worker goes on
             last = traceback.extract_tb(exc.__traceback__)[-1]
-            result = {"error": f"{type(exc).__name__}: {exc} ({os.path.basename(last.filename)}"
+            message = " ".join(str(exc).split())  # one line, however the error was written
+            result = {"error": f"{type(exc).__name__}: {message} ({os.path.basename(last.filename)}"
                                f":{last.lineno})"}  # fmt: skip
+            if isinstance(exc, torch.cuda.OutOfMemoryError):  # free the failed attempt's cache
+                torch.cuda.empty_cache()  # so the next candidate finds the memory
         result.update(worker=self.name, node=self.node)
         return result
+
+
+def _cause(exc: RayError) -> str:
+    """The user's error inside a Ray error, in one line: `Type: message` (a task's error),
+    else the last line of Ray's message (an actor's failed start ends with the user's)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        message = " ".join(str(cause).split())
+        return f"{type(cause).__name__}: {message}" if message else type(cause).__name__
+    lines = str(exc).strip().splitlines()
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
+def _finite_metric(metric: Any) -> float:
+    """Custom evaluators (`evaluator_factory`) bypass the Evaluator's own check: a missing,
+    NaN or infinite metric would be recorded COMPLETE and corrupt the front."""
+    if isinstance(metric, torch.Tensor) and metric.numel() == 1:
+        metric = metric.item()
+    if not isinstance(metric, numbers.Real) or isinstance(metric, bool):
+        raise TypeError(f"the evaluator returned metric {metric!r}, not a number")
+    if not math.isfinite(metric):
+        raise ValueError(f"the evaluator returned metric {float(metric)}")
+    return float(metric)
 
 
 @dataclass
@@ -122,7 +152,7 @@ class WorkerPool:
         self._retry: deque[Job] = deque()
         self._names = 0
         self._grown = time.monotonic()
-        self.replaced = self.timed_out = self.failed_starts = 0
+        self.replaced = self.timed_out = self.failed_starts = self._failed_in_a_row = 0
         self.infos: list[dict[str, Any]] = []
 
     def start(self) -> list[dict[str, Any]]:
@@ -131,11 +161,7 @@ class WorkerPool:
         try:
             self.infos = ray.get([a.info.remote() for a in self._idle])
         except RayError as exc:
-            cause = getattr(exc, "cause", None) or exc
-            first = (
-                str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-            )
-            raise WorkerStartError(f"a worker failed to load the task: {first}") from exc
+            raise WorkerStartError(f"a worker failed to load the task: {_cause(exc)}") from exc
         return self.infos
 
     def _new_actor(self) -> Any:
@@ -150,7 +176,13 @@ class WorkerPool:
         self._starting[actor.info.remote()] = actor
 
     def base_metric(self) -> float:
-        return ray.get(self._idle[0].base_metric.remote())
+        """The task's metric on the unchanged model: a task whose metric fails even there
+        is one clear error before any trial, not a traceback."""
+        try:
+            return ray.get(self._idle[0].base_metric.remote())
+        except RayError as exc:
+            raise WorkerStartError(f"the task's metric failed on the unchanged model: "
+                                   f"{_cause(exc)}") from exc  # fmt: skip
 
     @property
     def size(self) -> int:
@@ -163,8 +195,11 @@ class WorkerPool:
 
     @property
     def busy(self) -> int:
-        """Candidates in flight: running, or waiting to be re-dispatched."""
-        return len(self._running) + len(self._retry)
+        """Candidates in flight: running, or waiting to be re-dispatched. While no worker is
+        ready, the ones starting count too: every worker may be a replacement still loading
+        the task (each died on a candidate), and the driver must wait for them, not end."""
+        waiting = len(self._starting) if not self.size else 0
+        return len(self._running) + len(self._retry) + waiting
 
     def submit(self, job: Job) -> None:
         actor = self._idle.pop()
@@ -201,10 +236,19 @@ class WorkerPool:
         actor = self._starting.pop(ref)
         try:
             self.infos.append(ray.get(ref))
-        except RayError:  # e.g. its node left while it loaded: the next growth check retries
+        except RayError as exc:  # e.g. its node left while it loaded
             self.failed_starts += 1
+            self._failed_in_a_row += 1
             ray.kill(actor, no_restart=True)
+            if self.settings.target is not None:
+                return  # elastic: the next growth check starts another where there is room
+            if self._failed_in_a_row <= self.settings.retries:
+                self._start_another()  # a fixed pool keeps its size
+            elif not self.size and not self._starting:  # nothing left to run a candidate
+                raise WorkerStartError(f"every worker died and none could be started again: "
+                                       f"{_cause(exc)}") from exc  # fmt: skip
             return
+        self._failed_in_a_row = 0
         self._idle.append(actor)
 
     def _finished(self, ref: Any) -> list[tuple[Job, dict[str, Any]]]:
