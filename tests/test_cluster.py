@@ -233,10 +233,10 @@ def test_two_nodes_workers_on_both_grow_with_a_new_node_and_survive_a_lost_one(t
 def postgres(tmp_path_factory):
     try:
         import pgserver  # a PostgreSQL server in a wheel; started here, stopped after
-        import psycopg2  # noqa: F401
+        import psycopg  # noqa: F401  (SQLAlchemy's default PostgreSQL driver)
     except ImportError as exc:
         pytest.skip(f"PostgreSQL server cannot be installed here ({exc}); pip install pgserver "
-                    "psycopg2-binary")  # fmt: skip
+                    "'psycopg[binary]'")  # fmt: skip
     data = tmp_path_factory.mktemp("pg")
     server = pgserver.get_server(data, cleanup_mode="stop")
     server.psql("CREATE ROLE prune LOGIN PASSWORD 'pw-7Hq2-secret';")

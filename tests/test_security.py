@@ -78,7 +78,7 @@ def test_nothing_unpickles_a_file():
 def postgres(tmp_path_factory):
     try:
         import pgserver
-        import psycopg2  # noqa: F401
+        import psycopg  # noqa: F401  (SQLAlchemy's default PostgreSQL driver)
     except ImportError:
         yield None
         return
@@ -162,7 +162,7 @@ def _all_files(*roots: Path) -> list[Path]:
 
 def test_the_storage_password_is_recorded_nowhere(study, postgres, ray_cluster):
     if postgres is None:
-        pytest.skip("no PostgreSQL server here (pip install pgserver psycopg2-binary)")
+        pytest.skip("no PostgreSQL server here (pip install pgserver 'psycopg[binary]')")
     study_dir, printed = study
     assert not (study_dir / "study.db").exists()  # the study lives in PostgreSQL
     assert (study_dir / "export").is_dir() and list(study_dir.glob("*.parquet"))
@@ -179,7 +179,7 @@ def test_the_storage_password_is_recorded_nowhere(study, postgres, ray_cluster):
 
 def test_a_storage_error_never_shows_the_password(postgres, tmp_path, monkeypatch, capsys):
     if postgres is None:
-        pytest.skip("no PostgreSQL server here (pip install pgserver psycopg2-binary)")
+        pytest.skip("no PostgreSQL server here (pip install pgserver 'psycopg[binary]')")
     monkeypatch.setenv("PRUNESEARCH_STORAGE_PASSWORD", SECRET)
     for url in (postgres.replace("/secured?", "/nodb?"), postgres.replace("secure@", "nobody@")):
         config = tmp_path / "c.yaml"
