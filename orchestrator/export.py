@@ -51,7 +51,7 @@ from orchestrator.config import SearchConfig, make_config
 from orchestrator.cost import policy_cost
 from orchestrator.errors import ConfigError
 from orchestrator.policy import Policy
-from orchestrator.results import atomic_write_bytes, read_trials
+from orchestrator.results import atomic_write_bytes, read_run_json, read_trials
 from search_spaces import SearchSpace, SpaceError
 
 FORMAT = "prunesearch-compressed/1"
@@ -69,12 +69,9 @@ MODEL_FIELDS = ("bytes", "payload_bytes", "header_bytes", "sha256")  # policy.js
 
 def read_study(study_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     """run.json and the trials of a study directory, or ConfigError saying what is wrong."""
-    if not (study_dir / "run.json").is_file():
-        raise ConfigError(f"'{study_dir}' is not a prunesearch study directory (no run.json); "
-                          "give <out>/<study>")  # fmt: skip
+    run = read_run_json(study_dir)
     try:
-        run = json.loads((study_dir / "run.json").read_text())
-        if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+        if not isinstance(run.get("config"), dict):
             raise ValueError("no 'config' object")
         trials = read_trials(study_dir)
     except Exception as exc:

@@ -25,7 +25,13 @@ import pandas as pd
 
 from orchestrator.budget import Budget, format_bytes
 from orchestrator.errors import ConfigError
-from orchestrator.results import SCHEMA, atomic_write_bytes, compute_front, read_trials
+from orchestrator.results import (
+    SCHEMA,
+    atomic_write_bytes,
+    compute_front,
+    read_run_json,
+    read_trials,
+)
 
 FILES = {
     "report.png": "the front: model size against metric, every completed trial, the uniform "
@@ -82,15 +88,7 @@ def _damaged(path: Path, why: str) -> ConfigError:
 
 def _read_run(study_dir: Path) -> dict[str, Any]:
     path = study_dir / "run.json"
-    if not path.is_file():
-        raise ConfigError(f"'{study_dir}' is not a prunesearch study directory (no run.json); "
-                          "give <out>/<study>")  # fmt: skip
-    try:
-        run = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise _damaged(path, f"{type(exc).__name__}: {exc}") from None
-    if not isinstance(run, dict):
-        raise _damaged(path, "not a JSON object")
+    run = read_run_json(study_dir)
     if not str(run.get("format", "prunesearch-study/")).startswith("prunesearch-study/"):
         raise ConfigError(f"'{study_dir}' is not a prunesearch study directory (run.json has "
                           f"format {run['format']!r})")  # fmt: skip

@@ -21,6 +21,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.errors import ConfigError
+
 STATES = ("COMPLETE", "FAIL", "PRUNED", "INFEASIBLE")
 
 SCHEMA = pa.schema(
@@ -155,6 +157,24 @@ class ResultSink:
         if self.pending:
             rows = pd.concat([rows, to_table(self.pending).to_pandas()], ignore_index=True)
         return rows.sort_values("trial").reset_index(drop=True)
+
+
+def read_run_json(study_dir: Path) -> dict[str, Any]:
+    """A study directory's run.json as an object, or ConfigError saying what is wrong (the
+    reading every command over a finished study shares)."""
+    path = Path(study_dir) / "run.json"
+    if not path.is_file():
+        raise ConfigError(f"'{study_dir}' is not a prunesearch study directory (no run.json); "
+                          "give <out>/<study>")  # fmt: skip
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        why = f"{type(exc).__name__}: {exc}"
+    else:
+        if isinstance(run, dict):
+            return run
+        why = "not a JSON object"
+    raise ConfigError(f"'{path}' is damaged ({why}); rerun or resume the study to rewrite it")
 
 
 def load_results(study_dir: str | Path) -> pd.DataFrame:

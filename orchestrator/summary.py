@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import pandas as pd
 
 from orchestrator.budget import format_bytes
 from orchestrator.errors import ConfigError
-from orchestrator.results import compute_front, read_trials
+from orchestrator.results import compute_front, read_run_json, read_trials
 from orchestrator.storage import redact
 from search_spaces import SearchSpace
 
@@ -64,12 +63,8 @@ def print_front(front: pd.DataFrame, *, base: dict[str, Any]) -> None:
 
 def read_study(study_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The front and run.json of a study directory, or ConfigError saying what is wrong."""
-    run_json = study_dir / "run.json"
-    if not run_json.is_file():
-        raise ConfigError(f"'{study_dir}' is not a prunesearch study directory (no run.json); "
-                          "give <out>/<study>")  # fmt: skip
+    run = read_run_json(study_dir)
     try:
-        run = json.loads(run_json.read_text())
         trials = read_trials(study_dir)
     except Exception as exc:
         raise ConfigError(f"'{study_dir}' is damaged: {type(exc).__name__}: {exc}") from None
