@@ -50,10 +50,14 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    "default: start a local one (key: address)")  # fmt: skip
 
 
-def _job_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("job", help="job id (printed by submit)")
+def _job_server_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray job server, e.g. http://HEAD:8265 (default: "
                    "$RAY_ADDRESS)")  # fmt: skip
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", help="job id (printed by submit)")
+    _job_server_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--workers", type=int, help="number of workers (key: workers.count)")
     sb = sub.add_parser("submit", help="submit the search to a Ray cluster as a Ray Job")
     sb.add_argument("config", help="YAML config (its directory is shipped with the job)")
-    sb.add_argument("--address", help="Ray job server, e.g. http://HEAD:8265 (default: "
-                    "$RAY_ADDRESS)")  # fmt: skip
+    _job_server_arg(sb)
     sb.add_argument("--study", help="study name (default: <task>-<time>; needed with --resume)")
     sb.add_argument("--out", help="results directory as the cluster sees it: a shared path or "
                     "s3://... (key: out; a relative path is made absolute)")  # fmt: skip
