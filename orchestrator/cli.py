@@ -45,6 +45,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", help="front (default) or budget: the best within --budget "
                    "(key: objective)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue an existing study")
+    p.add_argument("--join", action="store_true", help="run the study --study together with the "
+                   "other drivers running it (starts it if none has; storage shared by all, "
+                   "e.g. postgresql://)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--address", help="Ray to join: auto (the cluster this runs in) or HOST:PORT; "
                    "default: start a local one (key: address)")  # fmt: skip
@@ -82,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--trials", type=int, help="total trials of the study (key: trials)")
     sb.add_argument("--budget", help="hard limits, e.g. size=40KB (key: budget)")
     sb.add_argument("--resume", action="store_true", help="continue the study --study")
+    sb.add_argument("--join", action="store_true", help="one more driver for the study --study "
+                    "(run --join: every driver shares it; needs a shared storage)")  # fmt: skip
     _job_args(sub.add_parser("status", help="state of a submitted job"))
     lg = sub.add_parser("logs", help="output of a submitted job")
     _job_args(lg)
@@ -156,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args, trials=args.trials, **{"workers.count": args.workers}, budget=args.budget,
                    out=args.out, study=args.study, seed=args.seed, sampler=args.sampler,
                    objective=args.objective, address=args.address)  # fmt: skip
-    prepared = prepare(config, resume=args.resume)  # all checks before Ray starts
+    prepared = prepare(config, resume=args.resume, join=args.join)  # checks before Ray starts
     if not args.quiet:
         print(f"study {prepared.study} in {prepared.study_dir} ({len(prepared.space.searchable)} "
               f"knobs, {config.trials} trials)", file=sys.stderr)  # fmt: skip
@@ -247,12 +252,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     out = jobs.results_path(args.out) if args.out else None
     flags = {"out": out, "trials": args.trials, "budget": args.budget}
     config = make_config_from(path, **flags, study=args.study)
-    if args.resume and not config.study:
-        raise ConfigError("submit --resume needs --study NAME (printed when it was submitted)")
+    if args.resume and args.join:
+        raise ConfigError("submit: give --resume or --join, not both")
+    if (args.resume or args.join) and not config.study:
+        flag = "--resume" if args.resume else "--join"
+        raise ConfigError(f"submit {flag} needs --study NAME (printed when it was submitted)")
     if out is None and "://" not in config.out and not Path(config.out).is_absolute():
         flags["out"] = jobs.results_path(config.out)  # else it lands in the job's temp dir
     study = config.study or default_study_name(config.task)
-    job = jobs.submit(path, config, study, flags, address=args.address, resume=args.resume)
+    job = jobs.submit(path, config, study, flags, address=args.address, resume=args.resume,
+                      join=args.join)  # fmt: skip
     print(job)
     print(f"study {study}: results in {flags['out'] or config.out}/{study}; follow with "
           f"prunesearch logs {job} --follow", file=sys.stderr)  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shlex
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +60,15 @@ def client(address: str | None) -> Any:
                           f"or {ADDRESS_ENV}, and that the cluster runs (ray start --head)") from None  # fmt: skip
 
 
-def entrypoint(config_name: str, study: str, flags: dict[str, Any], *, resume: bool) -> str:
+def entrypoint(config_name: str, study: str, flags: dict[str, Any], *, resume: bool,
+               join: bool = False) -> str:  # fmt: skip
     """The job's command: the config as shipped, joined to the cluster, with the flags the
     user gave to `submit` (already validated here)."""
     args = ["prunesearch", "run", config_name, "--address", "auto", "--study", study]
     for flag, value in flags.items():
         if value is not None:
             args += [f"--{flag}", str(value)]
-    if resume:
-        args.append("--resume")
+    args += ["--resume"] * resume + ["--join"] * join
     return shlex.join(args)
 
 
@@ -81,19 +82,20 @@ def results_path(out: str) -> str:
 
 
 def submit(config_path: Path, config: SearchConfig, study: str, flags: dict[str, Any], *,
-           address: str | None, resume: bool) -> str:  # fmt: skip
+           address: str | None, resume: bool, join: bool = False) -> str:  # fmt: skip
     """Submit the search (`config` is the validated config with `flags` applied); returns
     the job id."""
     c = client(address)
     runtime_env: dict[str, Any] = {"working_dir": str(config_path.parent), "excludes": EXCLUDES}
     if config.pip:
         runtime_env["pip"] = list(config.pip)
-    job_id = f"prunesearch-{study}-{time.strftime('%H%M%S')}"
+    # the random part: drivers of one study (--join) may be submitted in the same second
+    job_id = f"prunesearch-{study}-{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:4]}"
     deadline = time.monotonic() + AGENT_WAIT_SECONDS
     while True:
         try:
             return c.submit_job(
-                entrypoint=entrypoint(config_path.name, study, flags, resume=resume),
+                entrypoint=entrypoint(config_path.name, study, flags, resume=resume, join=join),
                 runtime_env=runtime_env, submission_id=job_id,
                 metadata={"prunesearch_study": study, "out": str(flags.get("out") or config.out)},
             )  # fmt: skip

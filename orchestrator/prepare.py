@@ -38,7 +38,8 @@ class Prepared:
     base_cost: Cost
     study: str
     study_dir: Path
-    resume: bool
+    resume: bool  # the study exists: continue it (--resume, or --join of a started one)
+    join: bool = False  # share the study with other drivers (--join)
 
 
 def build_space(config: SearchConfig) -> tuple[Task, nn.Module, SearchSpace]:
@@ -139,10 +140,18 @@ def check_out_dir(out: Path) -> None:
             return
 
 
-def resolve_study(config: SearchConfig, task: Task, *, resume: bool) -> tuple[str, Path]:
+def resolve_study(config: SearchConfig, task: Task, *, resume: bool,
+                  join: bool = False) -> tuple[str, Path]:  # fmt: skip
     out = Path(config.out)
     check_out_dir(out)
     name = config.study
+    if join:
+        if resume:
+            raise ConfigError("--join and --resume: give one; --join starts or continues the "
+                              "study alongside its other drivers")  # fmt: skip
+        if name is None:
+            raise ConfigError("--join needs --study NAME: the study every driver shares")
+        return name, out / name
     if name is None and resume:
         name = _latest_study(out, config.task)
         if name is None:
@@ -160,56 +169,59 @@ def resolve_study(config: SearchConfig, task: Task, *, resume: bool) -> tuple[st
     return name, study_dir
 
 
-def check_resume(study_dir: Path, config: SearchConfig, space: SearchSpace) -> None:
+def check_resume(study_dir: Path, config: SearchConfig, space: SearchSpace,
+                 flag: str = "--resume") -> None:  # fmt: skip
+    """The study continued (`flag`: --resume, or --join of a started study) is the one
+    this config describes: same task, objective and space; its files read."""
     try:
         recorded = json.loads((study_dir / "run.json").read_text())
         knobs = recorded["space"]["knobs"]
         task = recorded["config"]["task"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"--resume: '{study_dir}/run.json' is damaged ({exc}); start a new "
+        raise ConfigError(f"{flag}: '{study_dir}/run.json' is damaged ({exc}); start a new "
                           "study with --study NEW_NAME") from None  # fmt: skip
     if task != config.task:
-        raise ConfigError(f"--resume: study '{study_dir.name}' searched task '{task}', not "
+        raise ConfigError(f"{flag}: study '{study_dir.name}' searched task '{task}', not "
                           f"'{config.task}'; use the study's task or a new --study")  # fmt: skip
     if recorded.get("directions", ["minimize", "maximize"]) != config.directions:
-        raise ConfigError(f"--resume: study '{study_dir.name}' was started with objective "
+        raise ConfigError(f"{flag}: study '{study_dir.name}' was started with objective "
                           f"{recorded.get('objective', 'front')} and budget "
                           f"{recorded['config'].get('budget')}; keep them or start a new "
                           "--study")  # fmt: skip
     if knobs != space.to_dict()["knobs"]:
-        raise ConfigError(f"--resume: the search space differs from the one study "
+        raise ConfigError(f"{flag}: the search space differs from the one study "
                           f"'{study_dir.name}' was started with; keep its space settings or "
                           "start a new --study")  # fmt: skip
     if config.storage is None:
-        check_study_db(study_dir)
-    check_parts(study_dir)
+        check_study_db(study_dir, flag)
+    check_parts(study_dir, flag)
 
 
-def check_study_db(study_dir: Path) -> None:
+def check_study_db(study_dir: Path, flag: str = "--resume") -> None:
     """--resume with the default storage: `study.db` holds this study. Read only, so a
     foreign or damaged file is neither changed nor mistaken for the study."""
     import sqlite3
 
     path = study_dir / "study.db"
     if not path.is_file():
-        raise ConfigError(f"--resume: '{study_dir}' has no study.db (its Optuna study); it cannot "
+        raise ConfigError(f"{flag}: '{study_dir}' has no study.db (its Optuna study); it cannot "
                           "be continued: start a new --study")  # fmt: skip
     try:
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro",
                                                 uri=True)) as db:  # fmt: skip
             names = {name for (name,) in db.execute("SELECT study_name FROM studies")}
     except sqlite3.Error as exc:
-        raise ConfigError(f"--resume: '{path}' is not an Optuna study database ({exc}); it "
+        raise ConfigError(f"{flag}: '{path}' is not an Optuna study database ({exc}); it "
                           "cannot be continued: start a new --study") from None  # fmt: skip
     if study_dir.name not in names:
         found = ", ".join(sorted(map(str, names))) or "none"
-        raise ConfigError(f"--resume: '{path}' holds no study '{study_dir.name}' (it holds: "
+        raise ConfigError(f"{flag}: '{path}' holds no study '{study_dir.name}' (it holds: "
                           f"{found}); it was copied or renamed: start a new --study")  # fmt: skip
 
 
-def check_parts(study_dir: Path) -> None:
-    """--resume: every Parquet part reads (prunesearch never leaves a torn one; a damaged
-    file came from elsewhere). The Optuna study holds every row, so removing it is safe."""
+def check_parts(study_dir: Path, flag: str = "--resume") -> None:
+    """--resume/--join: every Parquet part reads (prunesearch never leaves a torn one; a
+    damaged file came from elsewhere). The Optuna study holds every row, so removing it is safe."""
     import pyarrow.parquet as pq
 
     for part in sorted((study_dir / "trials").glob("part-*.parquet")):
@@ -217,13 +229,13 @@ def check_parts(study_dir: Path) -> None:
             pq.read_metadata(part)
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
             text = " ".join(str(exc).split()) or type(exc).__name__
-            raise ConfigError(f"--resume: '{part}' is damaged ({text}); move it out of the "
+            raise ConfigError(f"{flag}: '{part}' is damaged ({text}); move it out of the "
                               "study and resume: its rows are rebuilt from the Optuna study") from None  # fmt: skip
 
 
-def check_storage(config: SearchConfig, study: str, *, resume: bool) -> None:
+def check_storage(config: SearchConfig, study: str, *, resume: bool, join: bool = False) -> None:
     """A configured storage: reachable (URL, server, password) and, for a new study, free of
-    the name; for --resume, holding it. Checked before Ray starts."""
+    the name; for --resume, holding it (--join takes either). Checked before Ray starts."""
     if config.storage is None:
         return
     from orchestrator.storage import PASSWORD_ENV, close_storage, open_storage, redact
@@ -242,6 +254,8 @@ def check_storage(config: SearchConfig, study: str, *, resume: bool) -> None:
     finally:
         if storage is not None:
             close_storage(storage)
+    if join:
+        return
     if resume and study not in names:
         raise ConfigError(f"--resume: storage '{shown}' has no study '{study}'; check --study")
     if not resume and study in names:
@@ -280,16 +294,22 @@ def check_devices(config: SearchConfig) -> None:
                           f"machine's {cpus} CPUs; lower it or set workers.count")  # fmt: skip
 
 
-def prepare(config: SearchConfig, *, resume: bool = False) -> Prepared:
+def prepare(config: SearchConfig, *, resume: bool = False, join: bool = False) -> Prepared:
+    """`join`: run the study alongside the other drivers sharing it, starting it if no
+    driver has yet (with its run.json: continuing it, checked as a resume is)."""
     check_devices(config)
     task, model, space = build_space(config)
     budget = config.parsed_budget
     check_budget(space, budget)
-    study, study_dir = resolve_study(config, task, resume=resume)
-    check_storage(config, study, resume=resume)
-    if resume:
+    study, study_dir = resolve_study(config, task, resume=resume, join=join)
+    check_storage(config, study, resume=resume, join=join)
+    if join and (study_dir / "run.json").is_file():
+        check_resume(study_dir, config, space, "--join")
+        resume = True
+    elif resume:
         check_resume(study_dir, config, space)
         check_no_live_driver(config, study, study_dir)
     base = policy_cost(space, Policy.uniform(space, 32, 1.0))
     return Prepared(config=config, task=task, base_model=model, space=space, budget=budget,
-                    base_cost=base, study=study, study_dir=study_dir, resume=resume)  # fmt: skip
+                    base_cost=base, study=study, study_dir=study_dir, resume=resume,
+                    join=join)  # fmt: skip

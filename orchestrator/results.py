@@ -121,16 +121,20 @@ def read_trials(study_dir: Path) -> pd.DataFrame:
 
 
 class ResultSink:
-    """Buffers finished-trial rows and flushes them as immutable Parquet parts."""
+    """Buffers finished-trial rows and flushes them as immutable Parquet parts.
+
+    Several sinks may share a study directory (drivers of a shared study, or a resume
+    rebuilding lost rows): each writes its own parts, and reads the others' new parts
+    before it rewrites the front, so `pareto.parquet` covers every driver's trials."""
 
     def __init__(self, study_dir: Path) -> None:
         self.dir = Path(study_dir)
         (self.dir / "trials").mkdir(parents=True, exist_ok=True)
-        self.table = pa.Table.from_pandas(read_trials(self.dir), schema=SCHEMA,
-                                          preserve_index=False)  # fmt: skip
-        self.recorded: set[int] = set(self.table.column("trial").to_pylist())
+        self.table = SCHEMA.empty_table()
+        self.recorded: set[int] = set()
+        self._known: set[str] = set()  # part files in self.table
+        self._absorb_new_parts()
         self.pending: list[dict[str, Any]] = []
-        self._parts = len(list((self.dir / "trials").glob("part-*.parquet")))
 
     def add(self, row: dict[str, Any]) -> None:
         if row["trial"] in self.recorded:  # exactly one row per trial, whatever happens
@@ -139,18 +143,34 @@ class ResultSink:
         self.pending.append(row)
 
     def flush(self) -> None:
+        # rows another writer recorded meanwhile are theirs (two resumes rebuilding a
+        # dead driver's lost rows at once): one row per trial
+        others = self._absorb_new_parts()
+        self.pending = [row for row in self.pending if row["trial"] not in others]
         if not self.pending:
             return
         new = to_table(self.pending)
-        # The random suffix keeps names unique even if two writers share the directory.
-        name = f"part-{self._parts:06d}-{uuid.uuid4().hex[:8]}.parquet"
+        # The random part keeps names unique when several writers share the directory.
+        name = f"part-{len(self._known):06d}-{uuid.uuid4().hex[:8]}.parquet"
         _atomic_write_table(self.dir / "trials" / name, new)
-        self._parts += 1
+        self._known.add(name)
         self.pending.clear()
         self.table = pa.concat_tables([self.table, new])
         front = compute_front(self.table.to_pandas())
         _atomic_write_table(self.dir / "pareto.parquet",
                             pa.Table.from_pandas(front, schema=SCHEMA, preserve_index=False))  # fmt: skip
+
+    def _absorb_new_parts(self) -> set[int]:
+        """Read the parts other writers added (whole files: they appear by rename);
+        returns their trial numbers."""
+        new = sorted(p.name for p in (self.dir / "trials").glob("part-*.parquet")
+                     if p.name not in self._known)  # fmt: skip
+        tables = [pq.read_table(self.dir / "trials" / name, schema=SCHEMA) for name in new]
+        self.table = pa.concat_tables([self.table, *tables])
+        self._known.update(new)
+        trials = {t for table in tables for t in table.column("trial").to_pylist()}
+        self.recorded |= trials
+        return trials
 
     def frame(self) -> pd.DataFrame:
         rows = self.table.to_pandas()

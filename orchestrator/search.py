@@ -36,7 +36,14 @@ from orchestrator.prepare import Prepared, prepare
 from orchestrator.progress import Progress
 from orchestrator.results import ResultSink, atomic_write_json, compute_front, read_trials
 from orchestrator.storage import study_storage
-from orchestrator.store import INTERRUPTED, ROW_ATTR, Recorder, open_study
+from orchestrator.store import (
+    INTERRUPTED,
+    OWNER_ATTR,
+    ROW_ATTR,
+    Recorder,
+    new_driver_id,
+    open_study,
+)
 from orchestrator.timing import DriverStats, TimedSampler
 from search_spaces import Knob, SearchSpace
 
@@ -176,6 +183,9 @@ class Driver:
         self.directions = prepared.config.directions
         self.best_key = best_key(prepared.budget)
         self.worker_seconds = {True: 0.0, False: 0.0}  # by feasibility of the candidate
+        self.driver_id = new_driver_id()
+        self.known: set[int] = set()  # storage numbers of the study's trials in self.study
+        self.adopted = 0  # trials other drivers of a shared study finished during this run
 
     # -- set-up -----------------------------------------------------------------------
     def open(self) -> None:
@@ -183,17 +193,21 @@ class Driver:
         p.study_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(p.study_dir, 0o700)  # the study is the user's alone
         url = study_storage(p.config.storage, p.study_dir)
-        opened = open_study(url, p.study, self.directions, resume=p.resume)
+        opened = open_study(url, p.study, self.directions, resume=p.resume, join=p.join)
         sampler = TimedSampler(SAMPLERS[self.sampler_name](p.config.seed, self.target), self.stats)
         self.study = optuna.create_study(directions=self.directions, sampler=sampler,
                                          study_name=p.study)  # fmt: skip
-        self.study.add_trials(opened.finished)
-        self._reconcile(opened.finished)
-        self.recorder = Recorder(url, p.study, p.study_dir)
+        self.study.add_trials(opened.finished)  # numbered 0, 1, ... here
+        self.known = {trial.number for trial in opened.finished}
+        self._reconcile(opened)
+        self.recorder = Recorder(url, p.study, p.study_dir, driver_id=self.driver_id,
+                                 shared=p.join)  # fmt: skip
+        for local, trial in enumerate(opened.finished):
+            self.recorder.foreign(local, trial.number)
         self.finished = len(opened.finished)
         self.issued = self.finished
         self.requeue = [(params, "requeued") for params in opened.requeue]
-        if not p.resume:
+        if opened.created:  # a joining driver finds them queued by the study's first one
             first = self._baselines() if p.config.baselines else []
             first = [(params, "baseline") for params in first]
             first += [
@@ -214,15 +228,17 @@ class Driver:
                 params.append(values)
         return params
 
-    def _reconcile(self, finished: list[FrozenTrial]) -> None:
-        """Rows for finished trials the Parquet files lack (a crash between the two writes),
-        and the evaluation cache from every completed trial."""
+    def _reconcile(self, opened: Any) -> None:
+        """Rows for finished trials the Parquet files lack (a crash between the two writes;
+        a live driver's recorder writes its own), and the evaluation cache from every
+        completed trial."""
         sink = ResultSink(self.p.study_dir)
-        for trial in finished:
+        for local, trial in enumerate(opened.finished):
             row = trial.user_attrs.get(ROW_ATTR) or self._row_of_interrupted(trial)
-            sink.add(row)
+            if trial.system_attrs.get(OWNER_ATTR) not in opened.live:
+                sink.add(row)
             if row["state"] == "COMPLETE" and row["cached_from"] is None:
-                self._remember(row)
+                self._remember(row, local=local)
         sink.flush()
 
     def _row_of_interrupted(self, trial: FrozenTrial) -> dict[str, Any]:
@@ -244,6 +260,7 @@ class Driver:
             self.bar = bar
             try:
                 while not self._give_up():
+                    self._adopt()
                     self._feed()
                     if not self.pool.busy:
                         break
@@ -260,6 +277,24 @@ class Driver:
         self.stats.loop_seconds = time.perf_counter() - start
         self.recorder.close()
         self.stats.drain_seconds = self.recorder.drain_seconds
+
+    def _adopt(self) -> None:
+        """Trials other drivers of a shared study finished: the sampler learns from them,
+        the cache answers their policies, and they count toward the study's trials."""
+        for trial in self.recorder.adopted():
+            if trial.number in self.known:
+                continue
+            self.known.add(trial.number)
+            local = self.study._storage.get_n_trials(self.study._study_id)
+            self.study.add_trial(trial)
+            self.recorder.foreign(local, trial.number)
+            row = trial.user_attrs.get(ROW_ATTR)
+            if row and row["state"] == "COMPLETE" and row["cached_from"] is None:
+                self._remember(row, local=local)
+            self.finished += 1
+            self.issued += 1
+            self.adopted += 1
+            self.bar.advance()
 
     def _give_up(self) -> bool:
         """A task that fails every evaluation stops the run instead of burning the budget."""
@@ -482,11 +517,14 @@ class Driver:
             "multi_fidelity": self.fidelity is not None,
             "validation_share_saved": (1 - sum(self.fidelity_seen) / len(self.fidelity_seen)
                                        if self.fidelity_seen else 0.0),  # fmt: skip
-            "driver": self.stats.as_dict(),
+            "driver": self.stats.as_dict(), "driver_id": self.driver_id,
+            "adopted_trials": self.adopted,
         }  # fmt: skip
 
-    def _remember(self, row: dict[str, Any]) -> None:
-        self.cache[row["policy_hash"]] = (row["trial"], row)
+    def _remember(self, row: dict[str, Any], *, local: int | None = None) -> None:
+        """Cache a completed evaluation under its trial number here (`local`: a trial
+        loaded or adopted from the storage, whose row has the storage's number)."""
+        self.cache[row["policy_hash"]] = (row["trial"] if local is None else local, row)
         if row["feasible"]:
             point = (row["size_bytes"], row["metric"])
             if not any(s <= point[0] and m >= point[1] for s, m in self.front_points):
@@ -497,39 +535,48 @@ class Driver:
             self.best_row = row
 
 
+@contextlib.contextmanager
+def _run_json_locked(study_dir: Path) -> Iterator[Path]:
+    """run.json, locked: the drivers of a shared study each add and update their entry
+    (an exclusive flock on a lock file beside it; the write itself stays atomic)."""
+    import fcntl
+
+    with open(study_dir / ".run.json.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield study_dir / "run.json"
+
+
 def write_run_json(prepared: Prepared, *, sampler: str, base_metric: float | None,
-                   workers: list[dict[str, Any]]) -> None:  # fmt: skip
-    path = prepared.study_dir / "run.json"
-    previous = {}
-    if path.is_file():
-        previous = json.loads(path.read_text())
-    runs = previous.get("runs", []) + [
-        {"started_at": _now(), "trials": prepared.config.trials, "sampler": sampler,
-         "resume": prepared.resume, "workers": workers}
-    ]  # fmt: skip
+                   workers: list[dict[str, Any]], driver_id: str = "") -> None:  # fmt: skip
+    run = {"started_at": _now(), "trials": prepared.config.trials, "sampler": sampler,
+           "resume": prepared.resume, "join": prepared.join, "driver_id": driver_id,
+           "workers": workers}  # fmt: skip
     config = {**prepared.config.to_dict(), "study": prepared.study}
-    atomic_write_json(path, {
-        "format": "prunesearch-study/1",
-        "study": prepared.study,
-        "created_at": previous.get("created_at", _now()),
-        "config": config,
-        "versions": versions(),
-        "sampler": sampler,
-        "objective": prepared.config.objective,
-        "directions": prepared.config.directions,
-        "budget": {**prepared.budget.limits, "metric_floor": prepared.budget.metric_floor},
-        "space": prepared.space.to_dict(),
-        "base": {**prepared.base_cost.as_dict(), "metric": base_metric},
-        "runs": runs,
-    })  # fmt: skip
+    with _run_json_locked(prepared.study_dir) as path:
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        atomic_write_json(path, {
+            "format": "prunesearch-study/1",
+            "study": prepared.study,
+            "created_at": previous.get("created_at", _now()),
+            "config": config,
+            "versions": versions(),
+            "sampler": sampler,
+            "objective": prepared.config.objective,
+            "directions": prepared.config.directions,
+            "budget": {**prepared.budget.limits, "metric_floor": prepared.budget.metric_floor},
+            "space": prepared.space.to_dict(),
+            "base": {**prepared.base_cost.as_dict(), "metric": base_metric},
+            "runs": [*previous.get("runs", []), run],
+        })  # fmt: skip
 
 
 def finish_run_json(prepared: Prepared, summary: dict[str, Any]) -> None:
     """Add this run's figures (feasibility shares, driver timings) to its run.json entry."""
-    path = prepared.study_dir / "run.json"
-    data = json.loads(path.read_text())
-    data["runs"][-1].update(summary)
-    atomic_write_json(path, data)
+    with _run_json_locked(prepared.study_dir) as path:
+        data = json.loads(path.read_text())
+        mine = [run for run in data["runs"] if run.get("driver_id") == summary["driver_id"]]
+        (mine or data["runs"])[-1].update(summary)
+        atomic_write_json(path, data)
 
 
 def _seeds(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool) -> list[dict]:
@@ -605,10 +652,12 @@ def target_workers(w: Any, resources: dict[str, float]) -> int:
     return max(1, int(resources.get("CPU", 1) / w.cpus_per_worker + 1e-9))
 
 
-def run_search(config: SearchConfig, *, resume: bool = False, quiet: bool = True,
-               evaluator_factory: Any = None, sys_path: tuple[str, ...] = ()) -> SearchResult:  # fmt: skip
-    """Run (or resume) a search. Validates everything before Ray starts (ConfigError)."""
-    prepared = prepare(config, resume=resume)
+def run_search(config: SearchConfig, *, resume: bool = False, join: bool = False,
+               quiet: bool = True, evaluator_factory: Any = None,
+               sys_path: tuple[str, ...] = ()) -> SearchResult:  # fmt: skip
+    """Run (or resume, or join) a search. Validates everything before Ray starts
+    (ConfigError)."""
+    prepared = prepare(config, resume=resume, join=join)
     return run_prepared(prepared, quiet=quiet, evaluator_factory=evaluator_factory,
                         sys_path=sys_path)  # fmt: skip
 
@@ -662,7 +711,8 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
         if config.seeding and not prepared.resume:
             driver.seeds = _seeds(prepared, pool, base_metric, quiet=quiet)
         driver.open()
-        write_run_json(prepared, sampler=sampler, base_metric=base_metric, workers=infos)
+        write_run_json(prepared, sampler=sampler, base_metric=base_metric, workers=infos,
+                       driver_id=driver.driver_id)  # fmt: skip
         try:
             driver.run()
         finally:

@@ -15,6 +15,15 @@ Ctrl-C in the terminal reaches only the driver.
 
 Resume: trials left RUNNING by a stopped driver are marked FAIL ("interrupted") and their
 parameters re-queued; the finished trials are copied into a fresh in-memory study.
+
+Shared studies (`run --join`): several drivers, each with its own workers, run one study.
+The storage assigns trial numbers, so a driver's in-memory numbers are its own: its
+recorder maps them to the storage's (rows carry the storage's numbers) and every few
+seconds reads the trials other drivers finished (`TrialFeed`) and sends them back up its
+stdout; the driver adds them to its in-memory study, so its sampler learns from them and
+its evaluation cache answers their policies. Each trial records its driver (`OWNER_ATTR`)
+and each driver its own heartbeat, so a joining driver fails and re-queues only the
+trials of drivers that are gone.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,13 +51,20 @@ from orchestrator.results import ResultSink
 from orchestrator.storage import close_storage, open_storage
 
 ROW_ATTR = "prunesearch.row"
-# the live driver of a study: {"host", "pid", "at" (unix time), "stopped"}; written by its
-# recorder every HEARTBEAT_SECONDS, so a second driver's --resume can tell it is running
+OWNER_ATTR = "prunesearch.driver"  # trial system attr: the id of the driver that asked it
+# each driver of a study: "prunesearch.driver:<id>" -> {"host", "pid", "at" (unix time),
+# "stopped"}; written by its recorder every HEARTBEAT_SECONDS, so a --resume can tell a
+# live driver and a --join the trials of dead ones
 DRIVER_ATTR = "prunesearch.driver"
+SYNC_SECONDS = 2.0  # how often a shared study's recorder reads other drivers' trials
 HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 45.0
 INTERRUPTED = "interrupted: the driver stopped before this trial finished; re-queued on resume"
 _HEADER = struct.Struct("<I")  # length prefix of each pickled message
+
+
+def new_driver_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 @dataclass
@@ -55,71 +72,114 @@ class OpenedStudy:
     study_id: int
     finished: list[FrozenTrial]  # in trial-number order, all finished
     requeue: list[dict[str, Any]] = field(default_factory=list)  # params of interrupted trials
+    created: bool = True  # this driver created the study (it queues the baselines)
+    live: set[str] = field(default_factory=set)  # ids of the other drivers running it now
 
 
-def open_study(url: str, name: str, directions: list[str], *, resume: bool) -> OpenedStudy:
+def open_study(url: str, name: str, directions: list[str], *, resume: bool,
+               join: bool = False) -> OpenedStudy:  # fmt: skip
     storage = open_storage(url)
     try:
         if not resume:
-            study = optuna.create_study(storage=storage, study_name=name, directions=directions)
-            return OpenedStudy(study_id=study._study_id, finished=[])
+            try:
+                study = optuna.create_study(storage=storage, study_name=name,
+                                            directions=directions)  # fmt: skip
+                return OpenedStudy(study_id=study._study_id, finished=[])
+            except optuna.exceptions.DuplicatedStudyError:
+                if not join:
+                    raise
         study = optuna.load_study(storage=storage, study_name=name)
-        requeue = []
-        for trial in study.get_trials(deepcopy=False):
-            if not trial.state.is_finished():
-                storage.set_trial_user_attr(trial._trial_id, "error", INTERRUPTED)
-                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-                requeue.append(dict(trial.params))
-        finished = sorted(study.get_trials(deepcopy=True), key=lambda t: t.number)
-        return OpenedStudy(study_id=study._study_id, finished=finished, requeue=requeue)
+        live = set(live_drivers(storage, study._study_id))
+        requeue = [dict(trial.params) for trial in study.get_trials(deepcopy=False)
+                   if not trial.state.is_finished()
+                   and trial.system_attrs.get(OWNER_ATTR) not in live
+                   and _fail_interrupted(storage, trial._trial_id)]  # fmt: skip
+        finished = [t for t in study.get_trials(deepcopy=True) if t.state.is_finished()]
+        return OpenedStudy(study_id=study._study_id, finished=sorted(finished, key=_number),
+                           requeue=requeue, created=False, live=live)  # fmt: skip
     finally:
         close_storage(storage)
 
 
-class StudyWriter:
-    """Applies driver messages to the durable study, then rows to the Parquet sink."""
+def _number(trial: FrozenTrial) -> int:
+    return trial.number
 
-    def __init__(self, storage: optuna.storages.BaseStorage, study_id: int,
-                 sink: ResultSink) -> None:  # fmt: skip
+
+def _fail_interrupted(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:
+    """Fail a trial its (dead) driver left running; False if it finished meanwhile or
+    another joining driver failed it first (that one re-queues it)."""
+    try:
+        storage.set_trial_user_attr(trial_id, "error", INTERRUPTED)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return True
+
+
+class StudyWriter:
+    """Applies driver messages to the durable study, then rows to the Parquet sink.
+
+    Messages: ("created", trial, None), ("finished", trial, row) with the driver's own
+    trial numbers, and ("foreign", local, number): the driver's number for a trial of the
+    study it loaded or adopted. Rows are rewritten to the storage's numbers."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, study_id: int, sink: ResultSink,
+                 *, driver_id: str = "", shared: bool = False) -> None:  # fmt: skip
         self.storage, self.study_id, self.sink = storage, study_id, sink
-        self._ids: dict[int, int] = {}  # trial number -> storage trial id
+        self.driver_id, self.shared = driver_id, shared
+        self._ids: dict[int, int] = {}  # driver's trial number -> storage trial id
+        self._numbers: dict[int, int] = {}  # driver's trial number -> storage's trial number
         self._done: set[int] = set()
         self._beat = 0.0
 
     def heartbeat(self, *, driver_pid: int, stopped: bool = False) -> None:
-        """Say the study's driver is alive (at most every HEARTBEAT_SECONDS) or gone."""
+        """Say this driver is alive (at most every HEARTBEAT_SECONDS) or gone."""
         now = time.time()
         if not stopped and now - self._beat < HEARTBEAT_SECONDS:
             return
         self._beat = now
         value = {"host": socket.gethostname(), "pid": driver_pid, "at": now, "stopped": stopped}
-        self.storage.set_study_user_attr(self.study_id, DRIVER_ATTR, value)
+        self.storage.set_study_user_attr(self.study_id, f"{DRIVER_ATTR}:{self.driver_id}", value)
 
-    def apply(self, batch: list[tuple[str, FrozenTrial, Any]]) -> None:
-        finals = {t.number: (t, row) for kind, t, row in batch if kind == "finished"}
+    def apply(self, batch: list[tuple[str, Any, Any]]) -> None:
+        # unshared: a trial created and finished in one batch is written once, finished
+        # (its number is known before it is created, so its row can ride along)
+        finals = {} if self.shared else {t.number: (t, row) for kind, t, row in batch
+                                          if kind == "finished"}  # fmt: skip
         for kind, trial, row in batch:
-            if kind == "created":
+            if kind == "foreign":
+                self._numbers[trial] = row
+            elif kind == "created":
                 final = finals.get(trial.number)
                 if final is None:
                     self._create(trial)
-                else:  # created and finished in one batch: one write, already finished
+                else:
                     self._create(_with_row(*final))
                     self._done.add(trial.number)
-                continue
-            if trial.number not in self._done:
-                self._finish(trial, row)
-                self._done.add(trial.number)
-            self.sink.add(row)
+            else:
+                row = self._renumbered(row)
+                if trial.number not in self._done:
+                    self._finish(trial, row)
+                    self._done.add(trial.number)
+                self.sink.add(row)
+
+    def _renumbered(self, row: dict[str, Any]) -> dict[str, Any]:
+        cached = row["cached_from"]
+        return {**row, "trial": self._numbers[row["trial"]],
+                "cached_from": None if cached is None else self._numbers.get(cached, cached)}  # fmt: skip
 
     def _create(self, trial: FrozenTrial) -> None:
+        trial.system_attrs = {**trial.system_attrs, OWNER_ATTR: self.driver_id}
         trial_id = self.storage.create_new_trial(self.study_id, template_trial=trial)
         number = self.storage.get_trial_number_from_id(trial_id)
-        if number != trial.number:
+        if number != trial.number and not self.shared:
             raise RuntimeError(
                 f"trial {trial.number} became trial {number} in the study storage: another "
-                "process is writing to this study; give each driver its own --study"
+                "process is writing to this study; give each driver its own --study, or "
+                "start every driver with --join to share it"
             )
-        self._ids[number] = trial_id
+        self._ids[trial.number] = trial_id
+        self._numbers[trial.number] = number
 
     def _finish(self, trial: FrozenTrial, row: dict[str, Any]) -> None:
         trial_id = self._ids[trial.number]
@@ -128,21 +188,69 @@ class StudyWriter:
         self.storage.set_trial_state_values(trial_id, trial.state, trial.values)
 
 
+class TrialFeed:
+    """The trials other drivers finished, each once, read incrementally: Optuna's RDB
+    storage reads only trials newer than the last seen plus those seen unfinished (its
+    `_get_trials`, what its own cache used), other storages everything (the journal is
+    replayed in memory)."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, study_id: int, driver_id: str):
+        self.storage, self.study_id, self.driver_id = storage, study_id, driver_id
+        self._newest = -1
+        self._unfinished: set[int] = set()
+        self._seen: set[int] = set()
+
+    def poll(self) -> list[FrozenTrial]:
+        new = []
+        for trial in self._read():
+            trial_id = trial._trial_id
+            if trial_id in self._seen:
+                continue
+            self._newest = max(self._newest, trial_id)
+            if not trial.state.is_finished():
+                self._unfinished.add(trial_id)
+                continue
+            self._unfinished.discard(trial_id)
+            self._seen.add(trial_id)
+            if trial.system_attrs.get(OWNER_ATTR) != self.driver_id:
+                new.append(trial)
+        return new
+
+    def _read(self) -> list[FrozenTrial]:
+        if isinstance(self.storage, optuna.storages.RDBStorage):
+            return self.storage._get_trials(self.study_id, None, set(self._unfinished),
+                                            self._newest)  # fmt: skip
+        return self.storage.get_all_trials(self.study_id, deepcopy=False)
+
+
+def live_drivers(storage: optuna.storages.BaseStorage, study_id: int) -> dict[str, dict]:
+    """The drivers running a study now (heartbeat fresh and not stopped), by id."""
+    prefix = f"{DRIVER_ATTR}:"
+    beats = storage.get_study_user_attrs(study_id).items()
+    return {key[len(prefix):]: beat for key, beat in beats
+            if key.startswith(prefix) and _beating(beat)}  # fmt: skip
+
+
+def _beating(beat: Any) -> bool:
+    if not isinstance(beat, dict) or beat.get("stopped"):
+        return False
+    if time.time() - beat.get("at", 0) > STALE_SECONDS:
+        return False
+    # a driver that died on this machine moments ago
+    return beat.get("host") != socket.gethostname() or _alive(int(beat.get("pid", 0)))
+
+
 def live_driver(url: str, name: str) -> dict[str, Any] | None:
-    """The driver running study `name` now (its heartbeat is fresh and not stopped), if any."""
+    """A driver running study `name` now, if any."""
     storage = open_storage(url)
     try:
         study_id = storage.get_study_id_from_name(name)
-        beat = storage.get_study_user_attrs(study_id).get(DRIVER_ATTR)
+        beats = live_drivers(storage, study_id)
     except KeyError:
         return None
     finally:
         close_storage(storage)
-    if not beat or beat.get("stopped") or time.time() - beat.get("at", 0) > STALE_SECONDS:
-        return None
-    if beat.get("host") == socket.gethostname() and not _alive(int(beat.get("pid", 0))):
-        return None  # died on this machine moments ago
-    return beat
+    return next(iter(beats.values()), None)
 
 
 def _alive(pid: int) -> bool:
@@ -164,19 +272,26 @@ def _with_row(trial: FrozenTrial, row: dict[str, Any]) -> FrozenTrial:
 class Recorder:
     """Driver side: streams trials to the recorder process (see the module docstring)."""
 
-    def __init__(self, url: str, study_name: str, study_dir: Path, *,
-                 flush_seconds: float = 1.0) -> None:  # fmt: skip
+    def __init__(self, url: str, study_name: str, study_dir: Path, *, driver_id: str,
+                 shared: bool = False, flush_seconds: float = 1.0) -> None:  # fmt: skip
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - open for the child's lifetime
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.recorder", url, study_name, str(study_dir),
-             str(flush_seconds)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr,
-            start_new_session=True, env={**os.environ, "PYTHONPATH": _package_root()},
+             str(flush_seconds), driver_id, "shared" if shared else "own"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE if shared else subprocess.DEVNULL,
+            stderr=self._stderr, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": _package_root()},
         )  # fmt: skip
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._pump = threading.Thread(target=self._pump_loop, name="prunesearch-recorder-pump",
                                       daemon=True)  # fmt: skip
         self._pump.start()
+        self._adopted: queue.SimpleQueue = queue.SimpleQueue()  # other drivers' trials
+        self._reader = None
+        if shared:
+            self._reader = threading.Thread(target=self._read_loop, daemon=True,
+                                            name="prunesearch-recorder-feed")  # fmt: skip
+            self._reader.start()
         self.drain_seconds = 0.0
 
     def created(self, trial: FrozenTrial) -> None:
@@ -184,6 +299,22 @@ class Recorder:
 
     def finished(self, trial: FrozenTrial, row: dict[str, Any]) -> None:
         self._send(("finished", trial, row))
+
+    def foreign(self, local: int, number: int) -> None:
+        """The driver's number `local` is the study's trial `number` (loaded or adopted)."""
+        self._send(("foreign", local, number))
+
+    def adopted(self) -> list[FrozenTrial]:
+        """Trials other drivers finished since the last call (shared studies)."""
+        trials = []
+        while not self._adopted.empty():
+            trials += self._adopted.get()
+        return trials
+
+    def _read_loop(self) -> None:
+        for messages, _ in read_messages(self._proc.stdout.fileno(), timeout=1.0):
+            for trials in messages:
+                self._adopted.put(trials)
 
     def _send(self, message: tuple) -> None:
         self._check()
@@ -208,6 +339,8 @@ class Recorder:
         self._queue.put(None)
         self._pump.join()
         code = self._proc.wait()
+        if self._reader is not None:
+            self._reader.join()
         self.drain_seconds = time.perf_counter() - start
         if code != 0:
             raise RuntimeError(f"recording results failed: {self._error_text()}")

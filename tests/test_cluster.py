@@ -5,6 +5,7 @@ PostgreSQL storage against a real server (pgserver's bundled PostgreSQL)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -308,3 +309,76 @@ def test_journal_storage_needs_no_server_and_resumes(ray_cluster, tmp_path):
     assert len(trials) == 14
     assert sorted(trials["trial"]) == sorted(t.number for t in study.trials)
     assert not (tmp_path / "out" / "j" / "study.db").exists()
+
+
+# -- several drivers sharing one study ------------------------------------------------------
+def _owners(storage_url: str, study: str) -> dict[str, int]:
+    """Finished trials of a study by the driver that asked them."""
+    from orchestrator.store import OWNER_ATTR
+
+    trials = optuna.load_study(study_name=study, storage=storage_url).trials
+    owners: dict[str, int] = {}
+    for trial in trials:
+        if trial.state.is_finished():
+            owner = trial.system_attrs.get(OWNER_ATTR, "")
+            owners[owner] = owners.get(owner, 0) + 1
+    return owners
+
+
+@pytest.mark.slow
+def test_drivers_joining_one_postgres_study_share_it_and_a_dead_ones_trials_are_requeued(
+    postgres, tmp_path
+):
+    """Two drivers, each with its own Ray and worker (two clusters), run one study in
+    PostgreSQL with --join: both record trials, each learns the other's, one row per
+    trial. Then a joined driver is killed and the next joiner re-queues what it left."""
+    secret = "pw-7Hq2-secret"
+    env = {**_env(), "PRUNESEARCH_STORAGE_PASSWORD": secret}
+    direct = postgres.replace("prune@", f"prune:{secret}@")
+    config = _config(tmp_path, trials=3000, storage=postgres, workers={"count": 1})
+    args = ["run", str(config), "--out", str(tmp_path / "out"), "--study", "shared", "--join",
+            "--quiet"]  # fmt: skip
+    study_dir = tmp_path / "out" / "shared"
+
+    def start():
+        return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)  # fmt: skip
+
+    first = start()
+    _wait(lambda: len(_rows(study_dir)) >= 5, 180, "the first driver records trials", first)
+    second = start()
+    try:
+        _wait(lambda: len(_owners(direct, "shared")) >= 2
+              and min(_owners(direct, "shared").values()) >= 10, 180,
+              "both drivers record trials", second)  # fmt: skip
+        time.sleep(6)  # a few of the recorders' 2-s reads of each other's trials
+    finally:
+        for proc in (first, second):
+            proc.send_signal(signal.SIGINT)
+        errs = [proc.communicate(timeout=120)[1] for proc in (first, second)]
+    assert [first.returncode, second.returncode] == [130, 130], errs
+    trials = _check_once(study_dir)
+    finished = {t.number for t in optuna.load_study(study_name="shared", storage=direct).trials
+                if t.state.is_finished()}  # fmt: skip
+    assert set(trials["trial"]) == finished  # one row per finished trial, storage numbers
+    assert (trials["origin"] == "baseline").sum() == 4  # queued once, by the first driver
+    runs = json.loads((study_dir / "run.json").read_text())["runs"]
+    assert [run["join"] for run in runs] == [True, True]
+    assert all(run["adopted_trials"] > 0 for run in runs), runs  # each learnt the other's
+
+    third = start()  # joins, then dies with trials running
+    count = len(trials)
+    _wait(lambda: len(_rows(study_dir)) >= count + 5, 180, "the third driver records", third)
+    third.kill()
+    third.communicate(timeout=60)
+    time.sleep(3)  # its recorder drains what it was sent and says the driver is gone
+    target = sum(_owners(direct, "shared").values()) + 10
+    done = _cli(*args[:-1], "--trials", str(target), env=env)
+    assert done.returncode == 0, done.stderr
+    trials = _check_once(study_dir)
+    study = optuna.load_study(study_name="shared", storage=direct)
+    assert all(t.state.is_finished() for t in study.trials)
+    assert set(trials["trial"]) == {t.number for t in study.trials}
+    assert "requeued" in set(trials["origin"])  # what the killed driver had running
+    assert len(trials) >= target
