@@ -7,14 +7,15 @@ Exit codes: 0 done, 1 failed while running, 2 bad input (one line, nothing start
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from orchestrator.errors import ConfigError, JobError, WorkerStartError
+from orchestrator.errors import ConfigError, JobError, ResultsError, WorkerStartError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -125,6 +126,10 @@ def _load(args: argparse.Namespace, **overrides: Any):
 def _recorded_config(out: str, study: str | None) -> dict[str, Any]:
     """The config a study was run with (`--resume` without CONFIG): the named study, or
     the latest one in `out`."""
+    from orchestrator import remote
+
+    if remote.is_uri(out):
+        return _remote_recorded_config(out, study)
     runs = [Path(out) / study / "run.json"] if study else list(Path(out).glob("*/run.json"))
     runs = [r for r in runs if r.is_file()]
     if not runs:
@@ -138,6 +143,26 @@ def _recorded_config(out: str, study: str | None) -> dict[str, Any]:
         return config
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"--resume: '{latest}' is damaged ({exc}); give the study's CONFIG "
+                          "file") from None  # fmt: skip
+
+
+def _remote_recorded_config(out: str, study: str | None) -> dict[str, Any]:
+    from orchestrator import remote
+
+    if not study:
+        raise ConfigError(f"--resume with --out '{out}' needs --study NAME (the study to continue)")
+    remote.check_uri(out)
+    where = remote.join(remote.join(out, study), "run.json")
+    data = remote.read_bytes(where)
+    if data is None:
+        raise ConfigError(f"--resume: no prunesearch study at '{where}'; check --study and --out")
+    try:
+        config = json.loads(data)["config"]
+        if isinstance(config, dict):
+            return config
+        raise TypeError(f"its config is a {type(config).__name__}, not an object")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--resume: '{where}' is damaged ({exc}); give the study's CONFIG "
                           "file") from None  # fmt: skip
 
 
@@ -163,7 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                    objective=args.objective, address=args.address)  # fmt: skip
     prepared = prepare(config, resume=args.resume, join=args.join)  # checks before Ray starts
     if not args.quiet:
-        print(f"study {prepared.study} in {prepared.study_dir} ({len(prepared.space.searchable)} "
+        print(f"study {prepared.study} in {prepared.location} ({len(prepared.space.searchable)} "
               f"knobs, {config.trials} trials)", file=sys.stderr)  # fmt: skip
     result = run_prepared(prepared, quiet=args.quiet, sys_path=sys_path)
     if not args.quiet:
@@ -298,9 +323,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_front(args: argparse.Namespace) -> int:
+    from orchestrator.remote import local_copy
     from orchestrator.summary import print_front, read_study
 
-    front, run = read_study(Path(args.study_dir))
+    with local_copy(args.study_dir) as study_dir:
+        front, run = read_study(study_dir)
     if not isinstance(run, dict):
         raise ConfigError(f"'{Path(args.study_dir) / 'run.json'}' is damaged (not a JSON object); "
                           "rerun or resume the study to rewrite it")  # fmt: skip
@@ -315,9 +342,26 @@ def cmd_front(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.report import write_report
 
-    for path in write_report(args.study_dir, out=args.out):
-        print(path)
+    with _study_and_out(args) as (study_dir, out, shown):
+        lines = [shown(path) for path in write_report(study_dir, out=out)]
+    print("\n".join(lines))  # once uploaded
     return 0
+
+
+@contextlib.contextmanager
+def _study_and_out(args: argparse.Namespace) -> Iterator[tuple[Path, Path | None, Callable]]:
+    """Local paths for STUDY_DIR and --out, either of which may be a URI (downloaded
+    before the block, what was written uploaded after it), and how to show a written
+    path to the user."""
+    from orchestrator.remote import local_copy, shown
+
+    with contextlib.ExitStack() as stack:
+        study = stack.enter_context(local_copy(args.study_dir))
+        if args.out is None:
+            yield study, None, lambda path: shown(path, study, args.study_dir)
+        else:
+            out = stack.enter_context(local_copy(args.out, pull=False))
+            yield study, out, lambda path: shown(path, out, args.out)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -331,21 +375,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
 
     _sys_path(args)
-    try:
-        out = export_best(args.study_dir, budget=args.budget, trial=args.trial, out=args.out,
-                          onnx=args.onnx)  # fmt: skip
-    except ExportError as exc:
-        print(f"prunesearch: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
-    record = json.loads((out / POLICY_FILE).read_text())
-    model = record["model_file"]
-    print(f"exported trial {record['trial']} of study {record['study']}: metric "
-          f"{record['verified_metric']:.4f} (recorded {record['metric']:.4f}), predicted "
-          f"{format_bytes(record['predicted']['size_bytes'])}")  # fmt: skip
-    print(f"{out / model['name']}: {model['bytes']:,} bytes ({model['payload_bytes']:,} "
-          f"tensors + {model['header_bytes']:,} header)")  # fmt: skip
-    for name in (MANIFEST_FILE, POLICY_FILE, *([ONNX_FILE] if args.onnx else [])):
-        print(out / name)
+    with _study_and_out(args) as (study_dir, out, shown):
+        try:
+            out = export_best(study_dir, budget=args.budget, trial=args.trial, out=out,
+                              onnx=args.onnx)  # fmt: skip
+        except ExportError as exc:
+            print(f"prunesearch: error: {_one_line(exc)}", file=sys.stderr)
+            return 1
+        record = json.loads((out / POLICY_FILE).read_text())
+        model = record["model_file"]
+        lines = [
+            f"exported trial {record['trial']} of study {record['study']}: metric "
+            f"{record['verified_metric']:.4f} (recorded {record['metric']:.4f}), predicted "
+            f"{format_bytes(record['predicted']['size_bytes'])}",
+            f"{shown(out / model['name'])}: {model['bytes']:,} bytes ({model['payload_bytes']:,} "
+            f"tensors + {model['header_bytes']:,} header)",
+            *(shown(out / name) for name in (MANIFEST_FILE, POLICY_FILE,
+                                             *([ONNX_FILE] if args.onnx else []))),
+        ]  # fmt: skip
+    print("\n".join(lines))  # once uploaded
     return 0
 
 
@@ -378,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (WorkerStartError, JobError) as exc:
+    except (WorkerStartError, JobError, ResultsError) as exc:
         print(f"prunesearch: error: {_one_line(exc)}", file=sys.stderr)
         return 1
 

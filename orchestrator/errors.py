@@ -22,3 +22,8 @@ class WorkerStartError(RuntimeError):
 
 class JobError(RuntimeError):
     """The Ray job server refused or failed a request (one line, exit 1)."""
+
+
+class ResultsError(RuntimeError):
+    """Results could not be recorded or uploaded (one line, exit 1; the message says
+    where the finished trials are)."""

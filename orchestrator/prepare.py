@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from orchestrator.config import SearchConfig
 from orchestrator.cost import Cost, policy_cost
 from orchestrator.errors import ConfigError
 from orchestrator.policy import Policy
+from orchestrator.remote import Mirror, check_uri, is_uri, staging_dir
 from orchestrator.task import Task, resolve_task
 from search_spaces import SearchSpace, SpaceError, derive_space, profile_model
 from search_spaces.structure import PruningPlan, plan_groups
@@ -40,6 +42,12 @@ class Prepared:
     study_dir: Path
     resume: bool  # the study exists: continue it (--resume, or --join of a started one)
     join: bool = False  # share the study with other drivers (--join)
+    mirror: Mirror | None = None  # `out` is a URI: study_dir is its local staging copy
+
+    @property
+    def location(self) -> str:
+        """Where the study's files are, as the user named it (a path or a URI)."""
+        return self.mirror.uri if self.mirror is not None else str(self.study_dir)
 
 
 def build_space(config: SearchConfig) -> tuple[Task, nn.Module, SearchSpace]:
@@ -141,9 +149,31 @@ def check_out_dir(out: Path) -> None:
 
 
 def resolve_study(config: SearchConfig, task: Task, *, resume: bool,
-                  join: bool = False) -> tuple[str, Path]:  # fmt: skip
-    out = Path(config.out)
-    check_out_dir(out)
+                  join: bool = False) -> tuple[str, Path, Mirror | None]:  # fmt: skip
+    """The study's name and directory: `<out>/<name>`, or for a URI `out` a local staging
+    directory mirrored to `<out>/<name>` (holding the study's files for a resume or join)."""
+    remote = is_uri(config.out)
+    if remote:
+        check_remote_out(config)
+    else:
+        check_out_dir(Path(config.out))
+    name = _study_name(config, task, resume=resume, join=join, remote=remote)
+    if not remote:
+        study_dir = Path(config.out) / name
+        started = (study_dir / "run.json").is_file()
+        check_started(config, name, started=started, resume=resume, join=join,
+                      empty=not (study_dir.exists() and any(study_dir.iterdir())))  # fmt: skip
+        return name, study_dir, None
+    mirror = Mirror(f"{config.out.rstrip('/')}/{name}", staging_dir(name))
+    started = mirror.exists("run.json")
+    check_started(config, name, started=started, resume=resume, join=join, empty=mirror.empty())
+    if started:
+        mirror.pull()
+    return name, mirror.local, mirror
+
+
+def _study_name(config: SearchConfig, task: Task, *, resume: bool, join: bool,
+                remote: bool) -> str:  # fmt: skip
     name = config.study
     if join:
         if resume:
@@ -151,22 +181,36 @@ def resolve_study(config: SearchConfig, task: Task, *, resume: bool,
                               "study alongside its other drivers")  # fmt: skip
         if name is None:
             raise ConfigError("--join needs --study NAME: the study every driver shares")
-        return name, out / name
     if name is None and resume:
-        name = _latest_study(out, config.task)
+        if remote:
+            raise ConfigError(f"--resume with --out '{config.out}' needs --study NAME (the "
+                              "study to continue)")  # fmt: skip
+        name = _latest_study(Path(config.out), config.task)
         if name is None:
-            raise ConfigError(f"--resume: no study of task '{config.task}' in '{out}'; give "
-                              "--study NAME (and --out DIR) of the study to continue")  # fmt: skip
-    if name is None:
-        name = default_study_name(task.name)
-    study_dir = out / name
-    if resume and not (study_dir / "run.json").is_file():
-        raise ConfigError(f"--resume: '{study_dir}' is not a prunesearch study (no run.json); "
+            raise ConfigError(f"--resume: no study of task '{config.task}' in '{config.out}'; "
+                              "give --study NAME (and --out DIR) of the study to continue")  # fmt: skip
+    return name or default_study_name(task.name)
+
+
+def check_started(config: SearchConfig, name: str, *, started: bool, resume: bool, join: bool,
+                  empty: bool) -> None:  # fmt: skip
+    """--resume needs a started study (its run.json); a new study an unused name."""
+    where = f"{config.out.rstrip('/')}/{name}"
+    if resume and not started:
+        raise ConfigError(f"--resume: '{where}' is not a prunesearch study (no run.json); "
                           "check --study and --out")  # fmt: skip
-    if not resume and study_dir.exists() and any(study_dir.iterdir()):
-        raise ConfigError(f"study '{name}' already exists in '{out}'; add --resume to continue it "
-                          "or give --study NEW_NAME for a new one")  # fmt: skip
-    return name, study_dir
+    if not resume and not join and not empty:
+        raise ConfigError(f"study '{name}' already exists in '{config.out}'; add --resume to "
+                          "continue it or give --study NEW_NAME for a new one")  # fmt: skip
+
+
+def check_remote_out(config: SearchConfig) -> None:
+    """A URI `out` holds the study's files, not its Optuna study: SQLite needs a disk."""
+    if config.storage is None:
+        raise ConfigError(f"--out '{config.out}' is an object store, where the study's SQLite "
+                          "file cannot live; set storage: postgresql://user@host/db (or "
+                          "journal:///path/study.log on a disk that outlives the run)")  # fmt: skip
+    check_uri(config.out)
 
 
 def check_resume(study_dir: Path, config: SearchConfig, space: SearchSpace,
@@ -301,15 +345,20 @@ def prepare(config: SearchConfig, *, resume: bool = False, join: bool = False) -
     task, model, space = build_space(config)
     budget = config.parsed_budget
     check_budget(space, budget)
-    study, study_dir = resolve_study(config, task, resume=resume, join=join)
-    check_storage(config, study, resume=resume, join=join)
-    if join and (study_dir / "run.json").is_file():
-        check_resume(study_dir, config, space, "--join")
-        resume = True
-    elif resume:
-        check_resume(study_dir, config, space)
-        check_no_live_driver(config, study, study_dir)
+    study, study_dir, mirror = resolve_study(config, task, resume=resume, join=join)
+    try:
+        check_storage(config, study, resume=resume, join=join)
+        if join and (study_dir / "run.json").is_file():
+            check_resume(study_dir, config, space, "--join")
+            resume = True
+        elif resume:
+            check_resume(study_dir, config, space)
+            check_no_live_driver(config, study, study_dir)
+    except ConfigError:
+        if mirror is not None:  # nothing of a refused run stays behind
+            shutil.rmtree(mirror.local.parent, ignore_errors=True)
+        raise
     base = policy_cost(space, Policy.uniform(space, 32, 1.0))
     return Prepared(config=config, task=task, base_model=model, space=space, budget=budget,
                     base_cost=base, study=study, study_dir=study_dir, resume=resume,
-                    join=join)  # fmt: skip
+                    join=join, mirror=mirror)  # fmt: skip

@@ -198,11 +198,15 @@ def read_run_json(study_dir: Path) -> dict[str, Any]:
 
 
 def load_results(study_dir: str | Path) -> pd.DataFrame:
-    """All finished trials of a study directory, one row each, sorted by trial number."""
-    path = Path(study_dir)
-    if not (path / "run.json").is_file():
-        raise FileNotFoundError(f"'{study_dir}' is not a prunesearch study directory (no run.json)")
-    return read_trials(path).sort_values("trial").reset_index(drop=True)
+    """All finished trials of a study directory (a path, or an s3:// or gs:// URI), one
+    row each, sorted by trial number."""
+    from orchestrator.remote import local_copy
+
+    with local_copy(study_dir) as path:
+        if not (path / "run.json").is_file():
+            raise FileNotFoundError(f"'{study_dir}' is not a prunesearch study directory (no "
+                                    "run.json)")  # fmt: skip
+        return read_trials(path).sort_values("trial").reset_index(drop=True)
 
 
 def load_front(study_dir: str | Path) -> pd.DataFrame:

@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from orchestrator.budget import Budget
 from orchestrator.config import SearchConfig
 from orchestrator.cost import Cost, policy_cost
-from orchestrator.errors import WorkerStartError
+from orchestrator.errors import ResultsError, WorkerStartError
 from orchestrator.fidelity import FidelitySettings
 from orchestrator.policy import Policy
 from orchestrator.prepare import Prepared, prepare
@@ -201,7 +201,7 @@ class Driver:
         self.known = {trial.number for trial in opened.finished}
         self._reconcile(opened)
         self.recorder = Recorder(url, p.study, p.study_dir, driver_id=self.driver_id,
-                                 shared=p.join)  # fmt: skip
+                                 shared=p.join, remote=p.mirror.uri if p.mirror else None)  # fmt: skip
         for local, trial in enumerate(opened.finished):
             self.recorder.foreign(local, trial.number)
         self.finished = len(opened.finished)
@@ -553,6 +553,8 @@ def write_run_json(prepared: Prepared, *, sampler: str, base_metric: float | Non
            "workers": workers}  # fmt: skip
     config = {**prepared.config.to_dict(), "study": prepared.study}
     with _run_json_locked(prepared.study_dir) as path:
+        if prepared.mirror is not None and prepared.join:  # other machines' drivers' entries
+            prepared.mirror.refresh("run.json")
         previous = json.loads(path.read_text()) if path.is_file() else {}
         atomic_write_json(path, {
             "format": "prunesearch-study/1",
@@ -568,6 +570,7 @@ def write_run_json(prepared: Prepared, *, sampler: str, base_metric: float | Non
             "base": {**prepared.base_cost.as_dict(), "metric": base_metric},
             "runs": [*previous.get("runs", []), run],
         })  # fmt: skip
+    publish(prepared)
 
 
 def finish_run_json(prepared: Prepared, summary: dict[str, Any]) -> None:
@@ -577,6 +580,20 @@ def finish_run_json(prepared: Prepared, summary: dict[str, Any]) -> None:
         mine = [run for run in data["runs"] if run.get("driver_id") == summary["driver_id"]]
         (mine or data["runs"])[-1].update(summary)
         atomic_write_json(path, data)
+    publish(prepared)
+
+
+def publish(prepared: Prepared) -> None:
+    """Upload what changed in the staging directory of a study whose `out` is a URI (the
+    recorder uploads the Parquet files as it flushes them)."""
+    if prepared.mirror is None:
+        return
+    try:
+        prepared.mirror.push()
+    except OSError as exc:
+        text = " ".join(str(exc).split())[:300]
+        raise ResultsError(f"uploading the study to {prepared.mirror.uri} failed ({text}); its "
+                           f"files are in {prepared.study_dir}") from None  # fmt: skip
 
 
 def _seeds(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool) -> list[dict]:

@@ -47,6 +47,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from orchestrator.errors import ResultsError
 from orchestrator.results import ResultSink
 from orchestrator.storage import close_storage, open_storage
 
@@ -273,11 +274,12 @@ class Recorder:
     """Driver side: streams trials to the recorder process (see the module docstring)."""
 
     def __init__(self, url: str, study_name: str, study_dir: Path, *, driver_id: str,
-                 shared: bool = False, flush_seconds: float = 1.0) -> None:  # fmt: skip
+                 shared: bool = False, remote: str | None = None,
+                 flush_seconds: float = 1.0) -> None:  # fmt: skip
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - open for the child's lifetime
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.recorder", url, study_name, str(study_dir),
-             str(flush_seconds), driver_id, "shared" if shared else "own"],
+             str(flush_seconds), driver_id, "shared" if shared else "own", remote or "-"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE if shared else subprocess.DEVNULL,
             stderr=self._stderr, start_new_session=True,
             env={**os.environ, "PYTHONPATH": _package_root()},
@@ -343,11 +345,11 @@ class Recorder:
             self._reader.join()
         self.drain_seconds = time.perf_counter() - start
         if code != 0:
-            raise RuntimeError(f"recording results failed: {self._error_text()}")
+            raise ResultsError(f"recording results failed: {self._error_text()}")
 
     def _check(self) -> None:
         if self._proc.poll() is not None:
-            raise RuntimeError(f"recording results failed: {self._error_text()}")
+            raise ResultsError(f"recording results failed: {self._error_text()}")
 
     def _error_text(self) -> str:
         self._stderr.seek(0)

@@ -92,7 +92,7 @@ def print_summary(result: Any, prepared: Any) -> None:
               f"{format_bytes(best.size_bytes)} ({result.base_size / best.size_bytes:.1f}x smaller)")  # fmt: skip
     else:
         print(f"\nno completed trial {where}")
-    d = result.study_dir
+    d = prepared.location
     storage = prepared.config.storage
     study = f"{d}/study.db" if storage is None else f"study '{prepared.study}' in {redact(storage)}"
     print(f"\nfiles: {d}/run.json, {study}, {d}/trials/, {d}/pareto.parquet")

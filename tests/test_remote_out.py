@@ -1,0 +1,150 @@
+"""Results in object stores (`out: s3://...` / `gs://...`) through pyarrow's filesystems,
+against S3 and GCS servers started here on the loopback (moto's S3 server, the
+gcp-storage-emulator): a search writes its study there as it goes, resumes from it, and
+`front`, `export` and `load_results` read it back; mistakes are one line up front."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator.config import make_config
+from orchestrator.errors import ConfigError
+from orchestrator.prepare import prepare
+from orchestrator.results import load_front, load_results
+from orchestrator.search import run_search
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    server_mod = pytest.importorskip("moto.server", reason="pip install 'moto[server]'")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=_port())
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The AWS environment a user would have, pointed at the loopback server; one bucket."""
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    import boto3
+
+    bucket = f"b{_port()}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    fs = pafs.S3FileSystem(endpoint_override=s3_server, access_key="testing",
+                           secret_key="testing", region="us-east-1")  # fmt: skip
+    return f"s3://{bucket}", fs, bucket
+
+
+@pytest.fixture
+def gcs(monkeypatch):
+    emulator = pytest.importorskip("gcp_storage_emulator.server",
+                                   reason="pip install gcp-storage-emulator")  # fmt: skip
+    port = _port()
+    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="results")
+    server.start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    fs = pafs.GcsFileSystem(anonymous=True, endpoint_override=f"127.0.0.1:{port}", scheme="http")
+    yield "gs://results", fs, "results"
+    server.stop()
+
+
+def _config(out: str, tmp_path: Path, **extra):
+    return make_config({"task": "digits-cnn", "seeding": False, "sampler": "random",
+                        "workers": {"count": 2}, "out": out, "study": "remote",
+                        "storage": f"journal://{tmp_path / 'studies.log'}", **extra})  # fmt: skip
+
+
+def _journal(tmp_path: Path):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "studies.log")))
+    return optuna.load_study(study_name="remote", storage=storage)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_search_writes_resumes_and_exports_a_study_in_s3(ray_cluster, s3, tmp_path):
+    out, fs, bucket = s3
+    config = _config(f"{out}/studies", tmp_path, trials=8)
+    result = run_search(config)
+    assert len(result.trials) == 8
+    prefix = f"{bucket}/studies/remote"
+    names = {info.path[len(prefix) + 1 :] for info in
+             fs.get_file_info(pafs.FileSelector(prefix, recursive=True))}  # fmt: skip
+    assert {"run.json", "pareto.parquet"} <= names
+    assert not any(name.startswith(".") or "/." in name for name in names)  # nothing temporary
+    # read straight from the bucket with pyarrow, as any tool would
+    trials = pq.read_table(f"{prefix}/trials", filesystem=fs).to_pandas()
+    assert sorted(trials["trial"]) == list(range(8))
+
+    run_search(config.model_copy(update={"trials": 12}), resume=True)  # from the bucket
+    study = _journal(tmp_path)
+    rows = load_results(f"{out}/studies/remote")  # the public API reads URIs
+    assert len(rows) == 12 and rows["trial"].is_unique
+    assert sorted(rows["trial"]) == sorted(t.number for t in study.trials)
+    run = json.loads(fs.open_input_stream(f"{prefix}/run.json").read())
+    assert [r["resume"] for r in run["runs"]] == [False, True]
+    assert not load_front(f"{out}/studies/remote").empty
+
+    front = _cli("front", f"{out}/studies/remote")
+    assert front.returncode == 0, front.stderr
+    done = _cli("export", f"{out}/studies/remote")
+    assert done.returncode == 0, done.stderr
+    assert f"{out}/studies/remote/export/model.safetensors" in done.stdout
+    policy = json.loads(fs.open_input_stream(f"{prefix}/export/policy.json").read())
+    assert policy["trial"] in set(rows["trial"])
+
+
+@pytest.mark.slow
+def test_a_search_writes_its_study_to_gcs(ray_cluster, gcs, tmp_path):
+    out, fs, bucket = gcs
+    result = run_search(_config(out, tmp_path, trials=6))
+    trials = pq.read_table(f"{bucket}/remote/trials", filesystem=fs).to_pandas()
+    assert sorted(trials["trial"]) == sorted(result.trials["trial"]) == list(range(6))
+    assert json.loads(fs.open_input_stream(f"{bucket}/remote/run.json").read())["study"] == "remote"
+
+
+def test_uri_mistakes_are_one_line_before_anything_starts(s3, tmp_path):
+    out, fs, bucket = s3
+    with pytest.raises(ConfigError, match="object store, where the study's SQLite file cannot"):
+        prepare(make_config({"task": "digits-cnn", "out": f"{out}/x"}))
+    with pytest.raises(ConfigError, match="bucket 'nosuchbucket' does not exist"):
+        prepare(_config("s3://nosuchbucket/x", tmp_path))
+    with pytest.raises(ConfigError, match="--resume with --out 's3://.*' needs --study"):
+        prepare(_config(f"{out}/x", tmp_path).model_copy(update={"study": None}), resume=True)
+    with pytest.raises(ConfigError, match="--resume: 's3://.*/x/remote' is not a prunesearch"):
+        prepare(_config(f"{out}/x", tmp_path), resume=True)
+    with fs.open_output_stream(f"{bucket}/x/taken/run.json") as f:
+        f.write(b"{}")
+    with pytest.raises(ConfigError, match="study 'taken' already exists"):
+        prepare(_config(f"{out}/x", tmp_path).model_copy(update={"study": "taken"}))
+    done = _cli("front", f"{out}/x/nothing")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    listed = fs.get_file_info(pafs.FileSelector(bucket, recursive=True))
+    assert [info.path for info in listed if info.type == pafs.FileType.File] == [
+        f"{bucket}/x/taken/run.json"
+    ]  # nothing written by the refusals
