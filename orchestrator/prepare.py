@@ -165,10 +165,15 @@ def resolve_study(config: SearchConfig, task: Task, *, resume: bool,
                       empty=not (study_dir.exists() and any(study_dir.iterdir())))  # fmt: skip
         return name, study_dir, None
     mirror = Mirror(f"{config.out.rstrip('/')}/{name}", staging_dir(name))
-    started = mirror.exists("run.json")
-    check_started(config, name, started=started, resume=resume, join=join, empty=mirror.empty())
-    if started:
-        mirror.pull()
+    try:
+        started = mirror.exists("run.json")
+        check_started(config, name, started=started, resume=resume, join=join,
+                      empty=mirror.empty())  # fmt: skip
+        if started:
+            mirror.pull()
+    except BaseException:
+        shutil.rmtree(mirror.local.parent, ignore_errors=True)
+        raise
     return name, mirror.local, mirror
 
 

@@ -64,6 +64,8 @@ def check_uri(uri: str, flag: str = "--out") -> None:
                               "check the name")  # fmt: skip
         if fs.get_file_info(path).type == pafs.FileType.File:
             raise ConfigError(f"{flag} '{uri}' is a file, not a prefix; give a directory URI")
+    except ConfigError:
+        raise
     except (OSError, ValueError) as exc:  # pyarrow: credentials, network, malformed URI
         text = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise ConfigError(f"{flag} '{uri}': cannot reach it ({text}); check the URI and the "
@@ -187,5 +189,7 @@ def local_copy(where: str | Path, *, pull: bool = True) -> Iterator[Path]:
             mirror.pull()
         yield local
         mirror.push()
+    except ConfigError as exc:  # name the URI the user gave, not the temporary copy
+        raise ConfigError(str(exc).replace(str(local), str(where).rstrip("/"))) from None
     finally:
         shutil.rmtree(local.parent, ignore_errors=True)
