@@ -148,3 +148,38 @@ def test_uri_mistakes_are_one_line_before_anything_starts(s3, tmp_path):
     assert [info.path for info in listed if info.type == pafs.FileType.File] == [
         f"{bucket}/x/taken/run.json"
     ]  # nothing written by the refusals
+
+
+def test_recorders_of_drivers_on_different_machines_see_each_others_parts(s3, tmp_path):
+    """Two drivers of one study (--join), each staging its own copy: each recorder's flush
+    fetches the other's parts first, so both fronts cover every trial and the bucket
+    holds one row per trial."""
+    from orchestrator.recorder import _flush
+    from orchestrator.remote import Mirror
+    from orchestrator.results import ResultSink
+
+    out, fs, bucket = s3
+    uri = f"{out}/shared/s"
+
+    def row(trial, size, metric):
+        return {"study": "s", "trial": trial, "state": "COMPLETE", "metric": metric,
+                "size_bytes": size, "feasible": True, "policy": "{}", "policy_hash": f"p{trial}"}  # fmt: skip
+
+    sinks = {}
+    for name in ("a", "b"):
+        local = tmp_path / name / "s"
+        local.mkdir(parents=True)
+        sinks[name] = (ResultSink(local), Mirror(uri, local))
+    (a, mirror_a), (b, mirror_b) = sinks["a"], sinks["b"]
+    a.add(row(0, 100, 0.9))
+    _flush(a, mirror_a, shared=True, last=False)
+    b.add(row(1, 50, 0.95))
+    _flush(b, mirror_b, shared=True, last=False)
+    a.add(row(2, 10, 0.5))
+    _flush(a, mirror_a, shared=True, last=True)
+    for sink in (a, b):
+        assert sink.recorded >= {0, 1}
+    front = pq.read_table(f"{bucket}/shared/s/pareto.parquet", filesystem=fs).to_pandas()
+    assert sorted(front["trial"]) == [1, 2]  # A's last front includes B's trial
+    trials = pq.read_table(f"{bucket}/shared/s/trials", filesystem=fs).to_pandas()
+    assert sorted(trials["trial"]) == [0, 1, 2]
