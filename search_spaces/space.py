@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -212,11 +213,18 @@ def _apply_rules(
     keep = keep_choices(config.keep)
     resolved = {layer.name: _Resolved(bits=config.bits, keep=keep) for layer in profile.layers}
     for where, rule in rules:
-        matched = [n for p in rule.patterns for n in _selector_matches(p, profile.layers)]
+        by_pattern = {p: _selector_matches(p, profile.layers) for p in rule.patterns}
+        matched = [n for names in by_pattern.values() for n in names]
         if not matched:
             names = ", ".join(layer.name for layer in profile.layers)
             raise SpaceError(f"{where}.layers {list(rule.patterns)} matches no layer; the model's "
                              f"compressible layers are: {names}")  # fmt: skip
+        missing = [p for p, names in by_pattern.items() if not names]
+        if missing and where.startswith("space.rules"):  # a typo beside a good name
+            close = difflib.get_close_matches(missing[0], [x.name for x in profile.layers], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise SpaceError(f"{where}.layers: '{missing[0]}' matches no layer{hint}; every name "
+                             "or glob of a rule must match (presets may not)")  # fmt: skip
         for name in matched:
             r = resolved[name]
             r.bits = rule.bits if rule.bits is not None else r.bits

@@ -152,6 +152,13 @@ def test_rule_matching_no_layer_names_the_layers():
     assert all(name in msg for name in CNN_LAYERS)
 
 
+def test_a_misspelled_name_beside_a_good_one_is_refused_with_a_suggestion():
+    with pytest.raises(SpaceError, match=r"space.rules\[1\].layers: 'featurs.3' matches no layer "
+                       r"\(did you mean 'features.3'\?\)"):  # fmt: skip
+        _derive("digits-cnn", {"rules": [{"layers": "features.*", "bits": [4, 8]},
+                                         {"layers": ["features.0", "featurs.3"], "bits": [8]}]})  # fmt: skip
+
+
 def test_rnn_selector_on_a_cnn_matches_nothing():
     with pytest.raises(SpaceError, match=r"\$rnn"):
         _derive("digits-cnn", {"preset": "rnn"})
