@@ -154,6 +154,7 @@ class WorkerPool:
         self._grown = time.monotonic()
         self.replaced = self.timed_out = self.failed_starts = self._failed_in_a_row = 0
         self.infos: list[dict[str, Any]] = []
+        self._where: dict[Any, dict[str, str]] = {}  # actor id -> {"worker", "node"}
 
     def start(self) -> list[dict[str, Any]]:
         """Start the workers and wait until each has loaded the task (errors surface here)."""
@@ -162,7 +163,14 @@ class WorkerPool:
             self.infos = ray.get([a.info.remote() for a in self._idle])
         except RayError as exc:
             raise WorkerStartError(f"a worker failed to load the task: {_cause(exc)}") from exc
+        for actor, info in zip(self._idle, self.infos, strict=True):
+            self._remember(actor, info)
         return self.infos
+
+    def _remember(self, actor: Any, info: dict[str, Any]) -> None:
+        """Where an actor runs, for the rows of candidates it cannot report itself (it died
+        or hung)."""
+        self._where[actor._actor_id] = {"worker": info["worker"], "node": info["node"]}
 
     def _new_actor(self) -> Any:
         self._names += 1
@@ -236,6 +244,7 @@ class WorkerPool:
         actor = self._starting.pop(ref)
         try:
             self.infos.append(ray.get(ref))
+            self._remember(actor, self.infos[-1])
         except RayError as exc:  # e.g. its node left while it loaded
             self.failed_starts += 1
             self._failed_in_a_row += 1
@@ -262,7 +271,8 @@ class WorkerPool:
                 self._retry.append(job)
                 return []
             result = {"error": f"worker died {job.attempt} times evaluating this candidate; "
-                               f"last: {type(exc).__name__}"}  # fmt: skip
+                               f"last: {type(exc).__name__}",
+                      **self._where.get(actor._actor_id, {})}  # fmt: skip
         else:
             self._idle.append(actor)
         result["seconds"] = time.monotonic() - job.started
@@ -281,7 +291,8 @@ class WorkerPool:
             self.timed_out += 1
             done.append((job, {"error": f"TimeoutError: the evaluation took longer than timeout="
                                         f"{limit:g} s; its worker was replaced",
-                               "seconds": now - job.started}))  # fmt: skip
+                               "seconds": now - job.started,
+                               **self._where.get(actor._actor_id, {})}))  # fmt: skip
         return done
 
     def _grow(self) -> None:

@@ -277,6 +277,7 @@ def test_metric_faults_fail_their_trials_and_the_study_goes_on(ray_cluster, task
             assert EXPECTED[fault] in error, error
             _readable(error)
         assert rows["metric"].isna().all()
+        assert rows["worker"].notna().all() and rows["node"].notna().all()  # hung ones too
     healthy = evaluated[~kept.isin(list(FAULTS))]
     assert len(healthy) >= 4 and (healthy["state"] == "COMPLETE").all()
     assert healthy["error"].isna().all() and healthy["metric"].between(0, 1).all()
