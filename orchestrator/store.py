@@ -52,7 +52,7 @@ from orchestrator.results import ResultSink
 from orchestrator.storage import close_storage, open_storage
 
 ROW_ATTR = "prunesearch.row"
-OWNER_ATTR = "prunesearch.driver"  # trial system attr: the id of the driver that asked it
+OWNER_ATTR = "prunesearch.owner"  # trial system attr: the id of the driver that asked it
 # each driver of a study: "prunesearch.driver:<id>" -> {"host", "pid", "at" (unix time),
 # "stopped"}; written by its recorder every HEARTBEAT_SECONDS, so a --resume can tell a
 # live driver and a --join the trials of dead ones
