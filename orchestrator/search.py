@@ -536,14 +536,17 @@ class Driver:
 
 
 @contextlib.contextmanager
-def _run_json_locked(study_dir: Path) -> Iterator[Path]:
+def _run_json_locked(prepared: Prepared) -> Iterator[Path]:
     """run.json, locked: the drivers of a shared study each add and update their entry
-    (an exclusive flock on a lock file beside it; the write itself stays atomic)."""
+    (an exclusive flock on a lock file beside it; the write itself stays atomic). In a
+    bucket, other machines' drivers may have changed it: fetched again first."""
     import fcntl
 
-    with open(study_dir / ".run.json.lock", "a") as lock:
+    with open(prepared.study_dir / ".run.json.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        yield study_dir / "run.json"
+        if prepared.mirror is not None and prepared.join:
+            prepared.mirror.refresh("run.json")
+        yield prepared.study_dir / "run.json"
 
 
 def write_run_json(prepared: Prepared, *, sampler: str, base_metric: float | None,
@@ -552,9 +555,7 @@ def write_run_json(prepared: Prepared, *, sampler: str, base_metric: float | Non
            "resume": prepared.resume, "join": prepared.join, "driver_id": driver_id,
            "workers": workers}  # fmt: skip
     config = {**prepared.config.to_dict(), "study": prepared.study}
-    with _run_json_locked(prepared.study_dir) as path:
-        if prepared.mirror is not None and prepared.join:  # other machines' drivers' entries
-            prepared.mirror.refresh("run.json")
+    with _run_json_locked(prepared) as path:
         previous = json.loads(path.read_text()) if path.is_file() else {}
         atomic_write_json(path, {
             "format": "prunesearch-study/1",
@@ -575,7 +576,7 @@ def write_run_json(prepared: Prepared, *, sampler: str, base_metric: float | Non
 
 def finish_run_json(prepared: Prepared, summary: dict[str, Any]) -> None:
     """Add this run's figures (feasibility shares, driver timings) to its run.json entry."""
-    with _run_json_locked(prepared.study_dir) as path:
+    with _run_json_locked(prepared) as path:
         data = json.loads(path.read_text())
         mine = [run for run in data["runs"] if run.get("driver_id") == summary["driver_id"]]
         (mine or data["runs"])[-1].update(summary)
