@@ -7,7 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.compress.quantize import dequantize, fake_quantize, qmax, quantize
+from orchestrator.compress.quantize import (
+    dequantize,
+    fake_quantize,
+    fake_quantize_many,
+    qmax,
+    quantize,
+)
 
 FEW = settings(max_examples=80, deadline=None)
 _shapes = st.one_of(
@@ -120,6 +126,27 @@ def test_fake_quantize_is_dequantize_of_quantize(w, bits):
     codes, scale = quantize(w, bits)
     assert torch.equal(fake_quantize(w, bits), dequantize(codes, scale, w.dtype))
     assert len(torch.unique(_rows(codes)[0])) <= 2 * qmax(bits) + 1
+
+
+@FEW
+@given(
+    w=weights(),
+    tiny=st.booleans(),
+    bits=st.lists(st.integers(2, 16), min_size=1, max_size=7, unique=True),
+    half=st.booleans(),
+)
+def test_quantizing_at_many_bits_at_once_gives_each_bits_bit_for_bit(w, tiny, bits, half):
+    """The rebuild caches `fake_quantize_many` stacks and scores with them, and export
+    takes codes from `quantize`: they must agree exactly, also where a row's scale
+    underflows to a subnormal (there the clamp of the codes matters) or is zero."""
+    w = w * 1e-40 if tiny else w  # float32 subnormals
+    w[0] = 0.0  # an all-zero row
+    w = w.half() if half else w
+    stack = fake_quantize_many(w, bits)
+    assert stack.shape == (len(bits), *w.shape) and stack.dtype == w.dtype
+    for i, b in enumerate(bits):
+        assert torch.equal(stack[i], fake_quantize(w, b))
+        assert torch.equal(stack[i], dequantize(*quantize(w, b), w.dtype))
 
 
 def test_float16_weights_keep_their_dtype():

@@ -221,3 +221,46 @@ def test_cached_rebuilds_equal_fresh_ones_whatever_ran_before(name, data):
             assert torch.equal(out, fresh(example))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert worker.cache.hits + worker.cache.misses > 0
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_reused_variants_equal_slicing_and_quantizing_directly(name, data):
+    """A worker builds its tensors factored (rows cut last, after quantizing; every bits of
+    a layer at once) and reuses them and its model skeleton across candidates: each
+    candidate's state must equal slicing the base model and fake-quantizing it directly,
+    whatever the candidates before it did (BatchNorm re-estimation writes buffers,
+    fine-tuning writes weights)."""
+    from orchestrator.compress.quantize import fake_quantize
+    from orchestrator.compress.structured import slice_model
+    from orchestrator.evaluate import recalibrate_batchnorm
+
+    model, example, space, _ = _space(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    worker = Rebuilder(model, space)
+
+    def scribble(m, masks):  # stands in for fine-tuning: writes every weight
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(1.0)
+
+    for _ in range(6):
+        policy = _policy(space, data)
+        if data.draw(st.booleans(), label="a fine-tuned candidate first"):
+            worker(_policy(space, data), before_quantize=scribble)
+        got = worker(policy)
+        expected = slice_model(model, space.plan, space.channel_counts(policy))
+        bits = space.layer_bits(policy)
+        with torch.no_grad():
+            for layer in space.profile.layers:
+                if bits[layer.name] < 32:
+                    for w in layer.weights:
+                        tensor = expected.get_parameter(w.key)
+                        tensor.copy_(fake_quantize(tensor, bits[layer.name]))
+            state, reference = got.state_dict(), expected.state_dict()
+            assert state.keys() == reference.keys()
+            assert all(torch.equal(state[k], reference[k]) for k in state)
+            assert torch.equal(got(example), expected(example))
+        recalibrate_batchnorm(got, [(example, None)])  # the next candidate resets it
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -7,8 +7,8 @@ A Rebuilder is made once per worker and reused for every candidate.
 - structured: it slices a physically smaller copy of the base model along the space's
   pruning plan (planned once, by the driver) and fake-quantizes its weights. Each sliced
   and each quantized tensor is computed once per variant (its own bits and the counts of
-  the groups that cut it) and then reused from a byte-bounded cache (compress/memo.py),
-  unless the candidate is fine-tuned (then every tensor is a fresh copy).
+  the groups that cut it) and then reused from a byte-bounded cache (compress/variants.py,
+  memo.py), unless the candidate is fine-tuned (then every tensor is a fresh copy).
 """
 
 from __future__ import annotations
@@ -58,9 +58,13 @@ class Rebuilder:
         self._base = {k: v.detach().clone() for k, v in self._params.items()}
         self._prune = PRUNE_STEPS[space.pruning]
         self._dirty: set[str] = set()
+        weights = {layer.name: [w.key for w in layer.weights] for layer in space.profile.layers}
+        # per bits knob: the weights it quantizes
+        self._bits_knobs = [(k.name, [key for name in k.layers for key in weights[name]])
+                            for k in space.knobs if k.kind == "bits"]  # fmt: skip
         self.cache = TensorCache()
         self._slicer = self._new_slicer()
-        self._named: tuple[nn.Module, dict[str, torch.Tensor], list[nn.RNNBase]] | None = None
+        self._named: tuple[nn.Module, dict[str, torch.Tensor]] | None = None
 
     def to(self, device: torch.device | str) -> Rebuilder:
         self.model.to(device)
@@ -74,10 +78,15 @@ class Rebuilder:
     def _new_slicer(self) -> Slicer | None:
         if self.space.plan is None:
             return None
-        return Slicer(self.model, self.space.plan, reuse=True, cache=self.cache)
+        choices = {key: self.space.by_name[knob].choices
+                   for knob, keys in self._bits_knobs for key in keys}  # fmt: skip
+        return Slicer(self.model, self.space.plan, reuse=True, cache=self.cache,
+                      bits_choices=choices)  # fmt: skip
 
     def restore(self) -> None:
         """Put back every tensor a previous candidate changed (weights, BatchNorm state)."""
+        if not self._dirty:  # structured rebuilds never dirty the working copy
+            return
         with torch.no_grad():
             for key in self._dirty:
                 self._params[key].copy_(self._base[key])
@@ -95,31 +104,38 @@ class Rebuilder:
         """The compressed model of `policy`. `before_quantize(model, masks)` runs on the
         pruned float model (recovery fine-tuning); `masks` are the unstructured masks."""
         self.restore()
-        settings = self._settings(policy)
-        # shared: parameters are cached tensors, never written; fine-tuning writes them
-        shared = self._slicer is not None and before_quantize is None
         if self._slicer is not None:
-            model = self._slicer(self.space.channel_counts(policy), shared=shared)
-            masks: dict[str, torch.Tensor] = {}
-        else:
-            model, masks = self.model, self._mask(settings)
+            return self._sliced(policy, before_quantize)
+        settings = self.space.layer_settings(policy)
+        masks = self._mask(settings)
         if before_quantize is not None:
-            before_quantize(model, masks)
-            if model is self.model:
-                self._dirty.update(self._params)  # training touched every tensor
-            model.eval()
-        if shared:
-            self._quantize_shared(model, settings)
-        else:
-            self._quantize(model, settings)
-        return model  # in eval mode, as the base model copies are
+            before_quantize(self.model, masks)
+            self._dirty.update(self._params)  # training touched every tensor
+            self.model.eval()
+        self._quantize(self.model, self._weight_bits(policy))
+        return self.model  # in eval mode, as the base model copies are
 
-    def _settings(self, policy: Mapping[str, int | float]) -> Mapping[str, LayerSetting]:
-        if self.space.plan is None:
-            return self.space.layer_settings(policy)
-        # sliced models need only the bits (their shapes come from the slicer)
-        bits = self.space.layer_bits(policy)
-        return {name: LayerSetting(bits=b, keep_count=0) for name, b in bits.items()}
+    def _sliced(self, policy: Mapping[str, int | float],
+                before_quantize: Callable | None) -> nn.Module:  # fmt: skip
+        counts = self.space.channel_counts(policy)
+        bits = self._weight_bits(policy)
+        if before_quantize is None:  # every weight a cached variant, never written
+            return self._slicer(counts, bits=bits, shared=True)
+        model = self._slicer(counts)  # float tensors of its own: fine-tuning writes them
+        before_quantize(model, {})
+        model.eval()
+        self._quantize(model, bits)
+        return model
+
+    def _weight_bits(self, policy: Mapping[str, int | float]) -> dict[str, int]:
+        """Bits of each weight tensor the policy quantizes, by key: a bits knob's value
+        holds for its layers' weights (`SearchSpace.layer_bits`, without the float ones)."""
+        bits: dict[str, int] = {}
+        for knob, keys in self._bits_knobs:
+            value = int(policy[knob])
+            if value < FLOAT_BITS:
+                bits.update(dict.fromkeys(keys, value))
+        return bits
 
     @torch.no_grad()
     def _mask(self, settings: Mapping[str, LayerSetting]) -> dict[str, torch.Tensor]:
@@ -138,48 +154,20 @@ class Rebuilder:
         return masks
 
     @torch.no_grad()
-    def _quantize_shared(self, model: nn.Module, settings: Mapping[str, LayerSetting]) -> None:
-        """Point each quantized weight at its cached fake-quantized variant."""
+    def _quantize(self, model: nn.Module, bits: Mapping[str, int]) -> None:
+        """Fake-quantize `model`'s own weights in place (key -> bits)."""
         tensors = self._tensors(model)
-        states = self._slicer.states
-        for layer in self.space.profile.layers:
-            bits = settings[layer.name].bits
-            if bits >= FLOAT_BITS:
-                continue
-            for w in layer.weights:
-                param = tensors[w.key]
-                key = ("quant", w.key, states.get(w.key, ()), bits)
-                quantized = self.cache.get(key)
-                if quantized is None:
-                    quantized = self.cache.put(key, fake_quantize(param.data, bits))
-                param.data = quantized
-        for module in self._rnns(model):  # cuDNN keeps RNN weights in one flat buffer
-            if module.weight_hh_l0.is_cuda:  # elsewhere it holds the same Parameters
-                module._init_flat_weights()
+        for key, b in bits.items():
+            tensor = tensors[key]
+            if tensor.dtype == torch.float32 and tensor.is_contiguous():
+                fake_quantize_(tensor.data, b)  # the rebuild owns it: no copies
+            else:
+                tensor.copy_(fake_quantize(tensor, b))
+        if model is self.model:
+            self._dirty.update(bits)
 
     def _tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         # the working copy and the slicer's scratch model keep their Parameter objects
         if self._named is None or self._named[0] is not model:
-            rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
-            self._named = (model, dict(model.named_parameters()), rnns)
+            self._named = (model, dict(model.named_parameters()))
         return self._named[1]
-
-    def _rnns(self, model: nn.Module) -> list[nn.RNNBase]:
-        self._tensors(model)
-        return self._named[2]
-
-    @torch.no_grad()
-    def _quantize(self, model: nn.Module, settings: Mapping[str, LayerSetting]) -> None:
-        tensors = self._tensors(model)
-        for layer in self.space.profile.layers:
-            bits = settings[layer.name].bits
-            if bits >= FLOAT_BITS:
-                continue
-            for w in layer.weights:
-                tensor = tensors[w.key]
-                if tensor.dtype == torch.float32 and tensor.is_contiguous():
-                    fake_quantize_(tensor.data, bits)  # the rebuild owns it: no copies
-                else:
-                    tensor.copy_(fake_quantize(tensor, bits))
-            if model is self.model:
-                self._dirty.update(w.key for w in layer.weights)
