@@ -15,6 +15,7 @@ import os
 import pickle
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.remote import Mirror
@@ -22,33 +23,55 @@ from orchestrator.results import ResultSink
 from orchestrator.storage import open_storage
 from orchestrator.store import _HEADER, SYNC_SECONDS, StudyWriter, TrialFeed, read_messages
 
+# messages applied between housekeeping rounds: when the storage is slower than the driver
+# a backlog builds up, and it must not hold back the flushes, the heartbeat (a driver
+# silent past STALE_SECONDS looks dead to a joining driver) or the feed
+CHUNK = 256
+
 
 def main(argv: list[str]) -> int:
     url, study_name, study_dir, flush_seconds = argv[0], argv[1], Path(argv[2]), float(argv[3])
     driver_id, shared = argv[4], argv[5] == "shared"
-    mirror = Mirror(argv[6], study_dir) if argv[6] != "-" else None
     storage = open_storage(url)
     study_id = storage.get_study_id_from_name(study_name)
     writer = StudyWriter(storage, study_id, ResultSink(study_dir), driver_id=driver_id,
                          shared=shared)  # fmt: skip
-    feed, out = None, -1
+    rounds = Housekeeping(writer, flush_seconds, driver=os.getppid(),
+                          mirror=Mirror(argv[6], study_dir) if argv[6] != "-" else None)  # fmt: skip
     if shared:  # stdout carries the feed alone: anything printed goes to stderr
-        feed, out = TrialFeed(storage, study_id, driver_id), os.dup(1)
+        rounds.feed, rounds.out = TrialFeed(storage, study_id, driver_id), os.dup(1)
         os.dup2(2, 1)
-    driver = os.getppid()
-    writer.heartbeat(driver_pid=driver)
-    last_flush = last_sync = time.monotonic()
-    timeout = min(flush_seconds, SYNC_SECONDS)
-    for messages, eof in read_messages(sys.stdin.fileno(), timeout):
-        writer.apply(messages)
-        if eof or time.monotonic() - last_flush >= flush_seconds:
-            _flush(writer.sink, mirror, shared=shared, last=eof)
-            last_flush = time.monotonic()
-        writer.heartbeat(driver_pid=driver, stopped=eof)  # end of stream: the driver is gone
-        if feed is not None and not eof and time.monotonic() - last_sync >= SYNC_SECONDS:
-            feed = feed if _send(out, feed.poll()) else None
-            last_sync = time.monotonic()
+    writer.heartbeat(driver_pid=rounds.driver)
+    for messages, eof in read_messages(sys.stdin.fileno(), min(flush_seconds, SYNC_SECONDS)):
+        for start in range(0, max(1, len(messages)), CHUNK):
+            writer.apply(messages[start : start + CHUNK])
+            rounds.run(last=eof and start + CHUNK >= len(messages))
     return 0
+
+
+@dataclass
+class Housekeeping:
+    """What the recorder does between chunks of messages: flush rows every FLUSH_SECONDS
+    (and upload them), say the driver is alive (or, at the end, gone), and in a shared
+    study send the driver the trials other drivers finished every SYNC_SECONDS."""
+
+    writer: StudyWriter
+    flush_seconds: float
+    driver: int
+    mirror: Mirror | None = None
+    feed: TrialFeed | None = None
+    out: int = -1
+    flushed: float = field(default_factory=time.monotonic)
+    synced: float = field(default_factory=time.monotonic)
+
+    def run(self, *, last: bool) -> None:
+        if last or time.monotonic() - self.flushed >= self.flush_seconds:
+            _flush(self.writer.sink, self.mirror, shared=self.writer.shared, last=last)
+            self.flushed = time.monotonic()
+        self.writer.heartbeat(driver_pid=self.driver, stopped=last)  # last: the driver is gone
+        if self.feed is not None and not last and time.monotonic() - self.synced >= SYNC_SECONDS:
+            self.feed = self.feed if _send(self.out, self.feed.poll()) else None
+            self.synced = time.monotonic()
 
 
 def _flush(sink: ResultSink, mirror: Mirror | None, *, shared: bool, last: bool) -> None:

@@ -352,7 +352,7 @@ def test_drivers_joining_one_postgres_study_share_it_and_a_dead_ones_trials_are_
         _wait(lambda: len(_owners(direct, "shared")) >= 2
               and min(_owners(direct, "shared").values()) >= 10, 180,
               "both drivers record trials", second)  # fmt: skip
-        time.sleep(6)  # a few of the recorders' 2-s reads of each other's trials
+        time.sleep(8)  # a few of the recorders' 2-s reads of each other's trials
     finally:
         for proc in (first, second):
             proc.send_signal(signal.SIGINT)
