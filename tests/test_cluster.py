@@ -166,6 +166,9 @@ def test_bad_submissions_are_one_line_and_start_nothing(tmp_path, monkeypatch):
         (["submit", str(config), "--address", f"http://127.0.0.1:{_free_port()}"],
          "cannot reach the Ray job server"),
         (["submit", str(config), "--address", "http://127.0.0.1:1", "--resume"], "--study"),
+        (["submit", str(config), "--address", "http://127.0.0.1:1", "--join"],
+         "submit --join needs --study NAME"),
+        (["submit", str(config), "--study", "s", "--resume", "--join"], "not both"),
         (["status", "x"], "no Ray job server address"),
     ]  # fmt: skip
     for args, words in cases:
@@ -173,6 +176,15 @@ def test_bad_submissions_are_one_line_and_start_nothing(tmp_path, monkeypatch):
         assert done.returncode == 2, (args, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], (args, done.stderr)
+
+
+def test_a_joining_submission_runs_another_driver_of_the_named_study():
+    from orchestrator.jobs import entrypoint
+
+    line = entrypoint("search.yaml", "shared", {"out": "/results", "trials": None}, resume=False,
+                      join=True)  # fmt: skip
+    assert line == ("prunesearch run search.yaml --address auto --study shared --out /results "
+                    "--join")  # fmt: skip
 
 
 # -- a two-node local cluster ------------------------------------------------------------
