@@ -39,7 +39,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--budget", help="hard limits, e.g. size=40KB or size=1.5MB,macs=20M (key: budget)"
     )
-    p.add_argument("--out", help="results directory (key: out, default: runs)")
+    p.add_argument("--out", help="results directory, or s3://bucket/prefix, gs://bucket/prefix "
+                   "(key: out, default: runs)")  # fmt: skip
     p.add_argument("--study", help="study name (key: study, default: <task>-<time>)")
     p.add_argument("--seed", type=int, help="sampler seed (key: seed)")
     p.add_argument("--sampler", help="auto, tpe, nsga2 or random (key: sampler)")
