@@ -137,14 +137,7 @@ def _recorded_config(out: str, study: str | None) -> dict[str, Any]:
         where = f"'{Path(out) / study}'" if study else f"'{out}'"
         raise ConfigError(f"--resume: no prunesearch study in {where}; check --study and --out")
     latest = max(runs, key=lambda r: r.stat().st_mtime)
-    try:
-        config = json.loads(latest.read_text())["config"]
-        if not isinstance(config, dict):
-            raise TypeError(f"its config is a {type(config).__name__}, not an object")
-        return config
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"--resume: '{latest}' is damaged ({exc}); give the study's CONFIG "
-                          "file") from None  # fmt: skip
+    return _config_in(latest, latest.read_text)
 
 
 def _remote_recorded_config(out: str, study: str | None) -> dict[str, Any]:
@@ -157,12 +150,17 @@ def _remote_recorded_config(out: str, study: str | None) -> dict[str, Any]:
     data = remote.read_bytes(where)
     if data is None:
         raise ConfigError(f"--resume: no prunesearch study at '{where}'; check --study and --out")
+    return _config_in(where, lambda: data)
+
+
+def _config_in(where: str | Path, read: Callable[[], str | bytes]) -> dict[str, Any]:
+    """The `config` object of the run.json at `where` (`read` returns its text)."""
     try:
-        config = json.loads(data)["config"]
-        if isinstance(config, dict):
-            return config
-        raise TypeError(f"its config is a {type(config).__name__}, not an object")
-    except (ValueError, KeyError, TypeError) as exc:
+        config = json.loads(read())["config"]
+        if not isinstance(config, dict):
+            raise TypeError(f"its config is a {type(config).__name__}, not an object")
+        return config
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"--resume: '{where}' is damaged ({exc}); give the study's CONFIG "
                           "file") from None  # fmt: skip
 

@@ -92,17 +92,14 @@ class Mirror:
 
         return self.fs.get_file_info(f"{self.path}/{name}").type == pafs.FileType.File
 
-    def read_bytes(self, name: str) -> bytes:
-        with self.fs.open_input_stream(f"{self.path}/{name}") as f:
-            return f.read()
-
     def refresh(self, name: str) -> None:
         """Download `name` again if the store has it (another driver may have changed it)."""
         from orchestrator.results import atomic_write_bytes
 
-        if self.exists(name):
+        data = _read(self.fs, f"{self.path}/{name}")
+        if data is not None:
             (self.local / name).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.local / name, self.read_bytes(name))
+            atomic_write_bytes(self.local / name, data)
             self._pushed[name] = _stamp(self.local / name)
 
     def pull(self, under: str = "") -> list[str]:
@@ -146,9 +143,12 @@ class Mirror:
 
 def read_bytes(uri: str) -> bytes | None:
     """The object at `uri`, or None where there is none."""
+    return _read(*open_fs(uri))
+
+
+def _read(fs, path: str) -> bytes | None:
     import pyarrow.fs as pafs
 
-    fs, path = open_fs(uri)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
