@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -23,3 +24,28 @@ def quiet_env(monkeypatch):
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+class _ReachedRay(AssertionError):
+    pass
+
+
+def _no_ray(*args, **kwargs):
+    raise _ReachedRay("bad input got past validation and reached the search")
+
+
+@pytest.fixture
+def no_search(monkeypatch):
+    """For tests of bad input: no search may start (reaching Ray fails the test); the
+    CLI's sys.path and torch thread changes do not leak."""
+    import ray
+    import torch
+
+    import orchestrator.search
+
+    monkeypatch.setattr(orchestrator.search, "run_prepared", _no_ray)
+    monkeypatch.setattr(ray, "init", _no_ray)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
 from orchestrator.cli import main
 from orchestrator.config import make_config
@@ -26,27 +25,7 @@ CNN_KNOBS = [f"{kind}:{layer}" for layer in ("features.0", "features.3", "featur
              if f"{kind}:{layer}" != "keep:classifier.3"]  # fmt: skip
 
 
-class _ReachedRay(AssertionError):
-    pass
-
-
-def _no_ray(*args, **kwargs):
-    raise _ReachedRay("bad input got past validation and reached the search")
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch):
-    """No search may start; the CLI's sys.path and torch thread changes do not leak."""
-    import ray
-
-    import orchestrator.search
-
-    monkeypatch.setattr(orchestrator.search, "run_prepared", _no_ray, raising=False)
-    monkeypatch.setattr(ray, "init", _no_ray)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("no_search")  # conftest.py
 
 
 def _bad(capsys, argv: list[str], out: Path | None = None, *expected: str) -> str:

@@ -22,7 +22,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -44,27 +43,7 @@ def fuzz(examples: int):
                     database=None, suppress_health_check=list(HealthCheck))  # fmt: skip
 
 
-class _ReachedRay(AssertionError):
-    pass
-
-
-def _no_ray(*args, **kwargs):
-    raise _ReachedRay("bad input got past validation and reached the search")
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch):
-    """No search may start; the CLI's sys.path and torch thread changes do not leak."""
-    import ray
-
-    import orchestrator.search
-
-    monkeypatch.setattr(orchestrator.search, "run_prepared", _no_ray)
-    monkeypatch.setattr(ray, "init", _no_ray)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("no_search")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -256,15 +235,19 @@ def test_budgets_no_model_in_the_space_meets(capsys, work, smallest, data):
     _run_config(capsys, work, {"budget": budget}, f"budget {kind}=", "is below the smallest model")
 
 
-@fuzz(15)
-@given(budget=text)
-def test_budgets_that_do_not_parse(capsys, work, budget):
+def _assume_unparsable(budget: str) -> None:
+    """A budget that parses is not these tests' case."""
     try:
         parse_budget(budget)
     except BudgetError:
-        pass
-    else:
-        assume(False)  # a budget that parses is not this test's case
+        return
+    assume(False)
+
+
+@fuzz(15)
+@given(budget=text)
+def test_budgets_that_do_not_parse(capsys, work, budget):
+    _assume_unparsable(budget)
     _run_config(capsys, work, {"budget": budget}, "config key 'budget'")
 
 
@@ -372,12 +355,7 @@ def test_unknown_flags(capsys, work, name):
 @fuzz(15)
 @given(budget=plain)
 def test_budget_flags_that_do_not_parse(capsys, work, budget):
-    try:
-        parse_budget(budget)
-    except BudgetError:
-        pass
-    else:
-        assume(False)
+    _assume_unparsable(budget)
     _bad(capsys, ["run", "--out", str(_fresh(work) / "out"), "--budget", budget],
          "config key 'budget'")  # fmt: skip
 
