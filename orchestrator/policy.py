@@ -30,9 +30,12 @@ class Policy(Mapping[str, Value]):
 
     @classmethod
     def uniform(cls, space: SearchSpace, bits: int, keep: float = 1.0) -> Policy:
-        """Every bits knob at `bits`, every keep knob at `keep` (the uniform baselines)."""
+        """Every searchable bits knob at `bits`, every searchable keep knob at `keep`, as
+        given (`eval --policy uniform:3` is every layer at 3 bits, even one whose choices a
+        preset narrows); a knob a rule fixes to one choice (`skip`, `keep: [1.0]`) keeps it."""
         by_kind = {"bits": bits, "keep": keep}
-        return cls.from_values(space, {k.name: by_kind[k.kind] for k in space.knobs})
+        values = {k.name: by_kind[k.kind] for k in space.searchable}
+        return cls.from_values(space, {**space.fixed_values, **values})
 
     @classmethod
     def parse(cls, space: SearchSpace, text: str) -> Policy:

@@ -213,7 +213,7 @@ def _bits_label(bits: int) -> str:
 def baseline_label(policy: Mapping[str, Any]) -> str:
     """'uniform 4-bit', 'float', ...: a uniform baseline named by its bits (and keep).
     Its fewest bits are the uniform target: layers a preset protects take the nearest
-    choice they allow (orchestrator.search.Driver._baselines), e.g. 4 bits in a 2-bit one."""
+    choice they allow (orchestrator.proposals.baselines), e.g. 4 bits in a 2-bit one."""
     bits = {int(v) for k, v in policy.items() if k.startswith("bits:")}
     keeps = {float(v) for k, v in policy.items() if k.startswith("keep:")}
     name = f"uniform {_bits_label(min(bits))}" if bits else "uniform"

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import random
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from orchestrator.fidelity import FidelitySettings
 from orchestrator.policy import Policy
 from orchestrator.prepare import Prepared, prepare
 from orchestrator.progress import Progress
+from orchestrator.proposals import LossModel, Mover, Pricing, baselines, budget_seeds
 from orchestrator.results import ResultSink, atomic_write_json, compute_front, read_trials
 from orchestrator.storage import study_storage
 from orchestrator.store import (
@@ -47,7 +49,6 @@ from orchestrator.store import (
 from orchestrator.timing import DriverStats, TimedSampler
 from search_spaces import Knob, SearchSpace
 
-UNIFORM_BASELINE_BITS = (32, 8, 4, 2)
 INFEASIBLE_METRIC = 0.0  # told for over-budget trials; constraints rank them, not this value
 
 # sampler name -> factory(seed, trials). Costs per ask measured here (DESIGN §5):
@@ -122,7 +123,7 @@ class _Candidate:
     policy: Policy
     cost: Cost
     feasible: bool
-    origin: str  # sampler | baseline (uniform) | seed (knapsack) | repair | requeued
+    origin: str  # sampler | baseline (uniform) | seed (knapsack) | repair | local | requeued
     duplicates: list[Trial] = field(default_factory=list)
 
 
@@ -155,9 +156,19 @@ def fidelity_settings(prepared: Prepared, *, custom_evaluator: bool) -> Fidelity
                             metric_range=config.metric_range)  # fmt: skip
 
 
+@dataclass(frozen=True, kw_only=True)
+class Guidance:
+    """What the sensitivity phase tells the driver: seeds to evaluate after the baselines,
+    and the estimated metric loss of every knob value (repairs and local moves)."""
+
+    seeds: tuple[dict[str, Any], ...] = ()
+    loss: LossModel | None = None  # None: the quantization-noise prior
+
+
 class Driver:
     def __init__(self, prepared: Prepared, pool: Any, *, sampler: str, quiet: bool,
-                 fidelity: FidelitySettings | None = None) -> None:  # fmt: skip
+                 fidelity: FidelitySettings | None = None,
+                 guidance: Guidance = Guidance()) -> None:  # fmt: skip
         self.p, self.pool = prepared, pool
         self.space: SearchSpace = prepared.space
         self.target = prepared.config.trials
@@ -175,7 +186,16 @@ class Driver:
         self.last_error: str | None = None
         self.best_row: dict[str, Any] | None = None  # the best feasible complete trial
         self.stats = DriverStats()
-        self.seeds: list[dict[str, Any]] = []  # knapsack-seeded params, set before open()
+        self.seeds = list(guidance.seeds)
+        self.pricing = Pricing(self.space, prepared.budget)
+        self.mover = Mover(self.pricing, guidance.loss or LossModel.prior(self.space))
+        # objective budget: every other ask once the first candidates are done is a local
+        # move from the incumbent (issue 12); seeded, so a run repeats with its seed
+        self.local_search = (prepared.config.local_search and prepared.config.objective == "budget"
+                             and bool(prepared.budget.limits))  # fmt: skip
+        self.local_turn = False
+        self.rng = random.Random(prepared.config.seed)
+        self.params_of: dict[str, dict[str, Any]] = {}  # policy hash -> params as asked
         self.asks = self.infeasible = 0
         self.fidelity = fidelity
         self.front_points: list[tuple[int, float]] = []  # feasible complete (size, metric)
@@ -208,25 +228,13 @@ class Driver:
         self.issued = self.finished
         self.requeue = [(params, "requeued") for params in opened.requeue]
         if opened.created:  # a joining driver finds them queued by the study's first one
-            first = self._baselines() if p.config.baselines else []
+            first = (baselines(self.pricing, within_budget=p.config.objective == "budget")
+                     if p.config.baselines else [])  # fmt: skip
             first = [(params, "baseline") for params in first]
             first += [
                 (params, "seed") for params in self.seeds if params not in [f for f, _ in first]
             ]
             self.requeue += first[: max(0, self.target - self.finished)]
-
-    def _baselines(self) -> list[dict[str, Any]]:
-        """The uniform policies (float, 8, 4, 2 bits; nothing pruned) go first, so the study
-        always holds the baselines the search has to beat. Each knob takes the choice
-        nearest the uniform value, so presets that protect a layer are respected."""
-        params = []
-        for bits in UNIFORM_BASELINE_BITS:
-            target = {"bits": bits, "keep": 1.0}
-            values = {k.name: min(k.choices, key=lambda c, t=target[k.kind]: (abs(c - t), c))
-                      for k in self.space.searchable}  # fmt: skip
-            if values not in params:
-                params.append(values)
-        return params
 
     def _reconcile(self, opened: Any) -> None:
         """Rows for finished trials the Parquet files lack (a crash between the two writes;
@@ -238,6 +246,7 @@ class Driver:
             if trial.system_attrs.get(OWNER_ATTR) not in opened.live:
                 sink.add(row)
             if row["state"] == "COMPLETE" and row["cached_from"] is None:
+                self.params_of[row["policy_hash"]] = dict(trial.params)
                 self._remember(row, local=local)
         sink.flush()
 
@@ -290,6 +299,7 @@ class Driver:
             self.recorder.foreign(local, trial.number)
             row = trial.user_attrs.get(ROW_ATTR)
             if row and row["state"] == "COMPLETE" and row["cached_from"] is None:
+                self.params_of[row["policy_hash"]] = dict(trial.params)
                 self._remember(row, local=local)
             self.finished += 1
             self.issued += 1
@@ -354,11 +364,14 @@ class Driver:
         ready for the next free worker."""
         asked = time.perf_counter()
         origin = "sampler"
+        if not self.requeue:
+            self._local_move()
         if self.requeue:
             params, origin = self.requeue.pop(0)
             self.study.enqueue_trial(params, skip_if_exists=False)
         trial = self.study.ask(self.distributions)
         policy = Policy.from_values(self.space, {**self.fixed, **trial.params})
+        self.params_of.setdefault(policy.hash, dict(trial.params))
         cost = policy_cost(self.space, policy)
         violations = self.p.budget.violations(cost)
         for key, excess in violations.items():
@@ -372,7 +385,7 @@ class Driver:
         self.recorder.created(self.study._storage.get_trial(trial._trial_id))
         if not candidate.feasible:
             self._tell(candidate, trial, "INFEASIBLE", {})
-            repaired = self._repair(trial.params) if self.p.config.repair else None
+            repaired = self.mover.repair(trial.params) if self.p.config.repair else None
             if repaired is not None:  # next: the nearest candidate within the budget
                 self.requeue.insert(0, (repaired, "repair"))
         elif policy.hash in self.cache:
@@ -393,7 +406,9 @@ class Driver:
         number = candidate.trial.number
         self.by_trial[number] = candidate
         context = None
-        if self.fidelity is not None:  # the front as it stands now, not when it was asked
+        # a baseline is scored in full: the answer must never be worse than it (issue 12)
+        if self.fidelity is not None and candidate.origin != "baseline":
+            # the front as it stands now, not when it was asked
             context = {"size": candidate.cost.size_bytes, "front": self._to_beat(),
                        "fidelity": self.fidelity}  # fmt: skip
         self.sent[number] = time.monotonic()
@@ -476,33 +491,21 @@ class Driver:
             return [(0, floor)]
         return [(0, self.best_row["metric"])] if self.best_row is not None else []
 
-    def _repair(self, params: dict[str, Any]) -> dict[str, Any] | None:
-        """Move an over-budget candidate into the budget: step down, one choice at a time,
-        the knob whose step cuts the budget excess most, until it fits (None if nothing
-        fits). The sampler still learns from the infeasible ask; the repaired candidate is
-        the feasible point nearest to where it was looking."""
-        values = dict(params)
-        knobs = self.space.searchable
-        excess = self._excess(values)
-        while excess > 0:
-            best = None
-            for knob in knobs:
-                lower = [c for c in knob.choices if c < values[knob.name]]
-                if not lower:
-                    continue
-                trial_values = {**values, knob.name: max(lower)}
-                cut = self._excess(trial_values)
-                if best is None or cut < best[0]:
-                    best = (cut, trial_values)
-            if best is None:
-                return None
-            excess, values = best
-        return values
+    def _local_move(self) -> None:
+        """Every other ask in budget mode, once there is an incumbent: a local move from
+        it (orchestrator.proposals), queued with origin `local`."""
+        if not self.local_search or self.best_row is None:
+            return
+        self.local_turn = not self.local_turn
+        incumbent = self.params_of.get(self.best_row["policy_hash"])
+        if not self.local_turn or incumbent is None:
+            return
+        moved = self.mover.local_move(incumbent, self.rng, self._seen)
+        if moved is not None:
+            self.requeue.append((moved, "local"))
 
-    def _excess(self, values: dict[str, Any]) -> float:
-        policy = Policy.from_values(self.space, {**self.fixed, **values})
-        violations = self.p.budget.violations(policy_cost(self.space, policy))
-        return sum(max(0.0, v) for v in violations.values())
+    def _seen(self, policy_hash: str) -> bool:
+        return policy_hash in self.cache or policy_hash in self.inflight
 
     def summary(self) -> dict[str, Any]:
         """This run's figures for run.json: how much sampling and worker time went where."""
@@ -597,23 +600,26 @@ def publish(prepared: Prepared) -> None:
                            f"files are in {prepared.study_dir}") from None  # fmt: skip
 
 
-def _seeds(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool) -> list[dict]:
-    """Sensitivity table (cached), then the knapsack seeds within the budget."""
+def _guidance(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool) -> Guidance:
+    """Sensitivity table (cached), the loss model it gives, and the seeds: under a budget
+    the knapsack's policies at the budget's edge (orchestrator.proposals), else the
+    knapsack's sweep of size budgets, those within the budget."""
     from orchestrator.sensitivity import seed_policies, table_for, write_table
 
     if not quiet:
         print("sensitivity analysis (cached per task and space) ...", file=sys.stderr)
-    config = prepared.config
-    table = table_for(config.task, prepared.space, config.recovery.model_dump(), pool, base_metric)
+    config, space = prepared.config, prepared.space
+    table = table_for(config.task, space, config.recovery.model_dump(), pool, base_metric)
     prepared.study_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(prepared.study_dir, 0o700)  # the study is the user's alone (as Driver.open)
     write_table(table, prepared.study_dir / "sensitivity.parquet")
-    fixed = prepared.space.fixed_values
-    return [
-        params for params in seed_policies(prepared.space, table, base_metric)
-        if prepared.budget.allows(
-            policy_cost(prepared.space, Policy.from_values(prepared.space, {**fixed, **params})))
-    ]  # fmt: skip
+    loss = LossModel.from_table(space, table, base_metric)
+    pricing = Pricing(space, prepared.budget)
+    if prepared.budget.limits:
+        return Guidance(seeds=tuple(budget_seeds(Mover(pricing, loss))), loss=loss)
+    seeds = [params for params in seed_policies(space, table, base_metric)
+             if pricing.excess(params) <= 0]  # fmt: skip
+    return Guidance(seeds=tuple(seeds), loss=loss)
 
 
 def _ray_init(config: SearchConfig) -> bool:
@@ -725,9 +731,11 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
             sampler = auto_sampler(len(prepared.space.searchable), config.trials, pool.size)
         base_metric = pool.base_metric()
         fidelity = fidelity_settings(prepared, custom_evaluator=evaluator_factory is not None)
-        driver = Driver(prepared, pool, sampler=sampler, quiet=quiet, fidelity=fidelity)
+        guidance = Guidance()
         if config.seeding and not prepared.resume:
-            driver.seeds = _seeds(prepared, pool, base_metric, quiet=quiet)
+            guidance = _guidance(prepared, pool, base_metric, quiet=quiet)
+        driver = Driver(prepared, pool, sampler=sampler, quiet=quiet, fidelity=fidelity,
+                        guidance=guidance)  # fmt: skip
         driver.open()
         write_run_json(prepared, sampler=sampler, base_metric=base_metric, workers=infos,
                        driver_id=driver.driver_id)  # fmt: skip

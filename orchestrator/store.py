@@ -186,6 +186,10 @@ class StudyWriter:
         trial_id = self._ids[trial.number]
         for key, value in _with_row(trial, row).user_attrs.items():
             self.storage.set_trial_user_attr(trial_id, key, value)
+        # a PRUNED trial's report of the prefix it was stopped on (before the state: a
+        # finished trial takes no more reports)
+        for step, value in trial.intermediate_values.items():
+            self.storage.set_trial_intermediate_value(trial_id, step, value)
         self.storage.set_trial_state_values(trial_id, trial.state, trial.values)
 
 

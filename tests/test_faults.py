@@ -76,7 +76,7 @@ def _kills_worker_factory(marks: Path):
             # the killer takes plain ones: not the poison policies, nor the NaN one (killed
             # and retried, it would FAIL on its second attempt, which the test checks
             # killed candidates never do)
-            special = keep == {1.0} and bits in ({4}, {8}, {2, 4})
+            special = keep == {1.0} and bits in ({4}, {8}, {2})
             busy = marks / f"busy-{os.getpid()}"
             busy.write_text("special" if special else "plain")
             try:
@@ -87,7 +87,7 @@ def _kills_worker_factory(marks: Path):
                     once.touch()
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(0.3)
-                if keep == {1.0} and bits == {2, 4}:  # the 2-bit baseline (4-bit ends: preset)
+                if keep == {1.0} and bits == {2}:  # the 2-bit baseline
                     return {"metric": float("nan")}
                 return {"metric": sum(min(b, 8) for b in bits) / 40 + sum(keep) / 10,
                         "eval_seconds": 0.3}  # fmt: skip
@@ -145,7 +145,7 @@ def test_workers_killed_mid_evaluation_lose_and_repeat_nothing(ray_cluster, tmp_
     _readable(always["error"])
     once = by_origin[bits.map(lambda b: b == {8})].iloc[0]
     assert once["state"] == "COMPLETE" and once["attempt"] == 2 and pd.isna(once["error"])
-    nan = by_origin[bits.map(lambda b: b == {2, 4})].iloc[0]
+    nan = by_origin[bits.map(lambda b: b == {2})].iloc[0]
     assert nan["state"] == "FAIL"
     assert "ValueError: the evaluator returned metric nan" in nan["error"]
     # the externally killed candidates were retried on a new worker, not lost

@@ -128,6 +128,20 @@ def test_parse_uniform():
     assert q == Policy.uniform(space, 4, 0.5) and q != p
 
 
+def test_uniform_keeps_knobs_a_rule_fixes_and_ignores_narrowed_choices():
+    """`uniform:3:0.5` is literal for searchable knobs (3 bits even where a preset allows
+    only 4+), but a knob a rule fixes to one choice keeps it: a `keep: [1.0]` layer is
+    never cut, a `bits: [8]` layer stays at 8."""
+    t = resolve_task("digits-cnn")
+    profile = profile_model(t.model(), t.example_inputs())
+    rules = [{"layers": "features.3", "keep": [1.0]}, {"layers": "features.7", "bits": [8]}]
+    space = derive_space(profile, SpaceConfig.model_validate({"rules": rules}))
+    p = Policy.uniform(space, 3, 0.5)
+    assert p["keep:features.3"] == 1.0 and p["bits:features.7"] == 8
+    assert p["bits:features.0"] == 3  # the cnn preset allows 4+ here; uniform is literal
+    assert p["bits:features.3"] == 3 and p["keep:features.0"] == 0.5
+
+
 def test_parse_json_text_and_wrapped_policy():
     space = _space("digits-lstm")
     policy = Policy.uniform(space, 6, 0.3)

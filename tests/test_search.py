@@ -8,6 +8,7 @@ import optuna
 import pandas as pd
 import pytest
 
+from orchestrator.budget import parse_budget
 from orchestrator.config import make_config
 from orchestrator.cost import policy_cost
 from orchestrator.policy import Policy
@@ -272,3 +273,32 @@ def test_multi_fidelity_stops_candidates_that_cannot_reach_the_front(ray_cluster
     off = make_config({"out": str(tmp_path), "study": "off", "workers": {"count": 2},
                        "trials": 12, "fidelity": {"enabled": False}})  # fmt: skip
     assert (run_search(off).trials["fidelity"].dropna() == 1.0).all()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_budget_search_records_the_best_uniform_policies_within_it_and_never_loses(
+    ray_cluster, tmp_path, bits
+):
+    """Issue 12: under a budget of the uniform `bits` policy's size, the first trials are
+    the best uniform policy of every bits choice within the budget (the largest uniform
+    keep that fits), each scored in full, and the reported best is never below them."""
+    from orchestrator.proposals import Pricing, baselines, uniform_values
+
+    _, _, space = build_space(make_config({"task": "digits-cnn"}))
+    size = Pricing(space, parse_budget(None)).cost(uniform_values(space, bits)).size_bytes
+    cfg, result = _search(tmp_path, task="digits-cnn", trials=24, seed=3, objective="budget",
+                          budget=f"size={size}B")  # fmt: skip
+    expected = baselines(Pricing(space, parse_budget(f"size={size}B")), within_budget=True)
+    expected_hashes = [Pricing(space, parse_budget(None)).policy(v).hash for v in expected]
+    trials = result.trials.sort_values("trial")
+    first = trials.head(len(expected))
+    assert list(first["origin"]) == ["baseline"] * len(expected)
+    assert list(first["policy_hash"]) == expected_hashes
+    assert (first["state"] == "COMPLETE").all() and (first["fidelity"] == 1.0).all()
+    assert (first["size_bytes"] <= size).all()
+    assert uniform_values(space, bits) in expected
+    best = result.best_within_budget()
+    assert best["size_bytes"] <= size and best["metric"] >= first["metric"].max()
+    assert "local" in set(trials["origin"])  # the search exploits the incumbent
+    local = trials[trials["origin"] == "local"]
+    assert (local["size_bytes"] <= size).all()

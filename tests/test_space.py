@@ -15,7 +15,6 @@ from search_spaces.config import DEFAULT_BITS, KeepRange
 
 CNN_LAYERS = ["features.0", "features.3", "features.7", "classifier.1", "classifier.3"]
 DEFAULT_KEEP = KeepRange().choices()
-PROTECTED_BITS = (4, 5, 6, 8, 32)
 
 
 @functools.cache
@@ -49,10 +48,11 @@ def test_cnn_profile_and_knobs():
     assert space.pruning == "unstructured"
 
 
-def test_cnn_preset_protects_the_first_and_last_layers():
+def test_cnn_preset_protects_the_first_and_last_layers_channels_not_their_bits():
+    """Their bits are not narrowed (issue 12): the uniform policies stay in the space."""
     auto = _derive("digits-cnn")
     for name in ("features.0", "classifier.3"):
-        assert auto.by_name[f"bits:{name}"].choices == PROTECTED_BITS
+        assert auto.by_name[f"bits:{name}"].choices == DEFAULT_BITS
         assert min(auto.by_name[f"keep:{name}"].choices) == 0.5
     for name in ("features.3", "features.7", "classifier.1"):
         assert auto.by_name[f"bits:{name}"].choices == DEFAULT_BITS
@@ -77,8 +77,9 @@ def test_lstm_weights_share_one_knob():
     space = _derive("digits-lstm")
     assert [k.name for k in space.knobs] == ["bits:lstm", "keep:lstm", "bits:head", "keep:head"]
     assert space.by_name["keep:lstm"].units == 256 * 8 + 256 * 64
-    assert space.by_name["bits:lstm"].choices == (3, 4, 5, 6, 8, 32)  # rnn preset
-    assert space.by_name["bits:head"].choices == PROTECTED_BITS
+    assert space.by_name["bits:lstm"].choices == DEFAULT_BITS  # the rnn preset narrows no bits
+    assert space.by_name["bits:head"].choices == DEFAULT_BITS
+    assert min(space.by_name["keep:head"].choices) == 0.5
 
 
 def test_rule_by_exact_name():
@@ -161,7 +162,7 @@ def test_a_misspelled_name_beside_a_good_one_is_refused_with_a_suggestion():
 
 def test_rnn_selector_on_a_cnn_matches_nothing():
     with pytest.raises(SpaceError, match=r"\$rnn"):
-        _derive("digits-cnn", {"preset": "rnn"})
+        _derive("digits-cnn", {"rules": [{"layers": "$rnn", "bits": [4, 8]}]})
 
 
 @pytest.mark.parametrize(
@@ -190,7 +191,7 @@ def test_mlp_family_and_preset():
     profile = profile_model(model, torch.zeros(1, 8))
     assert profile.family == "mlp"
     space = derive_space(profile)
-    assert space.by_name["bits:0"].choices == PROTECTED_BITS
+    assert space.by_name["bits:0"].choices == DEFAULT_BITS
     assert space.by_name["bits:2"].choices == DEFAULT_BITS
     assert space.by_name["keep:4"].choices[0] == 0.5
 

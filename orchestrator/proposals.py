@@ -1,0 +1,313 @@
+"""What the driver proposes besides the sampler's asks (issue 12): the uniform baselines,
+the repair of over-budget asks, and local moves from the incumbent.
+
+On a real pretrained model a budget search that lets the sampler roam loses to the
+uniform policy of the same size: repairs stepped the largest layers down to 2 bits
+(cheapest in bytes, dearest in metric), and the best uniform policy within the budget
+was never tried. So, under a budget:
+
+- the baselines are the best uniform policies *within* it: for every bits choice, the
+  largest uniform keep that fits (1.0 where the bits fit as they are);
+- a repair steps down the knob whose next lower choice loses the least estimated metric
+  per unit of budget excess it removes, and then fills what slack is left the other way
+  (the knob gaining the most per byte), so a repaired candidate sits at the budget's edge;
+- half of the asks after the first candidates are local moves of one or two knobs from
+  the incumbent (the best policy within the budget so far), repaired and filled the same
+  way: the search spends them where the answer is.
+
+The estimated loss of a knob's value is its metric drop in the sensitivity table (every
+other layer float; made monotone), or without a table a prior from quantization noise
+(the step of a b-bit grid halves with every bit, so its noise power falls 4x: HAWQ's
+perturbation view, Dong et al. 2019) and a steep price on pruning a pretrained model's
+channels, which costs far more metric per byte than a bit does.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from orchestrator.budget import Budget
+from orchestrator.cost import Cost, policy_cost
+from orchestrator.policy import Policy
+from search_spaces import Knob, SearchSpace
+from search_spaces.config import FLOAT_BITS
+
+Values = dict[str, Any]
+UNIFORM_BASELINE_BITS = (32, 8, 4, 2)  # without a budget: the uniform float/8/4/2 policies
+KEEP_PRIOR = 1.0  # prior metric loss per unit of channels pruned (vs 0.25 at 2 bits)
+MOVE_TRIES = 32  # local moves drawn before giving the ask back to the sampler
+
+
+def nearest(knob: Knob, value: float) -> Any:
+    """The knob's choice nearest `value` (ties to the smaller), so a preset that holds a
+    layer at >= 4 bits gets 4 in a uniform 2-bit policy."""
+    return min(knob.choices, key=lambda c: (abs(c - value), c))
+
+
+def uniform_values(space: SearchSpace, bits: int, keep: float = 1.0) -> Values:
+    target = {"bits": bits, "keep": keep}
+    return {k.name: nearest(k, target[k.kind]) for k in space.searchable}
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """Policies of one space priced against one budget (the cost model; no model built)."""
+
+    space: SearchSpace
+    budget: Budget
+
+    def policy(self, values: Mapping[str, Any]) -> Policy:
+        return Policy.from_values(self.space, {**self.space.fixed_values, **values})
+
+    def cost(self, values: Mapping[str, Any]) -> Cost:
+        return policy_cost(self.space, self.policy(values))
+
+    def excess(self, values: Mapping[str, Any]) -> float:
+        """Summed relative excess over the budget's limits (0 within it)."""
+        violations = self.budget.violations(self.cost(values))
+        return sum(max(0.0, v) for v in violations.values())
+
+    def load(self, values: Mapping[str, Any]) -> float:
+        """The largest share of a limit used (1.0 at the budget's edge)."""
+        return max((v + 1.0 for v in self.budget.violations(self.cost(values)).values()),
+                   default=0.0)  # fmt: skip
+
+
+def baselines(pricing: Pricing, *, within_budget: bool) -> list[Values]:
+    """The uniform policies evaluated first. `within_budget` (objective budget, with
+    size/macs/bops limits): for every bits choice of the space (largest first) the largest
+    uniform keep that fits, so the study always holds the best uniform policy within the
+    budget and the answer can never be worse. Else (the front): float, 8, 4 and 2 bits,
+    nothing pruned, the landmarks of the size axis."""
+    space = pricing.space
+    if not (within_budget and pricing.budget.limits):
+        found = [uniform_values(space, bits) for bits in UNIFORM_BASELINE_BITS]
+    else:
+        bits_choices = sorted({c for k in space.searchable if k.kind == "bits" for c in k.choices},
+                              reverse=True) or [FLOAT_BITS]  # fmt: skip
+        keeps = sorted({c for k in space.searchable if k.kind == "keep" for c in k.choices} | {1.0},
+                       reverse=True)  # fmt: skip
+        found = []
+        for bits in bits_choices:
+            fitting = (uniform_values(space, bits, keep) for keep in keeps)
+            first = next((v for v in fitting if pricing.excess(v) <= 0), None)
+            if first is not None:
+                found.append(first)
+    unique: dict[str, Values] = {}
+    for values in found:
+        unique.setdefault(pricing.policy(values).hash, values)
+    return list(unique.values())
+
+
+class LossModel:
+    """Estimated metric loss of each knob value: measured (a sensitivity table) or a prior."""
+
+    def __init__(self, losses: Mapping[str, Mapping[Any, float]]) -> None:
+        self.losses = {name: dict(table) for name, table in losses.items()}
+
+    def __call__(self, knob: Knob, value: Any) -> float:
+        return self.losses[knob.name][value]
+
+    @classmethod
+    def prior(cls, space: SearchSpace) -> LossModel:
+        return cls(
+            {k.name: {c: prior_loss(k.kind, c) for c in k.choices} for k in space.searchable}
+        )
+
+    @classmethod
+    def from_table(cls, space: SearchSpace, table: pd.DataFrame, base_metric: float) -> LossModel:
+        """Each knob's measured drops, interpolated between probed values and made
+        monotone (a lower choice never loses less); knobs with no probe keep the prior."""
+        losses = {}
+        for knob in space.searchable:
+            rows = table[(table["knob"] == knob.name) & table["metric"].notna()]
+            measured = {float(r.value): max(0.0, base_metric - float(r.metric))
+                        for r in rows.itertuples()}  # fmt: skip
+            if not measured:
+                losses[knob.name] = {c: prior_loss(knob.kind, c) for c in knob.choices}
+                continue
+            raw = {c: _interpolate(measured, float(c)) for c in knob.choices}
+            worst, table_ = 0.0, {}
+            for c in sorted(knob.choices, reverse=True):  # from the largest choice down
+                worst = max(worst, raw[c])
+                table_[c] = worst + 1e-6 * prior_loss(knob.kind, c)  # the prior breaks ties
+            losses[knob.name] = table_
+        return cls(losses)
+
+
+def prior_loss(kind: str, value: float) -> float:
+    if kind == "bits":
+        return 0.0 if value >= FLOAT_BITS else 4.0 ** (1 - value)
+    return KEEP_PRIOR * (1.0 - value)
+
+
+def _interpolate(points: Mapping[float, float], x: float) -> float:
+    xs = sorted(points)
+    if x <= xs[0]:
+        return points[xs[0]]
+    if x >= xs[-1]:
+        return points[xs[-1]]
+    hi = next(i for i, v in enumerate(xs) if v >= x)
+    x0, x1 = xs[hi - 1], xs[hi]
+    return points[x0] + (points[x1] - points[x0]) * (x - x0) / (x1 - x0)
+
+
+def _step(knob: Knob, value: Any, direction: int) -> Any | None:
+    """The next choice below (-1) or above (+1) `value`, or None at the end."""
+    later = [c for c in knob.choices if (c - value) * direction > 0]
+    if not later:
+        return None
+    return max(later) if direction < 0 else min(later)
+
+
+class Mover:
+    """Repair, fill and local moves over one space, budget and loss model."""
+
+    def __init__(self, pricing: Pricing, loss: LossModel) -> None:
+        self.pricing, self.loss = pricing, loss
+        self.knobs = pricing.space.searchable
+
+    def repair(self, values: Mapping[str, Any], *, hold: Sequence[str] = ()) -> Values | None:
+        """Step knobs down into the budget, each step the one losing the least estimated
+        metric per unit of excess removed (knobs in `hold` stay); then fill. None if
+        nothing fits."""
+        values = self._snap(values)
+        excess = self.pricing.excess(values)
+        while excess > 0:
+            best = None
+            for knob in self.knobs:
+                if knob.name in hold:
+                    continue
+                lower, cut = values[knob.name], 0.0
+                while cut <= 0:  # lower choices that round to the same channels cut nothing
+                    lower = _step(knob, lower, -1)
+                    if lower is None:
+                        break
+                    moved = {**values, knob.name: lower}
+                    cut = excess - self.pricing.excess(moved)
+                if lower is None:
+                    continue
+                price = (self.loss(knob, lower) - self.loss(knob, values[knob.name])) / cut
+                if best is None or price < best[0]:
+                    best = (price, moved, excess - cut)
+            if best is None:
+                return None
+            _, values, excess = best
+        return self.fill(values, hold=hold)
+
+    def fill(self, values: Mapping[str, Any], *, hold: Sequence[str] = ()) -> Values:
+        """Step knobs up while the policy still fits, each step the one gaining the most
+        estimated metric per unit of budget it uses: a candidate at the budget's edge."""
+        values = self._snap(values)
+        if not self.pricing.budget.limits:
+            return values
+        load = self.pricing.load(values)
+        while True:
+            best = None
+            for knob in self.knobs:
+                higher = None if knob.name in hold else _step(knob, values[knob.name], +1)
+                if higher is None:
+                    continue
+                moved = {**values, knob.name: higher}
+                if self.pricing.excess(moved) > 0:
+                    continue
+                gain = self.loss(knob, values[knob.name]) - self.loss(knob, higher)
+                used = max(self.pricing.load(moved) - load, 1e-12)
+                if gain > 0 and (best is None or gain / used > best[0]):
+                    best = (gain / used, moved)
+            if best is None:
+                return values
+            values = best[1]
+            load = self.pricing.load(values)
+
+    def _snap(self, values: Mapping[str, Any]) -> Values:
+        """Values as the knobs' own choices (a float sampler's 0.15000000000000002 is 0.15)."""
+        return {**values, **{k.name: nearest(k, values[k.name]) for k in self.knobs}}
+
+    def local_move(self, incumbent: Mapping[str, Any], rng: random.Random,
+                   seen: Callable[[str], bool]) -> Values | None:  # fmt: skip
+        """A new policy one or two knob steps from the incumbent, within the budget: raise
+        one knob (the more it would gain, the likelier) and repair the rest around it,
+        or move one or two random knobs a step either way and repair. None if every draw
+        was evaluated already (`seen` by policy hash)."""
+        for _ in range(MOVE_TRIES):
+            values, hold = self._draw(self._snap(incumbent), rng)
+            moved = self.repair(values, hold=hold)
+            if moved is not None and not seen(self.pricing.policy(moved).hash):
+                return moved
+        return None
+
+    def _draw(self, values: Values, rng: random.Random) -> tuple[Values, list[str]]:
+        """Knobs moved one step from `values`, and those knobs (held where they were moved:
+        the repair may not lower a raised knob, nor the fill raise a lowered one back)."""
+        if rng.random() < 0.5:
+            raises = [(k, _step(k, values[k.name], +1)) for k in self.knobs]
+            raises = [(k, up) for k, up in raises if up is not None]
+            if raises:
+                gains = [self.loss(k, values[k.name]) - self.loss(k, up) + 1e-9 for k, up in raises]
+                knob, up = rng.choices(raises, weights=gains)[0]
+                return {**values, knob.name: up}, [knob.name]
+        hold = []
+        for knob in rng.sample(list(self.knobs), k=min(len(self.knobs), rng.choice((1, 2)))):
+            direction = rng.choice((-1, 1))
+            moved = _step(knob, values[knob.name], direction)
+            if moved is not None:
+                values[knob.name] = moved
+                hold.append(knob.name)
+        return values, hold
+
+
+def knapsack_seed(mover: Mover, kinds: Sequence[str], *, resolution: int = 20000) -> Values | None:
+    """The policy of the budget's edge that an exact multiple-choice knapsack picks over
+    the knobs of `kinds` (the rest at their largest choice): each knob's options priced
+    exactly one at a time, valued by minus their estimated loss. Sizes of a layer's bits
+    and keep knobs are not additive, so the knapsack's capacity is bisected until the
+    exactly priced policy fits; then filled. None if nothing fits. Costs are rounded to
+    1/`resolution` of their summed spans, so a seed may miss the edge by that much times
+    the knobs (the fill then closes most of it)."""
+    from orchestrator import knapsack
+
+    pricing = mover.pricing
+    top = {k.name: max(k.choices) for k in mover.knobs}
+    knobs = [k for k in mover.knobs if k.kind in kinds]
+    if not knobs or not pricing.budget.limits:
+        return None
+    # cost of each option: its share of the limits above the knob's smallest choice
+    loads = [[pricing.load({**top, k.name: c}) for c in k.choices] for k in knobs]
+    spans = [max(ls) - min(ls) for ls in loads]
+    unit = max(sum(spans) / resolution, 1e-12)
+    options = [[(round((load - min(ls)) / unit), -mover.loss(k, c))
+                for load, c in zip(ls, k.choices, strict=True)]
+               for k, ls in zip(knobs, loads, strict=True)]  # fmt: skip
+
+    def pick(capacity: int) -> Values | None:
+        chosen = knapsack.solve(options, capacity)
+        if chosen is None:
+            return None
+        return {**top, **{k.name: k.choices[j] for k, j in zip(knobs, chosen, strict=True)}}
+
+    low, high, best = 0, sum(max(c for c, _ in o) for o in options), None
+    while low <= high:  # the largest capacity whose exactly priced pick fits
+        middle = (low + high) // 2
+        values = pick(middle)
+        if values is not None and pricing.excess(values) <= 0:
+            best, low = values, middle + 1
+        else:
+            high = middle - 1
+    return None if best is None else mover.fill(best)
+
+
+def budget_seeds(mover: Mover) -> list[Values]:
+    """Seeds at the budget's edge: the knapsack over bits alone (nothing pruned: on a
+    pretrained model a bit usually costs less metric than a channel) and over every knob."""
+    found = [knapsack_seed(mover, ("bits",)), knapsack_seed(mover, ("bits", "keep"))]
+    unique: dict[str, Values] = {}
+    for values in found:
+        if values is not None:
+            unique.setdefault(mover.pricing.policy(values).hash, values)
+    return list(unique.values())

@@ -1,0 +1,177 @@
+"""Uniform baselines within a budget, loss-aware repair and fill, local moves, knapsack
+seeds at the budget's edge (orchestrator.proposals): pure functions of a space, no Ray."""
+
+from __future__ import annotations
+
+import random
+
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from orchestrator.budget import Budget
+from orchestrator.config import make_config
+from orchestrator.prepare import build_space
+from orchestrator.proposals import (
+    LossModel,
+    Mover,
+    Pricing,
+    baselines,
+    budget_seeds,
+    knapsack_seed,
+    uniform_values,
+)
+from search_spaces.config import FLOAT_BITS
+
+
+@pytest.fixture(scope="module", params=["digits-cnn", "digits-resnet", "digits-lstm"])
+def space(request):
+    return build_space(make_config({"task": request.param}))[2]
+
+
+def _uniform_size(space, bits, keep=1.0):
+    return Pricing(space, Budget()).cost(uniform_values(space, bits, keep)).size_bytes
+
+
+def _keeps(space):
+    return sorted({c for k in space.searchable if k.kind == "keep" for c in k.choices} | {1.0})
+
+
+def test_without_limits_the_baselines_are_uniform_float_8_4_2_bits(space):
+    expected = [uniform_values(space, b) for b in (32, 8, 4, 2)]
+    assert baselines(Pricing(space, Budget()), within_budget=True) == expected
+    # the front's landmarks whatever the budget: float, 8, 4, 2 bits
+    budget = Budget(size_bytes=_uniform_size(space, 3))
+    assert baselines(Pricing(space, budget), within_budget=False) == expected
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_baselines_are_the_largest_uniform_keep_per_bits_that_fits(space, bits):
+    budget = Budget(size_bytes=_uniform_size(space, bits))
+    pricing = Pricing(space, budget)
+    found = baselines(pricing, within_budget=True)
+    assert uniform_values(space, bits) in found  # the uniform policy of the budget's own size
+    assert all(pricing.excess(v) <= 0 for v in found)
+    bits_choices = {c for k in space.searchable if k.kind == "bits" for c in k.choices}
+    keeps = _keeps(space)
+    for b in bits_choices:
+        fitting = [k for k in keeps if pricing.excess(uniform_values(space, b, k)) <= 0]
+        if fitting:  # the largest fitting uniform keep of these bits is a baseline
+            assert uniform_values(space, b, max(fitting)) in found
+    # larger uniform policies than the budget's own bits never fit at keep 1.0
+    assert all(pricing.excess(uniform_values(space, b)) > 0 for b in bits_choices if b > bits)
+
+
+def _budgets(space):
+    low, high = _uniform_size(space, 2, _keeps(space)[0]), _uniform_size(space, FLOAT_BITS)
+    return st.integers(min_value=low, max_value=high).map(lambda s: Budget(size_bytes=s))
+
+
+def _values(space):
+    return st.fixed_dictionaries({k.name: st.sampled_from(k.choices) for k in space.searchable})
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_repair_fits_and_fill_leaves_no_step_up_that_fits(space, data):
+    budget = data.draw(_budgets(space))
+    pricing = Pricing(space, budget)
+    mover = Mover(pricing, LossModel.prior(space))
+    values = data.draw(_values(space))
+    repaired = mover.repair(values)
+    assert repaired is not None and pricing.excess(repaired) <= 0
+    for knob in space.searchable:  # at the budget's edge: no single step up still fits
+        higher = [c for c in knob.choices if c > repaired[knob.name]]
+        if higher:
+            assert pricing.excess({**repaired, knob.name: min(higher)}) > 0
+    if pricing.excess(values) > 0:  # a repair only steps down (then fills up to the edge)
+        assert pricing.load(repaired) <= 1.0
+
+
+def test_repair_prefers_cheap_metric_per_byte_over_the_largest_cut(space):
+    """With a loss table that makes every bits knob's 2 bits ruinous, the repair of the
+    float policy into the uniform 3-bit size never picks 2 bits where 3 fits (the old
+    repair stepped the largest layers to 2 bits first)."""
+    budget = Budget(size_bytes=_uniform_size(space, 3))
+    pricing = Pricing(space, budget)
+    losses = {k.name: {c: (1.0 if k.kind == "bits" and c == 2 else 0.01 * (32 - c))
+                       if k.kind == "bits" else 5 * (1 - c) for c in k.choices}
+              for k in space.searchable}  # fmt: skip
+    mover = Mover(pricing, LossModel(losses))
+    repaired = mover.repair(uniform_values(space, FLOAT_BITS))
+    assert pricing.excess(repaired) <= 0
+    assert not any(repaired[k.name] == 2 for k in space.searchable if k.kind == "bits")
+
+
+def test_loss_model_from_table_is_monotone_and_interpolates(space):
+    bits = next(k for k in space.searchable if k.kind == "bits" and len(k.choices) >= 3)
+    low, mid_bits, high = sorted(bits.choices)[:3]
+    rows = [
+        {"knob": bits.name, "value": high, "metric": 0.85},
+        {"knob": bits.name, "value": mid_bits, "metric": 0.88},  # noise: less loss, fewer bits
+        {"knob": bits.name, "value": low, "metric": None},  # a failed probe
+    ]
+    keep = next((k for k in space.searchable if k.kind == "keep"), None)
+    if keep is not None:
+        rows += [{"knob": keep.name, "value": 1.0, "metric": 0.9},
+                 {"knob": keep.name, "value": 0.5, "metric": 0.7}]  # fmt: skip
+    loss = LossModel.from_table(space, pd.DataFrame(rows), base_metric=0.9)
+    assert loss(bits, mid_bits) >= loss(bits, high) == pytest.approx(0.05, abs=1e-3)
+    assert loss(bits, low) >= loss(bits, mid_bits)  # not probed: no less than the next up
+    if keep is not None:
+        values = sorted(keep.choices)
+        assert all(loss(keep, a) >= loss(keep, b) for a, b in zip(values, values[1:], strict=False))
+        mid = min(keep.choices, key=lambda c: abs(c - 0.75))
+        assert loss(keep, mid) == pytest.approx(0.2 * (1 - mid) / 0.5, abs=1e-3)
+
+
+def test_local_moves_fit_differ_from_the_incumbent_and_are_new(space):
+    budget = Budget(size_bytes=_uniform_size(space, 4))
+    pricing = Pricing(space, budget)
+    mover = Mover(pricing, LossModel.prior(space))
+    incumbent = uniform_values(space, 4)
+    seen = {pricing.policy(incumbent).hash}
+    rng = random.Random(0)
+    for _ in range(15):
+        moved = mover.local_move(incumbent, rng, seen.__contains__)
+        if moved is None:
+            break
+        policy = pricing.policy(moved)
+        assert pricing.excess(moved) <= 0 and policy.hash not in seen
+        changed = [k for k in space.searchable if moved[k.name] != incumbent[k.name]]
+        assert changed
+        seen.add(policy.hash)
+    assert len(seen) > 5  # it explores, it does not repeat itself
+
+
+def test_local_moves_repeat_with_the_seed(space):
+    budget = Budget(size_bytes=_uniform_size(space, 3))
+    mover = Mover(Pricing(space, budget), LossModel.prior(space))
+    incumbent = uniform_values(space, 3)
+    runs = [[mover.local_move(incumbent, rng, lambda h: False) for _ in range(5)]
+            for rng in (random.Random(7), random.Random(7))]  # fmt: skip
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_knapsack_seeds_sit_at_the_budget_edge(space, bits):
+    # 0.5% above the uniform policy's size: the knapsack's rounding of costs may miss the
+    # edge by far less than that
+    budget = Budget(size_bytes=int(_uniform_size(space, bits) * 1.005))
+    pricing = Pricing(space, budget)
+    mover = Mover(pricing, LossModel.prior(space))
+    seeds = budget_seeds(mover)
+    assert seeds and all(pricing.excess(s) <= 0 for s in seeds)
+    bits_only = knapsack_seed(mover, ("bits",))
+    assert all(bits_only[k.name] == max(k.choices) for k in space.searchable if k.kind == "keep")
+    # under the prior (equal loss for every layer at equal bits) the bits-only seed is at
+    # least as good, by the model's own estimate, as the uniform policy of the same size
+    uniform = uniform_values(space, bits)
+
+    def total(values):
+        return sum(mover.loss(k, values[k.name]) for k in space.searchable)
+
+    assert total(bits_only) <= total(uniform) + 1e-9
