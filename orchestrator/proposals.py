@@ -24,6 +24,8 @@ channels, which costs far more metric per byte than a bit does.
 
 from __future__ import annotations
 
+import heapq
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -175,30 +177,42 @@ class Mover:
     def repair(self, values: Mapping[str, Any], *, hold: Sequence[str] = ()) -> Values | None:
         """Step knobs down into the budget, each step the one losing the least estimated
         metric per unit of excess removed (knobs in `hold` stay); then fill. None if
-        nothing fits."""
+        nothing fits. Lazy greedy: a knob's price only rises as the excess shrinks (a cut
+        is capped by what is left), so a popped price still below the next one is the
+        best step, and each step prices a knob or two instead of all of them."""
         values = self._snap(values)
         excess = self.pricing.excess(values)
+        heap = [(-math.inf, i) for i, k in enumerate(self.knobs) if k.name not in hold]
         while excess > 0:
-            best = None
-            for knob in self.knobs:
-                if knob.name in hold:
-                    continue
-                lower, cut = values[knob.name], 0.0
-                while cut <= 0:  # lower choices that round to the same channels cut nothing
-                    lower = _step(knob, lower, -1)
-                    if lower is None:
-                        break
-                    moved = {**values, knob.name: lower}
-                    cut = excess - self.pricing.excess(moved)
-                if lower is None:
-                    continue
-                price = (self.loss(knob, lower) - self.loss(knob, values[knob.name])) / cut
-                if best is None or price < best[0]:
-                    best = (price, moved, excess - cut)
-            if best is None:
+            if not heap:
                 return None
-            _, values, excess = best
+            _, i = heapq.heappop(heap)
+            step = self._down(values, self.knobs[i], excess)
+            if step is None:
+                continue  # nothing lower cuts anything: this knob is done
+            price, moved, left = step
+            if heap and price > heap[0][0]:
+                heapq.heappush(heap, (price, i))  # priced stale: another step may be better
+                continue
+            values, excess = moved, left
+            heapq.heappush(heap, (price, i))
         return self.fill(values, hold=hold)
+
+    def _down(
+        self, values: Values, knob: Knob, excess: float
+    ) -> tuple[float, Values, float] | None:
+        """The knob's next lower choice that cuts the excess (lower choices that round to
+        the same channels cut nothing): (metric lost per excess cut, values, excess left)."""
+        lower, cut = values[knob.name], 0.0
+        while cut <= 0:
+            lower = _step(knob, lower, -1)
+            if lower is None:
+                return None
+            moved = {**values, knob.name: lower}
+            left = self.pricing.excess(moved)
+            cut = excess - left
+        price = (self.loss(knob, lower) - self.loss(knob, values[knob.name])) / cut
+        return price, moved, left
 
     def fill(self, values: Mapping[str, Any], *, hold: Sequence[str] = ()) -> Values:
         """Step knobs up while the policy still fits, each step the one gaining the most
