@@ -39,7 +39,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 2
 PRUNESEARCH, RANDOM, PLAIN, UNIFORM = "prunesearch", "random", "plain TPE", "best uniform"
+NO_SEEDING, NO_LOCAL = "prunesearch, seeding: false", "prunesearch, local_search: false"
 SEARCHES = (PRUNESEARCH, RANDOM, PLAIN)
+ABLATIONS = {NO_SEEDING: {"seeding": False}, NO_LOCAL: {"local_search": False}}  # --ablate
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,11 +136,13 @@ def search_config(system: str, b: Budgeted, trials: int, seed: int, out: Path) -
 
     data: dict[str, Any] = {
         "task": b.task, "trials": trials, "seed": seed, "out": str(out),
-        "study": f"{short(b.task)}-{b.bits}b-{trials}-s{seed}-{SEARCHES.index(system)}",
+        "study": f"{short(b.task)}-{b.bits}b-{trials}-s{seed}-{(*SEARCHES, *ABLATIONS).index(system)}",
         "workers": {"count": WORKERS}, "objective": "budget", "budget": f"size={b.size}B",
         "space": space_of(b.task),
     }  # fmt: skip
-    if system != PRUNESEARCH:
+    if system in ABLATIONS:
+        data |= ABLATIONS[system]
+    elif system != PRUNESEARCH:
         data |= {"sampler": "random" if system == RANDOM else "tpe", "seeding": False,
                  "baselines": False, "local_search": False, "fidelity": {"enabled": False}}  # fmt: skip
     return make_config(data)
@@ -189,14 +193,15 @@ def mean(xs: list[float]) -> float:
     return statistics.fmean(xs)
 
 
-def table(runs: list[Run], budgets: list[Budgeted], trials: list[int]) -> list[str]:
+def table(runs: list[Run], budgets: list[Budgeted], trials: list[int],
+          systems: tuple[str, ...] = SEARCHES) -> list[str]:  # fmt: skip
     head = ["task", "budget", "trials", "system", "best within budget (mean)", "per seed",
             "vs best uniform (min)", "best from", "s/run"]  # fmt: skip
     rows = []
     for b in budgets:
         budget = f"uniform {b.bits}-bit, {b.size:,} B"
         for n in trials:
-            for system in SEARCHES:
+            for system in systems:
                 rs = [r for r in runs if (r.task, r.bits, r.trials, r.system)
                       == (b.task, b.bits, n, system)]  # fmt: skip
                 if not rs:
@@ -260,8 +265,11 @@ def stretch(runs: list[Run], budgets: list[Budgeted], trials: list[int]) -> list
     return out
 
 
-def run_budget_mode(*, tasks: list[str], trials: list[int], seeds: list[int],
-                    bits: list[int]) -> int:  # fmt: skip
+def run_budget_mode(*, tasks: list[str], trials: list[int], seeds: list[int], bits: list[int],
+                    ablate: bool = False) -> int:  # fmt: skip
+    """`ablate`: also prunesearch without seeding (the quantization-noise prior, no seeds)
+    and without local moves, to see what each part buys."""
+    systems = SEARCHES + (tuple(ABLATIONS) if ablate else ())
     sys.path.insert(0, str(ROOT))  # task specs name `benchmarks.pretrained`
     os.chdir(ROOT)  # workers import task modules from the working directory
     warnings.filterwarnings("ignore")
@@ -279,7 +287,7 @@ def run_budget_mode(*, tasks: list[str], trials: list[int], seeds: list[int],
         with tempfile.TemporaryDirectory(prefix="quality-budget-") as out:
             for b in budgets:
                 for seed in seeds:
-                    for system in SEARCHES:
+                    for system in systems:
                         runs += search(system, b, trials, seed, Path(out))
                         print(f"  done {short(b.task)} {b.bits}-bit seed {seed} {system}: "
                               + ", ".join(f"{r.trials} trials {r.best:.4f}"
@@ -302,7 +310,7 @@ def run_budget_mode(*, tasks: list[str], trials: list[int], seeds: list[int],
               "its first trial (outside the trial count; cached per task and space, so "
               "measured once for all budgets and seeds)")  # fmt: skip
     print()
-    print("\n".join(table(runs, budgets, trials)))
+    print("\n".join(table(runs, budgets, trials, systems)))
     print()
     print("best within budget: max metric of COMPLETE trials no larger than the budget; best "
           "from: the origin of that trial (baseline, seed, local, repair, sampler).")  # fmt: skip

@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(front contract: 100,300; budget default: 40,100)")  # fmt: skip
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--bits", default="3,4", help="budget mode: budgets at these uniform sizes")
+    ap.add_argument("--ablate", action="store_true",
+                    help="budget mode: also prunesearch without seeding and without local moves")  # fmt: skip
     args = ap.parse_args(argv)
     if args.mode == "budget":
         from budget_quality import run_budget_mode  # benchmarks/budget_quality.py
@@ -250,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             trials=[int(x) for x in (args.trials or "40,100").split(",")],
             seeds=[int(x) for x in args.seeds.split(",")],
             bits=[int(x) for x in args.bits.split(",")],
+            ablate=args.ablate,
         )
     args.tasks = args.tasks or "digits-cnn,digits-resnet"
     args.trials = args.trials or "100"

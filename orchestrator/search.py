@@ -622,6 +622,17 @@ def _guidance(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool)
     return Guidance(seeds=tuple(seeds), loss=loss)
 
 
+def _resumed_guidance(prepared: Prepared, base_metric: float) -> Guidance:
+    """The loss model of the sensitivity table a resumed study recorded (its seeds were
+    evaluated before); none (the prior) if it has no readable table."""
+    from orchestrator.sensitivity import cached_table
+
+    table = cached_table(prepared.study_dir / "sensitivity.parquet")
+    if table is None:
+        return Guidance()
+    return Guidance(loss=LossModel.from_table(prepared.space, table, base_metric))
+
+
 def _ray_init(config: SearchConfig) -> bool:
     """Connect to Ray: the cluster at `address`, or a new local one (bound to 127.0.0.1, no
     dashboard), unless this process is connected already. Returns whether to disconnect."""
@@ -734,6 +745,8 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
         guidance = Guidance()
         if config.seeding and not prepared.resume:
             guidance = _guidance(prepared, pool, base_metric, quiet=quiet)
+        elif config.seeding:  # resumed: the study's own table still steers repairs and moves
+            guidance = _resumed_guidance(prepared, base_metric)
         driver = Driver(prepared, pool, sampler=sampler, quiet=quiet, fidelity=fidelity,
                         guidance=guidance)  # fmt: skip
         driver.open()

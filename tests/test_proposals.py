@@ -175,3 +175,21 @@ def test_knapsack_seeds_sit_at_the_budget_edge(space, bits):
         return sum(mover.loss(k, values[k.name]) for k in space.searchable)
 
     assert total(bits_only) <= total(uniform) + 1e-9
+
+
+def test_a_resumed_study_steers_with_its_own_sensitivity_table(space, tmp_path):
+    from types import SimpleNamespace
+
+    from orchestrator.search import _resumed_guidance
+    from orchestrator.sensitivity import write_table
+
+    prepared = SimpleNamespace(study_dir=tmp_path, space=space)
+    assert _resumed_guidance(prepared, 0.9).loss is None  # no table: the prior
+    knob = next(k for k in space.searchable if k.kind == "bits")
+    rows = [{"knob": knob.name, "value": float(c), "metric": 0.9 - 0.01 * i}
+            for i, c in enumerate(sorted(knob.choices, reverse=True))]  # fmt: skip
+    write_table(pd.DataFrame(rows), tmp_path / "sensitivity.parquet")
+    loss = _resumed_guidance(prepared, 0.9).loss
+    lowest = min(knob.choices)
+    assert loss(knob, lowest) == pytest.approx(0.01 * (len(knob.choices) - 1), abs=1e-4)
+    assert loss(knob, lowest) != LossModel.prior(space)(knob, lowest)
