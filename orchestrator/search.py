@@ -61,6 +61,7 @@ SAMPLERS: dict[str, Callable[[int | None, int], optuna.samplers.BaseSampler]] = 
     "random": lambda seed, trials: optuna.samplers.RandomSampler(seed=seed),
 }
 TPE_MAX_KNOB_TRIALS_PER_WORKER = 8000  # knobs x trials x workers (benchmarks/sampler.py)
+TPE_MAX_SHARE = 0.05  # of a worker's evaluation time that TPE's asks may cost (auto)
 
 
 def objective_values(dirs: list[str], size: int, metric: float) -> list[float]:
@@ -76,13 +77,30 @@ def best_key(budget: Budget) -> Callable[[dict], tuple]:
     return lambda row: (row["metric"], -row["size_bytes"])
 
 
-def auto_sampler(knobs: int, trials: int, workers: int = 2) -> str:
+def auto_sampler(knobs: int, trials: int, workers: int = 2,
+                 eval_seconds: float | None = None) -> str:  # fmt: skip
     """TPE learns the most per trial, but its ask cost grows with knobs and history
     (7-30 ms here up to 40 knobs x 300 trials: benchmarks/sampler.py), and the driver
     must ask once per finished evaluation of every worker. So TPE while knobs x trials x
-    workers <= 8,000 (with 2 workers: knobs x trials <= 4,000), NSGA-II (under 5 ms)
-    beyond, so that sampling never leaves workers idle."""
-    return "tpe" if knobs * trials * max(1, workers) <= TPE_MAX_KNOB_TRIALS_PER_WORKER else "nsga2"
+    workers <= 8,000 (with 2 workers: knobs x trials <= 4,000), or while its last asks
+    would cost at most 5% of the time a worker takes per evaluation (`eval_seconds`, the
+    base model's, when known: a 1.7-s MiniLM evaluation affords TPE at 42 knobs x 100
+    trials, a 5-ms digits one does not); NSGA-II (under 5 ms) beyond, so that sampling
+    never leaves workers idle."""
+    workers = max(1, workers)
+    if knobs * trials * workers <= TPE_MAX_KNOB_TRIALS_PER_WORKER:
+        return "tpe"
+    affordable = eval_seconds is not None and tpe_ask_seconds(knobs, trials) * workers <= (
+        TPE_MAX_SHARE * eval_seconds
+    )
+    return "tpe" if affordable else "nsga2"
+
+
+def tpe_ask_seconds(knobs: int, trials: int) -> float:
+    """A multivariate TPE ask at `trials` of history, from benchmarks/sampler.py (7 ms at
+    10 x 60, 30 ms at 40 x 300) and a 42 x 100 / 42 x 300 / 100 x 300 check (13 / 20-38
+    / 40 ms; single- and multi-objective alike): linear in knobs x trials, on the high side."""
+    return 0.0025 + 2.5e-6 * knobs * trials
 
 
 def distribution(knob: Knob) -> BaseDistribution:
@@ -737,10 +755,13 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
     started = time.monotonic()
     with worker_pool(config, prepared.space, evaluator_factory=evaluator_factory,
                      sys_path=sys_path) as (pool, infos):  # fmt: skip
-        sampler = config.sampler
-        if sampler == "auto":  # by knobs, trial budget and the workers actually started
-            sampler = auto_sampler(len(prepared.space.searchable), config.trials, pool.size)
+        timed = time.perf_counter()
         base_metric = pool.base_metric()
+        eval_seconds = time.perf_counter() - timed  # one evaluation, and a Ray round trip
+        sampler = config.sampler
+        if sampler == "auto":  # by knobs, trial budget, workers started and evaluation time
+            sampler = auto_sampler(len(prepared.space.searchable), config.trials, pool.size,
+                                   eval_seconds)  # fmt: skip
         fidelity = fidelity_settings(prepared, custom_evaluator=evaluator_factory is not None)
         guidance = Guidance()
         if config.seeding and not prepared.resume:

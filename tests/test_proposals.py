@@ -193,3 +193,16 @@ def test_a_resumed_study_steers_with_its_own_sensitivity_table(space, tmp_path):
     lowest = min(knob.choices)
     assert loss(knob, lowest) == pytest.approx(0.01 * (len(knob.choices) - 1), abs=1e-4)
     assert loss(knob, lowest) != LossModel.prior(space)(knob, lowest)
+
+
+def test_auto_sampler_affords_tpe_when_evaluations_are_slow():
+    from orchestrator.search import auto_sampler, tpe_ask_seconds
+
+    assert auto_sampler(9, 60, 2) == "tpe"  # small: TPE whatever the evaluation costs
+    assert auto_sampler(42, 100, 2) == "nsga2"  # large, evaluation time unknown
+    assert auto_sampler(42, 100, 2, eval_seconds=0.01) == "nsga2"  # digits-fast evaluations
+    assert auto_sampler(42, 100, 2, eval_seconds=1.7) == "tpe"  # MiniLM: 1.7 s each
+    # the threshold: TPE's last asks at most 5% of a worker's evaluation time
+    edge = tpe_ask_seconds(42, 300) * 2 / 0.05
+    assert auto_sampler(42, 300, 2, eval_seconds=edge * 1.01) == "tpe"
+    assert auto_sampler(42, 300, 2, eval_seconds=edge * 0.99) == "nsga2"
