@@ -46,7 +46,7 @@ MOVE_TRIES = 32  # local moves drawn before giving the ask back to the sampler
 
 
 def nearest(knob: Knob, value: float) -> Any:
-    """The knob's choice nearest `value` (ties to the smaller), so a preset that holds a
+    """The knob's choice nearest `value` (ties to the smaller), so a rule that holds a
     layer at >= 4 bits gets 4 in a uniform 2-bit policy."""
     return min(knob.choices, key=lambda c: (abs(c - value), c))
 
