@@ -13,7 +13,9 @@ was never tried. So, under a budget:
   (the knob gaining the most per byte), so a repaired candidate sits at the budget's edge;
 - half of the asks after the first candidates are local moves of one or two knobs from
   the incumbent (the best policy within the budget so far), repaired and filled the same
-  way: the search spends them where the answer is.
+  way: the search spends them where the answer is. Once local moves stop paying (a run
+  of them without a better incumbent) they thin out to one ask in four, then in eight,
+  and the sampler gets the asks to explore (`LocalShare`).
 
 The estimated loss of a knob's value is its metric drop in the sensitivity table (every
 other layer float; made monotone), or without a table a prior from quantization noise
@@ -43,6 +45,8 @@ Values = dict[str, Any]
 UNIFORM_BASELINE_BITS = (32, 8, 4, 2)  # without a budget: the uniform float/8/4/2 policies
 KEEP_PRIOR = 1.0  # prior metric loss per unit of channels pruned (vs 0.25 at 2 bits)
 MOVE_TRIES = 32  # local moves drawn before giving the ask back to the sampler
+LOCAL_PATIENCE = 8  # local moves without a better incumbent before they thin out
+LOCAL_SPARSEST = 8  # at least one ask in this many stays a local move
 
 
 def nearest(knob: Knob, value: float) -> Any:
@@ -274,6 +278,36 @@ class Mover:
                 values[knob.name] = moved
                 hold.append(knob.name)
         return values, hold
+
+
+class LocalShare:
+    """Which asks are local moves: every other one while they pay; after each
+    `patience` local moves without a better incumbent, half as many (down to one in
+    `sparsest`). Measured on MiniLM at 100 trials: local moves settle around the
+    incumbent after ~40 trials, while the sampler's asks keep finding better policies."""
+
+    def __init__(self, patience: int = LOCAL_PATIENCE, sparsest: int = LOCAL_SPARSEST) -> None:
+        self.patience, self.sparsest = patience, sparsest
+        self.stale = 0  # local moves since the incumbent last improved
+        self.waited = 0  # asks since the last local move
+
+    @property
+    def every(self) -> int:
+        """One ask in this many is a local move now."""
+        return min(2 << (self.stale // self.patience), self.sparsest)
+
+    def turn(self) -> bool:
+        """Whether this ask (one with an incumbent to move from) is a local move."""
+        self.waited += 1
+        if self.waited < self.every:
+            return False
+        self.waited = 0
+        self.stale += 1
+        return True
+
+    def improved(self) -> None:
+        """The incumbent got better: local moves pay again."""
+        self.stale = 0
 
 
 def knapsack_seed(mover: Mover, kinds: Sequence[str], *, resolution: int = 20000) -> Values | None:

@@ -35,7 +35,7 @@ from orchestrator.fidelity import FidelitySettings
 from orchestrator.policy import Policy
 from orchestrator.prepare import Prepared, prepare
 from orchestrator.progress import Progress
-from orchestrator.proposals import LossModel, Mover, Pricing, baselines, budget_seeds
+from orchestrator.proposals import LocalShare, LossModel, Mover, Pricing, baselines, budget_seeds
 from orchestrator.results import ResultSink, atomic_write_json, compute_front, read_trials
 from orchestrator.storage import study_storage
 from orchestrator.store import (
@@ -208,10 +208,11 @@ class Driver:
         self.pricing = Pricing(self.space, prepared.budget)
         self.mover = Mover(self.pricing, guidance.loss or LossModel.prior(self.space))
         # objective budget: every other ask once the first candidates are done is a local
-        # move from the incumbent (issue 12); seeded, so a run repeats with its seed
+        # move from the incumbent, fewer once they stop paying (issue 12); seeded, so a
+        # run repeats with its seed
         self.local_search = (prepared.config.local_search and prepared.config.objective == "budget"
                              and bool(prepared.budget.limits))  # fmt: skip
-        self.local_turn = False
+        self.local_share = LocalShare()
         self.rng = random.Random(prepared.config.seed)
         self.params_of: dict[str, dict[str, Any]] = {}  # policy hash -> params as asked
         self.asks = self.infeasible = 0
@@ -510,13 +511,12 @@ class Driver:
         return [(0, self.best_row["metric"])] if self.best_row is not None else []
 
     def _local_move(self) -> None:
-        """Every other ask in budget mode, once there is an incumbent: a local move from
-        it (orchestrator.proposals), queued with origin `local`."""
+        """In budget mode, once there is an incumbent, every other ask (fewer once they stop
+        paying: LocalShare) is a local move from it, queued with origin `local`."""
         if not self.local_search or self.best_row is None:
             return
-        self.local_turn = not self.local_turn
         incumbent = self.params_of.get(self.best_row["policy_hash"])
-        if not self.local_turn or incumbent is None:
+        if incumbent is None or not self.local_share.turn():
             return
         moved = self.mover.local_move(incumbent, self.rng, self._seen)
         if moved is not None:
@@ -554,6 +554,7 @@ class Driver:
         if row["feasible"] and (self.best_row is None
                                 or self.best_key(row) > self.best_key(self.best_row)):  # fmt: skip
             self.best_row = row
+            self.local_share.improved()
 
 
 @contextlib.contextmanager

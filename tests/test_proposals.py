@@ -3,6 +3,7 @@ seeds at the budget's edge (orchestrator.proposals): pure functions of a space, 
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pandas as pd
@@ -14,6 +15,7 @@ from orchestrator.budget import Budget
 from orchestrator.config import make_config
 from orchestrator.prepare import build_space
 from orchestrator.proposals import (
+    LocalShare,
     LossModel,
     Mover,
     Pricing,
@@ -206,3 +208,25 @@ def test_auto_sampler_affords_tpe_when_evaluations_are_slow():
     edge = tpe_ask_seconds(42, 300) * 2 / 0.05
     assert auto_sampler(42, 300, 2, eval_seconds=edge * 1.01) == "tpe"
     assert auto_sampler(42, 300, 2, eval_seconds=edge * 0.99) == "nsga2"
+
+
+def test_local_moves_thin_out_while_they_do_not_pay_and_return_when_the_incumbent_improves():
+    share = LocalShare(patience=3, sparsest=8)
+    turns = [share.turn() for _ in range(60)]
+    gaps = [b - a for a, b in itertools.pairwise(i for i, t in enumerate(turns) if t)]
+    # every other ask for the first 3 local moves, then every 4th for 3, then every 8th
+    assert gaps[:2] == [2, 2] and gaps[2:5] == [4, 4, 4] and set(gaps[5:]) == {8}
+    share.improved()
+    assert share.every == 2
+    assert [share.turn() for _ in range(6)] == [True, False] * 3  # every other ask again
+
+
+@given(st.lists(st.booleans(), max_size=200), st.integers(1, 10), st.sampled_from([2, 4, 8, 16]))
+def test_local_share_never_falls_below_one_ask_in_sparsest(improvements, patience, sparsest):
+    share = LocalShare(patience=patience, sparsest=sparsest)
+    since = 0
+    for improved in improvements:
+        if improved:
+            share.improved()
+        since = 0 if share.turn() else since + 1
+        assert since < sparsest and 2 <= share.every <= sparsest
