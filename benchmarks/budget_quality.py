@@ -64,8 +64,8 @@ def short(task: str) -> str:
 
 def uniform_policies(space: Any, size: int) -> list[tuple[str, Any]]:
     """Every bits value at the largest uniform keep (of the space's keep grid) that fits."""
-    from orchestrator.cost import policy_cost
-    from orchestrator.policy import Policy
+    from search_spaces.cost import policy_cost
+    from search_spaces.policy import Policy
 
     bits = sorted(
         {c for k in space.searchable if k.kind == "bits" for c in k.choices}, reverse=True
@@ -87,10 +87,10 @@ def budgets_for(task: str, bits_list: list[int]) -> list[Budgeted]:
     import torch
 
     from orchestrator.config import make_config
-    from orchestrator.cost import policy_cost
     from orchestrator.evaluate import Evaluator, RecoverySettings
-    from orchestrator.policy import Policy
     from orchestrator.prepare import build_space
+    from search_spaces.cost import policy_cost
+    from search_spaces.policy import Policy
 
     config = make_config({"task": task, "space": space_of(task)})
     resolved, _, space = build_space(config)

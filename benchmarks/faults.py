@@ -160,15 +160,16 @@ class Outcome:
 def _loop_seconds(study_dir: Path, killed_at: float | None) -> float:
     """The search loops' wall time from run.json: the driver's own figure for each run that
     ended, from its start to `killed_at` for the one that was killed."""
-    import json
     from datetime import datetime
 
+    from orchestrator.runrecord import read_record
+
     total = 0.0
-    for run in json.loads((study_dir / "run.json").read_text())["runs"]:
-        if "driver" in run:
-            total += run["driver"]["loop_seconds"]
-        elif killed_at is not None:
-            total += killed_at - datetime.fromisoformat(run["started_at"]).timestamp()
+    for run in read_record(study_dir).runs:
+        if run.driver is not None:
+            total += run.driver["loop_seconds"]
+        elif killed_at is not None and run.started_at is not None:
+            total += killed_at - datetime.fromisoformat(run.started_at).timestamp()
     return total
 
 

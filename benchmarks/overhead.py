@@ -36,12 +36,12 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 import optuna  # noqa: E402
 
 from orchestrator.config import make_config  # noqa: E402
-from orchestrator.cost import policy_cost  # noqa: E402
-from orchestrator.policy import Policy  # noqa: E402
 from orchestrator.prepare import build_space  # noqa: E402
 from orchestrator.search import SAMPLERS, distribution, run_search  # noqa: E402
 from orchestrator.timing import DriverStats, TimedSampler  # noqa: E402
 from search_spaces import SearchSpace  # noqa: E402
+from search_spaces.cost import policy_cost  # noqa: E402
+from search_spaces.policy import Policy  # noqa: E402
 
 TASK = "digits-cnn"  # 9 searchable knobs (5 bits, 4 keep groups: structured by default)
 WORKERS = 2

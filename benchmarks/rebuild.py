@@ -15,7 +15,7 @@ warm-up candidates) are timed step by step, as `Evaluator.evaluate` runs them:
 
 It also times one forward pass over the validation batches of the base model beside the
 model pruned to keep 0.5 in every group (float weights), and counts both models' params.
-Prints one table and a PASS/FAIL line per target (DESIGN §7: rebuild <= 10% of the
+Prints one table and a PASS/FAIL line per target (targets: rebuild <= 10% of the
 scoring pass; the pruned model's forward faster than the base model's).
 
     python benchmarks/rebuild.py
@@ -44,10 +44,10 @@ from torch import nn
 from orchestrator.batches import Batch, call_model
 from orchestrator.config import make_config
 from orchestrator.evaluate import Evaluator, RecoverySettings, recalibrate_batchnorm
-from orchestrator.policy import Policy
 from orchestrator.prepare import build_space
 from orchestrator.task import BUILTIN_TASKS
 from search_spaces import SearchSpace
+from search_spaces.policy import Policy
 
 SEED = 0
 WARMUP = 5

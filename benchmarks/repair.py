@@ -8,7 +8,6 @@ Run: python benchmarks/repair.py [--task digits-cnn] [--budget size=8KB] [--tria
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import ray
 
 from orchestrator.config import make_config
+from orchestrator.runrecord import read_record
 from orchestrator.search import run_search
 
 
@@ -26,10 +26,10 @@ def one(task: str, budget: str, trials: int, seed: int, sampler: str, repair: bo
         "task": task, "budget": budget, "trials": trials, "seed": seed, "sampler": sampler,
         "repair": repair, "workers": {"count": 2}, "out": str(out), "study": study,
     }))  # fmt: skip
-    run = json.loads((out / study / "run.json").read_text())["runs"][-1]
+    run = read_record(out / study).runs[-1]
     done = result.trials[(result.trials["state"] == "COMPLETE") & result.trials["feasible"]]
     return {
-        "infeasible": run["infeasible_share"],
+        "infeasible": run.infeasible_share,
         "evaluated": len(done),
         "best": float(done["metric"].max()) if len(done) else float("nan"),
     }

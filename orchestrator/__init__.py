@@ -12,8 +12,8 @@ from typing import Any
 _EXPORTS = {
     "Budget": "orchestrator.budget", "parse_budget": "orchestrator.budget",
     "ConfigError": "orchestrator.errors",
-    "Cost": "orchestrator.cost", "policy_cost": "orchestrator.cost",
-    "Policy": "orchestrator.policy",
+    "Cost": "search_spaces.cost", "policy_cost": "search_spaces.cost",
+    "Policy": "search_spaces.policy",
     "SearchConfig": "orchestrator.config", "load_config_file": "orchestrator.config",
     "make_config": "orchestrator.config",
     "SearchResult": "orchestrator.search", "run_search": "orchestrator.search",

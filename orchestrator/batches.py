@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from search_spaces.profile import (
+    call_model,  # the Task contract's one caller; profiling uses it too
+)
+
 Inputs = Any  # a Tensor, a tuple of positional inputs, or a dict of keyword inputs
 Batch = tuple[Inputs, Any]
-
-# How each kind of inputs is passed to the model (Task contract).
-_CALLERS: dict[type, Callable[[nn.Module, Any], Any]] = {
-    tuple: lambda model, x: model(*x),
-    list: lambda model, x: model(*x),
-    dict: lambda model, x: model(**x),
-}
-
-
-def call_model(model: nn.Module, inputs: Inputs) -> Any:
-    """`model(x)`, `model(*x)` or `model(**x)` by the kind of inputs."""
-    for kind, caller in _CALLERS.items():
-        if isinstance(inputs, kind):
-            return caller(model, inputs)
-    return model(inputs)
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:

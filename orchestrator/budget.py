@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any, TypeVar
 
-from orchestrator.cost import Cost
+from search_spaces.cost import Cost
 
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}  # fmt: skip
@@ -15,6 +17,7 @@ COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 # budget key -> (Cost field, unit table)
 LIMITS = {"size": ("size_bytes", SIZE_UNITS), "macs": ("macs", COUNT_UNITS),
           "bops": ("bops", COUNT_UNITS)}  # fmt: skip
+R = TypeVar("R")
 _AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
@@ -51,6 +54,24 @@ class Budget:
 
     def allows(self, cost: Cost) -> bool:
         return all(v <= 0 for v in self.violations(cost).values())
+
+    def within(self, row: Any) -> bool:
+        """A finished trial (attributes size_bytes, macs, bops, metric) keeps every limit
+        and the floor."""
+        return self.allows(row) and self.keeps(row.metric)
+
+    def rank(self, size_bytes: float, metric: float) -> tuple[float, float]:
+        """Best within budget as a sort key, lowest first: with a metric floor the smallest
+        model keeping it (then the better metric), else the best metric (then the smaller
+        model). The one rule: the driver's incumbent, SearchResult, export and report."""
+        if self.metric_floor is not None:
+            return (size_bytes, -metric)
+        return (-metric, size_bytes)
+
+    def best(self, rows: Iterable[R]) -> R | None:
+        """The best of `rows` (finished trials within this budget, with attributes
+        size_bytes and metric) by `rank`; ties: the first."""
+        return min(rows, key=lambda r: self.rank(r.size_bytes, r.metric), default=None)
 
     def describe(self) -> str:
         names = {f: k for k, (f, _) in LIMITS.items()}

@@ -124,56 +124,70 @@ def _load(args: argparse.Namespace, **overrides: Any):
     return make_config(data, **overrides)
 
 
+_GIVE_CONFIG = "give the study's CONFIG file"  # the fix when its recorded config is damaged
+
+
 def _recorded_config(out: str, study: str | None) -> dict[str, Any]:
     """The config a study was run with (`--resume` without CONFIG): the named study, or
-    the latest one in `out`."""
+    the latest one in `out` (of any task: without a CONFIG none is known; see
+    runrecord.latest_study, the one rule `prepare` uses too)."""
     from orchestrator import remote
+    from orchestrator.runrecord import FILE, latest_study, read_record
 
     if remote.is_uri(out):
         return _remote_recorded_config(out, study)
-    runs = [Path(out) / study / "run.json"] if study else list(Path(out).glob("*/run.json"))
-    runs = [r for r in runs if r.is_file()]
-    if not runs:
+    name = study or latest_study(out)
+    if name is None or not (Path(out) / name / FILE).is_file():
         where = f"'{Path(out) / study}'" if study else f"'{out}'"
         raise ConfigError(f"--resume: no prunesearch study in {where}; check --study and --out")
-    latest = max(runs, key=lambda r: r.stat().st_mtime)
-    return _config_in(latest, latest.read_text)
+    record = read_record(Path(out) / name, needs=("config",), flag="--resume", fix=_GIVE_CONFIG)
+    return dict(record.config or {})
 
 
 def _remote_recorded_config(out: str, study: str | None) -> dict[str, Any]:
     from orchestrator import remote
+    from orchestrator.runrecord import FILE, parse_record
 
     if not study:
         raise ConfigError(f"--resume with --out '{out}' needs --study NAME (the study to continue)")
     remote.check_uri(out)
-    where = remote.join(remote.join(out, study), "run.json")
+    where = remote.join(remote.join(out, study), FILE)
     data = remote.read_bytes(where)
     if data is None:
         raise ConfigError(f"--resume: no prunesearch study at '{where}'; check --study and --out")
-    return _config_in(where, lambda: data)
-
-
-def _config_in(where: str | Path, read: Callable[[], str | bytes]) -> dict[str, Any]:
-    """The `config` object of the run.json at `where` (`read` returns its text)."""
-    try:
-        config = json.loads(read())["config"]
-        if not isinstance(config, dict):
-            raise TypeError(f"its config is a {type(config).__name__}, not an object")
-        return config
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"--resume: '{where}' is damaged ({exc}); give the study's CONFIG "
-                          "file") from None  # fmt: skip
+    record = parse_record(data, where=where, needs=("config",), flag="--resume", fix=_GIVE_CONFIG)
+    return dict(record.config or {})
 
 
 def _sys_path(args: argparse.Namespace) -> tuple[str, ...]:
-    """Where user task modules are imported from: the working and the config's directory."""
+    """Where user task modules are imported from: the working and the config's directory
+    (put on sys.path while a command runs: `main` restores it)."""
     paths = [os.getcwd()]
     if getattr(args, "config", None):
         paths.append(str(Path(args.config).resolve().parent))
-    for path in paths:
-        if path not in sys.path:
-            sys.path.insert(0, path)
     return tuple(paths)
+
+
+@contextlib.contextmanager
+def _command_scope(args: argparse.Namespace) -> Iterator[None]:
+    """What a command changes in this process, undone after it: `main` also runs inside
+    tests and notebooks, whose sys.path and torch thread count are theirs."""
+    saved_path = list(sys.path)
+    sys.path[:0] = [p for p in _sys_path(args) if p not in sys.path]
+    threads = _torch_threads()
+    try:
+        yield
+    finally:
+        sys.path[:] = saved_path
+        if threads is not None and _torch_threads() != threads:
+            import torch
+
+            torch.set_num_threads(threads)
+
+
+def _torch_threads() -> int | None:
+    torch = sys.modules.get("torch")  # never imported just to ask
+    return None if torch is None else torch.get_num_threads()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -206,13 +220,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from orchestrator.cost import policy_cost
     from orchestrator.evaluate import Evaluator, RecoverySettings, pick_device
-    from orchestrator.policy import Policy
     from orchestrator.prepare import build_space
     from search_spaces import SpaceError
+    from search_spaces.cost import policy_cost
+    from search_spaces.policy import Policy
 
-    _sys_path(args)
     config = _load(args)
     task, _, space = build_space(config)
     text = args.policy
@@ -244,7 +257,6 @@ def cmd_space(args: argparse.Namespace) -> int:
     from orchestrator.prepare import build_space
     from orchestrator.summary import print_space
 
-    _sys_path(args)
     config = _load(args)
     _, _, space = build_space(config)
     print_space(space)
@@ -323,18 +335,15 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_front(args: argparse.Namespace) -> int:
     from orchestrator.remote import local_copy
-    from orchestrator.summary import print_front, read_study
+    from orchestrator.results import compute_front
+    from orchestrator.runrecord import read_study
+    from orchestrator.summary import print_front
 
     with local_copy(args.study_dir) as study_dir:
-        front, run = read_study(study_dir)
-    if not isinstance(run, dict):
-        raise ConfigError(f"'{Path(args.study_dir) / 'run.json'}' is damaged (not a JSON object); "
-                          "rerun or resume the study to rewrite it")  # fmt: skip
-    base = run.get("base") if isinstance(run.get("base"), dict) else {}
-    # numbers only: where run.json lacks them the front prints without the base columns
-    base = {k: v for k, v in base.items() if k in ("size_bytes", "metric")
-            and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
-    print_front(front, base=base)
+        run, trials = read_study(study_dir)
+    # where run.json lacks them the front prints without the base columns
+    base = run.base.model_dump(include={"size_bytes", "metric"}, exclude_none=True)
+    print_front(compute_front(trials), base=base)
     return 0
 
 
@@ -373,7 +382,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         export_best,
     )
 
-    _sys_path(args)
     with _study_and_out(args) as (study_dir, out, shown):
         try:
             out = export_best(study_dir, budget=args.budget, trial=args.trial, out=out,
@@ -418,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb is None:
             parser.print_help()
             return EXIT_BAD_INPUT
-        return COMMANDS[args.verb](args)
+        with _command_scope(args):
+            return COMMANDS[args.verb](args)
     except ConfigError as exc:
         print(f"prunesearch: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT

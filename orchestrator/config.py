@@ -117,6 +117,8 @@ class FidelityConfig(_Frozen):
         return v
 
 
+# the sampler names (the factories behind them: orchestrator.search.SAMPLERS, one per name
+# but auto, which picks one of them per run)
 SAMPLERS = ("auto", "tpe", "nsga2", "random")
 
 
@@ -126,7 +128,7 @@ class SearchConfig(_Frozen):
     out: StrictStr = "runs"
     trials: StrictInt = Field(default=60, ge=1)
     seed: StrictInt | None = Field(default=0, ge=0, le=MAX_SEED)
-    sampler: Literal["auto", "tpe", "nsga2", "random"] = "auto"
+    sampler: Literal[SAMPLERS] = "auto"
     # front: the whole size/metric front; budget: the best within `budget` (front kept too)
     objective: Literal["front", "budget"] = "front"
     budget: StrictStr | dict[str, StrictStr | Number] | None = None

@@ -20,7 +20,7 @@ from orchestrator.compress.rebuild import Rebuilder
 from orchestrator.fidelity import FidelitySettings, dominated, prefix_lengths, upper_bound
 from orchestrator.task import Task
 from search_spaces import SearchSpace
-from search_spaces.config import FLOAT_BITS
+from search_spaces.kinds import kind_of
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -129,18 +129,18 @@ class Evaluator:
                  front: Sequence[tuple[int, float]] = (),
                  fidelity: FidelitySettings | None = None) -> dict[str, Any]:  # fmt: skip
         """Rebuild, recover, score. With `fidelity` and the current `front`, score growing
-        prefixes of the validation batches and stop (`pruned`) once the candidate of
+        prefixes of the validation batches and stop early (`stopped_early`) once the candidate of
         `size` bytes cannot reach the front (orchestrator.fidelity)."""
         start = time.perf_counter()
         model, compressed = self._rebuild(policy)
         rebuilt = time.perf_counter()
         self._recover(model, compressed)
         recovered = time.perf_counter()
-        metric, share, pruned = self._score(model, size, front, fidelity)
+        metric, share, stopped_early = self._score(model, size, front, fidelity)
         return {
             "metric": metric,
             "fidelity": share,
-            "pruned": pruned,
+            "stopped_early": stopped_early,  # recorded as Optuna's state PRUNED
             "rebuild_seconds": rebuilt - start - self._tuned_seconds,
             "recovery_seconds": recovered - rebuilt + self._tuned_seconds,
             "eval_seconds": time.perf_counter() - start,  # rebuild + recovery + scoring
@@ -198,6 +198,4 @@ class Evaluator:
         self._tuned_seconds = time.perf_counter() - start
 
     def _compresses(self, policy: Mapping[str, int | float]) -> bool:
-        return any(
-            policy[k.name] < (FLOAT_BITS if k.kind == "bits" else 1.0) for k in self.space.knobs
-        )
+        return any(kind_of(k).compresses(policy[k.name]) for k in self.space.knobs)

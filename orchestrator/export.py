@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from orchestrator.atomic import atomic_write_bytes
 from orchestrator.batches import call_model, to_device
 from orchestrator.budget import Budget, BudgetError, format_bytes, parse_budget
 from orchestrator.compress.architecture import architecture, build_architecture
@@ -48,11 +49,12 @@ from orchestrator.compress.codec import (
 )
 from orchestrator.compress.structured import slice_model
 from orchestrator.config import SearchConfig, make_config
-from orchestrator.cost import policy_cost
 from orchestrator.errors import ConfigError
-from orchestrator.policy import Policy
-from orchestrator.results import atomic_write_bytes, read_run_json, read_trials
+from orchestrator.runrecord import RunRecord, read_study
 from search_spaces import SearchSpace, SpaceError
+from search_spaces.cost import policy_cost
+from search_spaces.kinds import BITS
+from search_spaces.policy import Policy
 
 FORMAT = "prunesearch-compressed/1"
 POLICY_FORMAT = "prunesearch-policy/1"
@@ -67,18 +69,6 @@ MODEL_FIELDS = ("bytes", "payload_bytes", "header_bytes", "sha256")  # policy.js
 # -- which trial ------------------------------------------------------------------------
 
 
-def read_study(study_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
-    """run.json and the trials of a study directory, or ConfigError saying what is wrong."""
-    run = read_run_json(study_dir)
-    try:
-        if not isinstance(run.get("config"), dict):
-            raise ValueError("no 'config' object")
-        trials = read_trials(study_dir)
-    except Exception as exc:
-        raise ConfigError(f"study '{study_dir}' is damaged: {type(exc).__name__}: {exc}") from None
-    return run, trials
-
-
 def _budget(text: str | None, config: SearchConfig) -> Budget:
     if text is None:
         return config.parsed_budget
@@ -88,19 +78,14 @@ def _budget(text: str | None, config: SearchConfig) -> Budget:
         raise ConfigError(f"--budget: {exc}") from None
 
 
-def _within(row: Any, budget: Budget) -> bool:
-    fits = all(getattr(row, field) <= limit for field, limit in budget.limits.items())
-    return fits and budget.keeps(row.metric)
-
-
 def _describe(row: Any) -> str:
     return f"trial {row.trial}, {format_bytes(row.size_bytes)} with metric {row.metric:.4f}"
 
 
 def choose_trial(trials: pd.DataFrame, budget: Budget, *, trial: int | None,
                  study: str) -> Any:  # fmt: skip
-    """The named trial, or the best COMPLETE trial within `budget`: with a metric floor the
-    smallest that keeps it, else the best metric (ties: smaller, then earlier)."""
+    """The named trial, or the best COMPLETE trial within `budget` (`Budget.rank`; ties:
+    the earlier trial)."""
     if trial is not None:
         rows = list(trials[trials["trial"] == trial].itertuples())
         if not rows:
@@ -110,7 +95,7 @@ def choose_trial(trials: pd.DataFrame, budget: Budget, *, trial: int | None,
         if row.state != "COMPLETE" or pd.isna(row.metric):
             raise ConfigError(f"--trial {trial} is {row.state}; only COMPLETE trials (scored on "
                               "all validation data) can be exported")  # fmt: skip
-        if budget and not _within(row, budget):
+        if budget and not budget.within(row):
             raise ConfigError(f"--trial {trial} ({_describe(row)}) is not within budget "
                               f"{budget.describe()}; drop --budget or pick another trial")  # fmt: skip
         return row
@@ -118,15 +103,13 @@ def choose_trial(trials: pd.DataFrame, budget: Budget, *, trial: int | None,
     if done.empty:
         raise ConfigError(f"study '{study}' has no COMPLETE trial to export; run more trials "
                           "(prunesearch run --resume)")  # fmt: skip
-    fits = [r for r in done.itertuples() if _within(r, budget)]
+    fits = [r for r in done.sort_values("trial").itertuples() if budget.within(r)]
     if not fits:
         smallest = min(done.itertuples(), key=lambda r: (r.size_bytes, -r.metric, r.trial))
         raise ConfigError(f"no COMPLETE trial of study '{study}' is within budget "
                           f"{budget.describe()}: the smallest recorded is {_describe(smallest)}; "
                           "raise --budget or give --trial N")  # fmt: skip
-    if budget.metric_floor is not None:
-        return min(fits, key=lambda r: (r.size_bytes, -r.metric, r.trial))
-    return min(fits, key=lambda r: (-r.metric, r.size_bytes, r.trial))
+    return budget.best(fits)
 
 
 # -- loading --------------------------------------------------------------------------
@@ -402,7 +385,7 @@ def _rebuild(config: SearchConfig, space: SearchSpace, task: Any, policy: Policy
     return evaluator, evaluator.compressed_model(policy, before_quantize=snapshot), before
 
 
-def export_trial(config: SearchConfig, run: Mapping[str, Any], row: Any, *,
+def export_trial(config: SearchConfig, run: RunRecord, row: Any, *,
                  budget: Budget | None = None) -> Exported:  # fmt: skip
     """Rebuild trial `row` of a study, encode it, load the bytes back and check them."""
     from safetensors.torch import save
@@ -410,8 +393,8 @@ def export_trial(config: SearchConfig, run: Mapping[str, Any], row: Any, *,
     from orchestrator.prepare import build_space
 
     task, base, space = build_space(config)
-    study = run.get("study", "?")
-    if run.get("space", {}).get("knobs") != space.to_dict()["knobs"]:
+    study = run.study or "?"
+    if (run.space or {}).get("knobs") != space.to_dict()["knobs"]:
         raise ConfigError(f"the search space of task '{config.task}' differs from the one study "
                           f"'{study}' searched (its model or space changed); export from a "
                           "matching task")  # fmt: skip
@@ -487,7 +470,7 @@ def _manifest(config: SearchConfig, space: SearchSpace, policy: Policy, task: An
     }
 
 
-def _policy_record(run: Mapping[str, Any], row: Any, space: SearchSpace,
+def _policy_record(run: RunRecord, row: Any, space: SearchSpace,
                    policy: Policy, cost: Any, manifest: Mapping[str, Any],
                    metric: float) -> dict[str, Any]:  # fmt: skip
     channels = {t["key"]: t["shape"] for t in manifest["tensors"]}
@@ -495,7 +478,7 @@ def _policy_record(run: Mapping[str, Any], row: Any, space: SearchSpace,
     for entry, info in zip(manifest["layers"], space.profile.layers, strict=True):
         first = info.weights[0]
         layers.append({
-            "layer": entry["name"], "kind": entry["kind"], "bits": entry["bits"],
+            "layer": entry["name"], "kind": entry["kind"], BITS.name: entry[BITS.name],
             "channels": channels[first.key][0], "channels_of": first.shape[0],
             "weights": entry["kept"], "weights_of": info.numel,
             "encoding": entry["encoding"], "bytes": entry["bytes"],
@@ -504,7 +487,7 @@ def _policy_record(run: Mapping[str, Any], row: Any, space: SearchSpace,
                        "unit": g.unit} for g in (space.plan.groups if space.plan else ())}  # fmt: skip
     return {
         "format": POLICY_FORMAT,
-        "study": run.get("study"),
+        "study": run.study,
         "trial": int(row.trial),
         "policy": dict(policy.items_),
         "policy_hash": policy.hash,
@@ -513,7 +496,7 @@ def _policy_record(run: Mapping[str, Any], row: Any, space: SearchSpace,
         "predicted": cost.as_dict(),
         "metric": float(row.metric),
         "verified_metric": metric,
-        "base": run.get("base", {}),
+        "base": run.base.model_dump(exclude_unset=True),  # as run.json holds it
         "model_file": {"name": MODEL_FILE, **{k: manifest[k] for k in MODEL_FIELDS}},
         "versions": versions(),
     }
@@ -534,14 +517,14 @@ def export_best(
     to `out` (default `<study_dir>/export/`) and returns that directory. Refusals raise
     ConfigError (one line) and write nothing; so does a failed check (ExportError)."""
     study_dir = Path(study_dir)
-    run, trials = read_study(study_dir)
+    run, trials = read_study(study_dir, needs=("config",))
     try:
-        config = make_config(run["config"])
+        config = make_config(run.config)
     except ConfigError as exc:
         raise ConfigError(f"study '{study_dir}' is damaged: run.json's config: {exc}") from None
     # the study's budget picks the best; a named trial is checked only against --budget
     limits = _budget(budget, config) if trial is None or budget is not None else Budget()
-    row = choose_trial(trials, limits, trial=trial, study=run.get("study", study_dir.name))
+    row = choose_trial(trials, limits, trial=trial, study=run.study or study_dir.name)
     target = Path(out) if out is not None else study_dir / "export"
     if target.exists() and not target.is_dir():
         raise ConfigError(f"--out '{target}' is a file; give a directory")

@@ -7,7 +7,6 @@ starts Ray nor writes a file, so bad input never costs a worker or touches a stu
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -18,14 +17,16 @@ from pathlib import Path
 from torch import nn
 
 from orchestrator.budget import Budget, format_bytes
+from orchestrator.compress.plan import plan_groups
 from orchestrator.config import SearchConfig
-from orchestrator.cost import Cost, policy_cost
 from orchestrator.errors import ConfigError
-from orchestrator.policy import Policy
 from orchestrator.remote import Mirror, check_uri, is_uri, staging_dir
+from orchestrator.runrecord import FILE, damaged, latest_study, read_record
 from orchestrator.task import Task, resolve_task
 from search_spaces import SearchSpace, SpaceError, derive_space, profile_model
-from search_spaces.structure import PruningPlan, plan_groups
+from search_spaces.cost import Cost, policy_cost
+from search_spaces.policy import Policy
+from search_spaces.structure import PruningPlan
 
 _BUDGET_NAMES = {"size_bytes": "size", "macs": "macs", "bops": "bops"}
 
@@ -34,7 +35,6 @@ _BUDGET_NAMES = {"size_bytes": "size", "macs": "macs", "bops": "bops"}
 class Prepared:
     config: SearchConfig
     task: Task
-    base_model: nn.Module
     space: SearchSpace
     budget: Budget
     base_cost: Cost
@@ -56,6 +56,10 @@ def build_space(config: SearchConfig) -> tuple[Task, nn.Module, SearchSpace]:
     except SystemExit as exc:  # e.g. a training script's argparse run at import
         raise ConfigError(f"task '{config.task}': loading it called sys.exit({exc.code!r}); "
                           "make_task() must return a Task without exiting") from None  # fmt: skip
+    if config.recovery.finetune_steps and task.train is None:  # before any worker starts
+        raise ConfigError(f"recovery.finetune_steps: {config.recovery.finetune_steps} needs the "
+                          f"task's train batches and task '{config.task}' has none; give its "
+                          "Task a train= or set finetune_steps: 0")  # fmt: skip
     try:
         model = task.model()
         example = task.example_inputs()
@@ -118,17 +122,6 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "study"
 
 
-def _latest_study(out: Path, task_spec: str) -> str | None:
-    candidates = []
-    for run_json in out.glob("*/run.json"):
-        try:
-            if json.loads(run_json.read_text())["config"]["task"] == task_spec:
-                candidates.append((run_json.stat().st_mtime, run_json.parent.name))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return max(candidates)[1] if candidates else None
-
-
 def default_study_name(task_name: str) -> str:
     return f"{_slug(task_name.rpartition(':')[2] or task_name)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -160,13 +153,13 @@ def resolve_study(config: SearchConfig, task: Task, *, resume: bool,
     name = _study_name(config, task, resume=resume, join=join, remote=remote)
     if not remote:
         study_dir = Path(config.out) / name
-        started = (study_dir / "run.json").is_file()
+        started = (study_dir / FILE).is_file()
         check_started(config, name, started=started, resume=resume, join=join,
                       empty=not (study_dir.exists() and any(study_dir.iterdir())))  # fmt: skip
         return name, study_dir, None
     mirror = Mirror(f"{config.out.rstrip('/')}/{name}", staging_dir(name))
     try:
-        started = mirror.exists("run.json")
+        started = mirror.exists(FILE)
         check_started(config, name, started=started, resume=resume, join=join,
                       empty=mirror.empty())  # fmt: skip
         if started:
@@ -190,7 +183,7 @@ def _study_name(config: SearchConfig, task: Task, *, resume: bool, join: bool,
         if remote:
             raise ConfigError(f"--resume with --out '{config.out}' needs --study NAME (the "
                               "study to continue)")  # fmt: skip
-        name = _latest_study(Path(config.out), config.task)
+        name = latest_study(config.out, config.task)  # the config names the task
         if name is None:
             raise ConfigError(f"--resume: no study of task '{config.task}' in '{config.out}'; "
                               "give --study NAME (and --out DIR) of the study to continue")  # fmt: skip
@@ -222,20 +215,18 @@ def check_resume(study_dir: Path, config: SearchConfig, space: SearchSpace,
                  flag: str = "--resume") -> None:  # fmt: skip
     """The study continued (`flag`: --resume, or --join of a started study) is the one
     this config describes: same task, objective and space; its files read."""
-    try:
-        recorded = json.loads((study_dir / "run.json").read_text())
-        knobs = recorded["space"]["knobs"]
-        task = recorded["config"]["task"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{flag}: '{study_dir}/run.json' is damaged ({exc}); start a new "
-                          "study with --study NEW_NAME") from None  # fmt: skip
+    fix = "start a new study with --study NEW_NAME"
+    recorded = read_record(study_dir, needs=("config", "space"), flag=flag, fix=fix)
+    task, knobs = recorded.task, (recorded.space or {}).get("knobs")
+    if task is None or knobs is None:
+        raise damaged(study_dir / FILE, "no task or no knobs recorded", flag=flag, fix=fix)
     if task != config.task:
         raise ConfigError(f"{flag}: study '{study_dir.name}' searched task '{task}', not "
                           f"'{config.task}'; use the study's task or a new --study")  # fmt: skip
-    if recorded.get("directions", ["minimize", "maximize"]) != config.directions:
+    if recorded.directions != config.directions:
         raise ConfigError(f"{flag}: study '{study_dir.name}' was started with objective "
-                          f"{recorded.get('objective', 'front')} and budget "
-                          f"{recorded['config'].get('budget')}; keep them or start a new "
+                          f"{recorded.objective} and budget "
+                          f"{(recorded.config or {}).get('budget')}; keep them or start a new "
                           "--study")  # fmt: skip
     if knobs != space.to_dict()["knobs"]:
         raise ConfigError(f"{flag}: the search space differs from the one study "
@@ -347,13 +338,13 @@ def prepare(config: SearchConfig, *, resume: bool = False, join: bool = False) -
     """`join`: run the study alongside the other drivers sharing it, starting it if no
     driver has yet (with its run.json: continuing it, checked as a resume is)."""
     check_devices(config)
-    task, model, space = build_space(config)
+    task, _, space = build_space(config)
     budget = config.parsed_budget
     check_budget(space, budget)
     study, study_dir, mirror = resolve_study(config, task, resume=resume, join=join)
     try:
         check_storage(config, study, resume=resume, join=join)
-        if join and (study_dir / "run.json").is_file():
+        if join and (study_dir / FILE).is_file():
             check_resume(study_dir, config, space, "--join")
             resume = True
         elif resume:
@@ -364,6 +355,6 @@ def prepare(config: SearchConfig, *, resume: bool = False, join: bool = False) -
             shutil.rmtree(mirror.local.parent, ignore_errors=True)
         raise
     base = policy_cost(space, Policy.uniform(space, 32, 1.0))
-    return Prepared(config=config, task=task, base_model=model, space=space, budget=budget,
+    return Prepared(config=config, task=task, space=space, budget=budget,
                     base_cost=base, study=study, study_dir=study_dir, resume=resume,
                     join=join, mirror=mirror)  # fmt: skip

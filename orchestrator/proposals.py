@@ -18,7 +18,7 @@ was never tried. So, under a budget:
   and the sampler gets the asks to explore (`LocalShare`).
 
 The estimated loss of a knob's value is its metric drop in the sensitivity table (every
-other layer float; made monotone), or without a table a prior from quantization noise
+other layer float; made monotone), or without a table its kind's prior (search_spaces.kinds): quantization noise
 (the step of a b-bit grid halves with every bit, so its noise power falls 4x: HAWQ's
 perturbation view, Dong et al. 2019) and a steep price on pruning a pretrained model's
 channels, which costs far more metric per byte than a bit does.
@@ -36,14 +36,13 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.budget import Budget
-from orchestrator.cost import Cost, policy_cost
-from orchestrator.policy import Policy
 from search_spaces import Knob, SearchSpace
-from search_spaces.config import FLOAT_BITS
+from search_spaces.cost import Cost, policy_cost
+from search_spaces.kinds import BITS, KEEP, KnobKind, kind_of
+from search_spaces.policy import Policy
 
 Values = dict[str, Any]
 UNIFORM_BASELINE_BITS = (32, 8, 4, 2)  # without a budget: the uniform float/8/4/2 policies
-KEEP_PRIOR = 1.0  # prior metric loss per unit of channels pruned (vs 0.25 at 2 bits)
 MOVE_TRIES = 32  # local moves drawn before giving the ask back to the sampler
 LOCAL_PATIENCE = 8  # local moves without a better incumbent before they thin out
 LOCAL_SPARSEST = 8  # at least one ask in this many stays a local move
@@ -56,8 +55,10 @@ def nearest(knob: Knob, value: float) -> Any:
 
 
 def uniform_values(space: SearchSpace, bits: int, keep: float = 1.0) -> Values:
-    target = {"bits": bits, "keep": keep}
-    return {k.name: nearest(k, target[k.kind]) for k in space.searchable}
+    """Every bits knob nearest `bits`, every keep knob nearest `keep`, other kinds at their
+    reference."""
+    target = {BITS.name: bits, KEEP.name: keep}
+    return {k.name: nearest(k, target.get(k.kind, kind_of(k).reference)) for k in space.searchable}
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,8 @@ def baselines(pricing: Pricing, *, within_budget: bool) -> list[Values]:
     if not (within_budget and pricing.budget.limits):
         found = [uniform_values(space, bits) for bits in UNIFORM_BASELINE_BITS]
     else:
-        bits_choices = sorted({c for k in space.searchable if k.kind == "bits" for c in k.choices},
-                              reverse=True) or [FLOAT_BITS]  # fmt: skip
-        keeps = sorted({c for k in space.searchable if k.kind == "keep" for c in k.choices} | {1.0},
-                       reverse=True)  # fmt: skip
+        bits_choices = sorted(_choices(space, BITS) or {BITS.reference}, reverse=True)
+        keeps = sorted(_choices(space, KEEP) | {KEEP.reference}, reverse=True)
         found = []
         for bits in bits_choices:
             fitting = (uniform_values(space, bits, keep) for keep in keeps)
@@ -108,6 +107,11 @@ def baselines(pricing: Pricing, *, within_budget: bool) -> list[Values]:
     for values in found:
         unique.setdefault(pricing.policy(values).hash, values)
     return list(unique.values())
+
+
+def _choices(space: SearchSpace, kind: KnobKind) -> set[Any]:
+    """Every choice of the searchable knobs of `kind`."""
+    return {c for k in space.searchable if k.kind == kind.name for c in k.choices}
 
 
 class LossModel:
@@ -122,7 +126,7 @@ class LossModel:
     @classmethod
     def prior(cls, space: SearchSpace) -> LossModel:
         return cls(
-            {k.name: {c: prior_loss(k.kind, c) for c in k.choices} for k in space.searchable}
+            {k.name: {c: kind_of(k).prior_loss(c) for c in k.choices} for k in space.searchable}
         )
 
     @classmethod
@@ -135,21 +139,15 @@ class LossModel:
             measured = {float(r.value): max(0.0, base_metric - float(r.metric))
                         for r in rows.itertuples()}  # fmt: skip
             if not measured:
-                losses[knob.name] = {c: prior_loss(knob.kind, c) for c in knob.choices}
+                losses[knob.name] = {c: kind_of(knob).prior_loss(c) for c in knob.choices}
                 continue
             raw = {c: _interpolate(measured, float(c)) for c in knob.choices}
             worst, table_ = 0.0, {}
             for c in sorted(knob.choices, reverse=True):  # from the largest choice down
                 worst = max(worst, raw[c])
-                table_[c] = worst + 1e-6 * prior_loss(knob.kind, c)  # the prior breaks ties
+                table_[c] = worst + 1e-6 * kind_of(knob).prior_loss(c)  # the prior breaks ties
             losses[knob.name] = table_
         return cls(losses)
-
-
-def prior_loss(kind: str, value: float) -> float:
-    if kind == "bits":
-        return 0.0 if value >= FLOAT_BITS else 4.0 ** (1 - value)
-    return KEEP_PRIOR * (1.0 - value)
 
 
 def _interpolate(points: Mapping[float, float], x: float) -> float:
@@ -353,7 +351,7 @@ def knapsack_seed(mover: Mover, kinds: Sequence[str], *, resolution: int = 20000
 def budget_seeds(mover: Mover) -> list[Values]:
     """Seeds at the budget's edge: the knapsack over bits alone (nothing pruned: on a
     pretrained model a bit usually costs less metric than a channel) and over every knob."""
-    found = [knapsack_seed(mover, ("bits",)), knapsack_seed(mover, ("bits", "keep"))]
+    found = [knapsack_seed(mover, (BITS.name,)), knapsack_seed(mover, (BITS.name, KEEP.name))]
     unique: dict[str, Values] = {}
     for values in found:
         if values is not None:

@@ -1,5 +1,6 @@
-"""The recorder process: `python -m orchestrator.recorder URL STUDY STUDY_DIR
-FLUSH_SECONDS DRIVER_ID own|shared REMOTE` (REMOTE: the study's URI, or '-').
+"""The recorder: the process (`python -m orchestrator.recorder URL STUDY STUDY_DIR
+FLUSH_SECONDS DRIVER_ID own|shared REMOTE`; REMOTE: the study's URI, or '-') and the
+driver's handle on it (`Recorder`). Why a process: orchestrator/store.py.
 
 Reads the driver's messages from stdin until end-of-file, writes each trial to the
 durable Optuna study and its row to Parquet (flushed every FLUSH_SECONDS and at the end),
@@ -11,13 +12,22 @@ torch and no Ray: it starts in about a second.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import queue
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from optuna.trial import FrozenTrial
+
+from orchestrator.errors import ResultsError
 from orchestrator.remote import Mirror
 from orchestrator.results import ResultSink
 from orchestrator.storage import open_storage
@@ -105,6 +115,100 @@ def _send(fd: int, trials: list) -> bool:
     except OSError:  # BrokenPipeError: the driver died
         return False
     return True
+
+
+class Recorder:
+    """Driver side: streams trials to the recorder process (see the module docstring)."""
+
+    def __init__(self, url: str, study_name: str, study_dir: Path, *, driver_id: str,
+                 shared: bool = False, remote: str | None = None,
+                 flush_seconds: float = 1.0) -> None:  # fmt: skip
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - open for the child's lifetime
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.recorder", url, study_name, str(study_dir),
+             str(flush_seconds), driver_id, "shared" if shared else "own", remote or "-"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE if shared else subprocess.DEVNULL,
+            stderr=self._stderr, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": _package_root()},
+        )  # fmt: skip
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pump = threading.Thread(target=self._pump_loop, name="prunesearch-recorder-pump",
+                                      daemon=True)  # fmt: skip
+        self._pump.start()
+        self._adopted: queue.SimpleQueue = queue.SimpleQueue()  # other drivers' trials
+        self._reader = None
+        if shared:
+            self._reader = threading.Thread(target=self._read_loop, daemon=True,
+                                            name="prunesearch-recorder-feed")  # fmt: skip
+            self._reader.start()
+        self.drain_seconds = 0.0
+
+    def created(self, trial: FrozenTrial) -> None:
+        self._send(("created", trial, None))
+
+    def finished(self, trial: FrozenTrial, row: dict[str, Any]) -> None:
+        self._send(("finished", trial, row))
+
+    def foreign(self, local: int, number: int) -> None:
+        """The driver's number `local` is the study's trial `number` (loaded or adopted)."""
+        self._send(("foreign", local, number))
+
+    def adopted(self) -> list[FrozenTrial]:
+        """Trials other drivers finished since the last call (shared studies)."""
+        trials = []
+        while not self._adopted.empty():
+            trials += self._adopted.get()
+        return trials
+
+    def _read_loop(self) -> None:
+        for messages, _ in read_messages(self._proc.stdout.fileno(), timeout=1.0):
+            for trials in messages:
+                self._adopted.put(trials)
+
+    def _send(self, message: tuple) -> None:
+        self._check()
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)  # a snapshot, now
+        self._queue.put(_HEADER.pack(len(data)) + data)
+
+    def _pump_loop(self) -> None:
+        stdin = self._proc.stdin
+        try:
+            while (chunk := self._queue.get()) is not None:
+                stdin.write(chunk)
+                stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the recorder died: _check reports it with its own error
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    def close(self) -> None:
+        """Send end-of-stream and wait until every trial is durable."""
+        start = time.perf_counter()
+        self._queue.put(None)
+        self._pump.join()
+        code = self._proc.wait()
+        if self._reader is not None:
+            self._reader.join()
+        self.drain_seconds = time.perf_counter() - start
+        if code != 0:
+            raise ResultsError(f"recording results failed: {self._error_text()}")
+
+    def _check(self) -> None:
+        if self._proc.poll() is not None:
+            raise ResultsError(f"recording results failed: {self._error_text()}")
+
+    def _error_text(self) -> str:
+        self._stderr.seek(0)
+        lines = self._stderr.read().decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else f"the recorder exited with code {self._proc.returncode}"
+
+
+def _package_root() -> str:
+    """The recorder imports this package from where the driver did (editable or not)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    extra = os.environ.get("PYTHONPATH")
+    return root + (os.pathsep + extra if extra else "")
 
 
 if __name__ == "__main__":

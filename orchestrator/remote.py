@@ -94,7 +94,7 @@ class Mirror:
 
     def refresh(self, name: str) -> None:
         """Download `name` again if the store has it (another driver may have changed it)."""
-        from orchestrator.results import atomic_write_bytes
+        from orchestrator.atomic import atomic_write_bytes
 
         data = _read(self.fs, f"{self.path}/{name}")
         if data is not None:
@@ -106,7 +106,7 @@ class Mirror:
         """Download every file (under `under`) not already here; returns their names."""
         import pyarrow.fs as pafs
 
-        from orchestrator.results import atomic_write_bytes
+        from orchestrator.atomic import atomic_write_bytes
 
         base = f"{self.path}/{under}".rstrip("/")
         infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True,

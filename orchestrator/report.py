@@ -18,20 +18,19 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from orchestrator.atomic import atomic_write_bytes
 from orchestrator.budget import Budget, format_bytes
 from orchestrator.errors import ConfigError
-from orchestrator.results import (
-    SCHEMA,
-    atomic_write_bytes,
-    compute_front,
-    read_run_json,
-    read_trials,
-)
+from orchestrator.results import SCHEMA, compute_front, read_trials
+from orchestrator.runrecord import BaseFigures, RunRecord, damaged, read_record
+from search_spaces import SearchSpace
+from search_spaces.kinds import BITS, KEEP, layer_bits, layer_keeps
 
 FILES = {
     "report.png": "the front: model size against metric, every completed trial, the uniform "
@@ -41,8 +40,7 @@ FILES = {
     "report-policy.png": "the chosen policy by layer: weight bits and the share kept",
     "report.md": "this summary: the chosen policy, the front, the baselines",
 }
-_RUN_KEYS = {"config": dict, "base": dict, "space": dict, "budget": dict}
-_FLOAT_BITS = 32
+_RUN_NEEDS = ("config", "space", "budget")
 _MAX_LABELLED = 30  # front points labelled with their trial number in the PNG
 
 
@@ -50,14 +48,18 @@ _MAX_LABELLED = 30  # front points labelled with their trial number in the PNG
 class Study:
     dir: Path
     name: str
-    run: dict[str, Any]
+    run: RunRecord
     trials: pd.DataFrame
     front: pd.DataFrame
     budget: Budget
 
     @property
-    def base(self) -> dict[str, Any]:
-        return self.run["base"]
+    def base(self) -> BaseFigures:
+        return self.run.base
+
+    @cached_property
+    def space(self) -> SearchSpace:
+        return SearchSpace.from_dict(self.run.space)  # _read_run made sure it reads
 
     @property
     def baselines(self) -> pd.DataFrame:
@@ -82,32 +84,17 @@ class LayerRow:
 # -- reading ------------------------------------------------------------------------------
 
 
-def _damaged(path: Path, why: str) -> ConfigError:
-    return ConfigError(f"'{path}' is damaged ({why}); rerun or resume the study to rewrite it")
-
-
-def _read_run(study_dir: Path) -> dict[str, Any]:
-    path = study_dir / "run.json"
-    run = read_run_json(study_dir)
-    if not str(run.get("format", "prunesearch-study/")).startswith("prunesearch-study/"):
-        raise ConfigError(f"'{study_dir}' is not a prunesearch study directory (run.json has "
-                          f"format {run['format']!r})")  # fmt: skip
-    for key, kind in _RUN_KEYS.items():
-        if not isinstance(run.get(key), kind):
-            raise _damaged(path, f"no '{key}' object")
-    profile = run["space"].get("profile")
-    layers = profile.get("layers") if isinstance(profile, dict) else None
-    if not isinstance(run["space"].get("knobs"), list) or not isinstance(layers, list):
-        raise _damaged(path, "its 'space' has no knobs or layers")
-    return run
-
-
-def _budget(run: dict[str, Any], path: Path) -> Budget:
-    fields = {k: v for k, v in run["budget"].items() if v is not None}
+def _read_run(study_dir: Path) -> RunRecord:
+    """The run record, with what the report draws: a space that reads as the search's
+    (knobs, layers) and the base model's size."""
+    run = read_record(study_dir, needs=_RUN_NEEDS)
     try:
-        return Budget(**fields)
-    except TypeError as exc:
-        raise _damaged(path, f"budget: {exc}") from None
+        SearchSpace.from_dict(run.space or {})
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise damaged(study_dir / "run.json", "its 'space' has no knobs or layers") from None
+    if run.base.size_bytes is None:
+        raise damaged(study_dir / "run.json", "its 'base' has no size_bytes")
+    return run
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
@@ -122,14 +109,14 @@ def _read_parquet(path: Path) -> pd.DataFrame:
             return trials
         return pq.read_table(path, schema=SCHEMA).to_pandas()
     except Exception as exc:
-        raise _damaged(path, f"{type(exc).__name__}: {exc}") from None
+        raise damaged(path, f"{type(exc).__name__}: {exc}") from None
 
 
 def load_study(study_dir: str | Path) -> Study:
     """A study directory read and checked, or ConfigError (one line) saying what is wrong."""
     study_dir = Path(study_dir)
     run = _read_run(study_dir)
-    budget = _budget(run, study_dir / "run.json")
+    budget = run.budget.budget() if run.budget is not None else Budget()
     trials = _read_parquet(study_dir / "trials")
     # pareto.parquet is only checked: the front is recomputed from the trials, which a
     # crash between the two writes could leave one flush ahead of it.
@@ -139,7 +126,7 @@ def load_study(study_dir: str | Path) -> Study:
         raise ConfigError(f"study '{study_dir}' has no completed trial to report yet; run or "
                           "resume it first")  # fmt: skip
     trials = trials.sort_values("trial").reset_index(drop=True)
-    return Study(dir=study_dir, name=str(run.get("study", study_dir.name)), run=run,
+    return Study(dir=study_dir, name=run.study or study_dir.name, run=run,
                  trials=trials, front=compute_front(trials), budget=budget)  # fmt: skip
 
 
@@ -160,46 +147,21 @@ def choose_trial(trials: pd.DataFrame, budget: Budget, *, study: str = "") -> pd
     return trials[trials["trial"] == row.trial].iloc[0]
 
 
-def _round_count(ratio: float, units: int) -> int:
-    # as search_spaces.space: floor(x + 0.5), at least one unit
-    return max(1, min(units, math.floor(ratio * units + 0.5)))
+def layer_rows(space: SearchSpace, policy: Mapping[str, Any]) -> list[LayerRow]:
+    """Bits and keep of every compressible layer under `policy`, read by the kinds' own
+    code (search_spaces.kinds), as the search reads them."""
+    missing = [k.name for k in space.knobs if k.name not in policy]
+    if missing:
+        raise ValueError(f"the policy has no value for knob '{missing[0]}'")
+    bits, keeps = layer_bits(space, policy), layer_keeps(space, policy)
+    return [LayerRow(name=layer.name, kind=layer.kind, bits=bits[layer.name],
+                     keep=keeps[layer.name][0], kept=keeps[layer.name][1])
+            for layer in space.profile.layers]  # fmt: skip
 
 
-def layer_rows(space: Mapping[str, Any], policy: Mapping[str, Any]) -> list[LayerRow]:
-    """Bits and keep of every compressible layer under `policy`, from run.json's space.
-
-    A bits knob sets the bits of the layers it names. A keep knob names layers
-    (unstructured: the share of weights kept) or coupling groups (structured: the share
-    of the group's channels kept, shown on the group's root layer, whose outputs they
-    are; a group rooted elsewhere, e.g. attention heads, shows on its member layers)."""
-    layers = [(layer["name"], layer.get("kind", "")) for layer in space["profile"]["layers"]]
-    names = {name for name, _ in layers}
-    bits = dict.fromkeys(names, _FLOAT_BITS)
-    keep = dict.fromkeys(names, 1.0)
-    kept = dict.fromkeys(names, "")
-    groups = {g["name"]: g for g in space.get("groups", [])}
-    for knob in space["knobs"]:
-        value = policy.get(knob["name"])
-        if value is None:
-            raise ValueError(f"the policy has no value for knob '{knob['name']}'")
-        for target in knob["layers"]:
-            if knob["kind"] == "bits":
-                bits[target] = int(value)
-            elif target in groups:
-                group = groups[target]
-                count = _round_count(float(value), group["channels"])
-                members = [m for m in ([target] if target in names else group.get("members", []))
-                           if m in names]  # fmt: skip
-                keep.update(dict.fromkeys(members, count / group["channels"]))
-                kept.update(dict.fromkeys(members, f"{count}/{group['channels']}"))
-            else:
-                keep[target] = float(value)
-    return [LayerRow(name=n, kind=k, bits=bits[n], keep=keep[n], kept=kept[n]) for n, k in layers]
-
-
-def _keep_meaning(space: Mapping[str, Any]) -> str:
+def _keep_meaning(space: SearchSpace) -> str:
     return {"structured": "output channels kept", "unstructured": "weights kept (mask)"}.get(
-        space.get("pruning", ""), "kept"
+        space.pruning, "kept"
     )
 
 
@@ -207,15 +169,15 @@ def _keep_meaning(space: Mapping[str, Any]) -> str:
 
 
 def _bits_label(bits: int) -> str:
-    return "float" if bits == _FLOAT_BITS else f"{bits}-bit"
+    return "float" if bits == BITS.reference else f"{bits}-bit"
 
 
 def baseline_label(policy: Mapping[str, Any]) -> str:
     """'uniform 4-bit', 'float', ...: a uniform baseline named by its bits (and keep).
     Its fewest bits are the uniform target: layers a preset protects take the nearest
     choice they allow (orchestrator.proposals.baselines), e.g. 4 bits in a 2-bit one."""
-    bits = {int(v) for k, v in policy.items() if k.startswith("bits:")}
-    keeps = {float(v) for k, v in policy.items() if k.startswith("keep:")}
+    bits = {int(v) for k, v in policy.items() if k.startswith(f"{BITS.name}:")}
+    keeps = {float(v) for k, v in policy.items() if k.startswith(f"{KEEP.name}:")}
     name = f"uniform {_bits_label(min(bits))}" if bits else "uniform"
     if keeps and keeps != {1.0}:
         name += f", keep {min(keeps):g}" if len(keeps) == 1 else ", pruned"
@@ -289,8 +251,8 @@ def render_front_png(study: Study, chosen: pd.Series | None) -> bytes:
                     xytext=(5, 4), textcoords="offset points", fontsize=8,
                     color="tab:orange")  # fmt: skip
     base = study.base
-    if base.get("metric") is not None:
-        ax.scatter([base["size_bytes"]], [base["metric"]], marker="*", s=160, color="black",
+    if base.metric is not None:
+        ax.scatter([base.size_bytes], [base.metric], marker="*", s=160, color="black",
                    label="base model", zorder=5)  # fmt: skip
     if chosen is not None:
         ax.scatter([chosen["size_bytes"]], [chosen["metric"]], s=260, facecolors="none",
@@ -339,7 +301,7 @@ def render_policy_png(study: Study, chosen: pd.Series | None, rows: list[LayerRo
                      fontsize=10)  # fmt: skip
     x = range(len(rows))
     bits = [min(r.bits, 16) for r in rows]  # float drawn as a full bar, labelled 'float'
-    colors = ["0.6" if r.bits == _FLOAT_BITS else "tab:blue" for r in rows]
+    colors = ["0.6" if r.bits == BITS.reference else "tab:blue" for r in rows]
     top.bar(x, bits, color=colors)
     for i, r in enumerate(rows):
         top.annotate(_bits_label(r.bits).removesuffix("-bit"), (i, bits[i]), ha="center",
@@ -349,7 +311,7 @@ def render_policy_png(study: Study, chosen: pd.Series | None, rows: list[LayerRo
     bottom.bar(x, [r.keep for r in rows], color="tab:green")
     for i, r in enumerate(rows):
         bottom.annotate(r.keep_text, (i, r.keep), ha="center", va="bottom", fontsize=8)
-    bottom.set_ylabel(_keep_meaning(study.run["space"]))
+    bottom.set_ylabel(_keep_meaning(study.space))
     bottom.set_ylim(0, 1.12)
     bottom.set_xticks(list(x), [f"{r.name}\n{r.kind}" for r in rows], fontsize=8,
                       rotation=90 if len(rows) > 12 else 0)  # fmt: skip
@@ -410,12 +372,12 @@ def _front_figure(study: Study, chosen: pd.Series | None) -> Any:
                                  name=name, customdata=_hover_data(rows), hovertemplate=_HOVER,
                                  **style, **extra))  # fmt: skip
     base = study.base
-    if base.get("metric") is not None:
-        fig.add_trace(go.Scatter(x=[base["size_bytes"]], y=[base["metric"]], name="base model",
+    if base.metric is not None:
+        fig.add_trace(go.Scatter(x=[base.size_bytes], y=[base.metric], name="base model",
                                  mode="markers", marker={"symbol": "star", "size": 14,
                                                          "color": "black"},
                                  hovertemplate="base model (float)<br>metric %{y:.4f}<br>size "
-                                 f"{format_bytes(base['size_bytes'])}<extra></extra>"))  # fmt: skip
+                                 f"{format_bytes(base.size_bytes)}<extra></extra>"))  # fmt: skip
     if chosen is not None:
         fig.add_trace(go.Scatter(x=[chosen["size_bytes"]], y=[chosen["metric"]],
                                  name=f"chosen: trial {int(chosen['trial'])}", mode="markers",
@@ -458,11 +420,11 @@ def _policy_figure(study: Study, rows: list[LayerRow]) -> Any:
     fig.add_trace(go.Bar(x=names, y=[min(r.bits, 16) for r in rows], name="weight bits",
                          text=[_bits_label(r.bits) for r in rows],
                          hovertemplate="%{x}: %{text}<extra></extra>"), row=1, col=1)  # fmt: skip
-    fig.add_trace(go.Bar(x=names, y=[r.keep for r in rows], name=_keep_meaning(study.run["space"]),
+    fig.add_trace(go.Bar(x=names, y=[r.keep for r in rows], name=_keep_meaning(study.space),
                          text=[r.keep_text for r in rows],
                          hovertemplate="%{x}: %{y:.3f}<extra></extra>"), row=2, col=1)  # fmt: skip
     fig.update_yaxes(title_text="weight bits", range=[0, 18], row=1, col=1)
-    fig.update_yaxes(title_text=_keep_meaning(study.run["space"]), range=[0, 1.1], row=2, col=1)
+    fig.update_yaxes(title_text=_keep_meaning(study.space), range=[0, 1.1], row=2, col=1)
     fig.update_layout(template="plotly_white", height=480, showlegend=False,
                       title="chosen policy by layer")  # fmt: skip
     return fig
@@ -530,7 +492,7 @@ _BASELINE_HEADERS = ["policy", "trial", "state", "size", "metric", "on front"]
 
 
 def _front_cells(study: Study) -> list[list[Any]]:
-    base_size, base_metric = study.base.get("size_bytes"), study.base.get("metric")
+    base_size, base_metric = study.base.size_bytes, study.base.metric
     cells = []
     for r in study.front.sort_values("size_bytes").itertuples():
         cells.append([int(r.trial), format_bytes(r.size_bytes),
@@ -559,12 +521,12 @@ def _md_table(headers: list[str], cells: list[list[Any]]) -> str:
 
 
 def _summary_line(study: Study) -> str:
-    config, base = study.run["config"], study.base
+    run, base = study.run, study.base
     counts = study.trials["state"].value_counts()
     states = ", ".join(f"{n} {s}" for s, n in counts.items())
-    metric = f", metric {base['metric']:.4f}" if base.get("metric") is not None else ""
-    return (f"task {config.get('task')}, objective {study.run.get('objective', 'front')}, "
-            f"sampler {study.run.get('sampler', '?')}; base model {format_bytes(base['size_bytes'])}"
+    metric = f", metric {base.metric:.4f}" if base.metric is not None else ""
+    return (f"task {run.task}, objective {run.objective}, "
+            f"sampler {run.sampler or '?'}; base model {format_bytes(base.size_bytes)}"
             f"{metric}; {len(study.trials)} trials ({states}); budget: "
             f"{describe_budget(study.budget)}")  # fmt: skip
 
@@ -572,7 +534,7 @@ def _summary_line(study: Study) -> str:
 def _chosen_line(study: Study, chosen: pd.Series | None) -> str:
     if chosen is None:
         return f"No completed trial within the budget ({describe_budget(study.budget)})."
-    ratio = study.base["size_bytes"] / chosen["size_bytes"]
+    ratio = study.base.size_bytes / chosen["size_bytes"]
     return (f"{_chosen_where(study)}: trial {int(chosen['trial'])}, metric "
             f"{chosen['metric']:.4f} at {format_bytes(chosen['size_bytes'])} "
             f"({ratio:.1f}x smaller than the base model).")  # fmt: skip
@@ -587,7 +549,7 @@ def render_markdown(study: Study, chosen: pd.Series | None, rows: list[LayerRow]
              "## Chosen policy", "", _chosen_line(study, chosen)]  # fmt: skip
     if chosen is not None:
         layer_cells = [[r.name, r.kind, _bits_label(r.bits), r.keep_text] for r in rows]
-        parts += ["", _md_table(["layer", "type", "bits", _keep_meaning(study.run["space"])],
+        parts += ["", _md_table(["layer", "type", BITS.name, _keep_meaning(study.space)],
                                 layer_cells),
                   "", f"Policy (`prunesearch eval --policy FILE` takes this JSON): "
                   f"`{chosen['policy']}`"]  # fmt: skip
@@ -626,10 +588,10 @@ def write_report(study_dir: str | Path, *, out: str | Path | None = None) -> lis
     rows: list[LayerRow] = []
     if chosen is not None:
         try:
-            rows = layer_rows(study.run["space"], json.loads(chosen["policy"]))
+            rows = layer_rows(study.space, json.loads(chosen["policy"]))
         except (ValueError, KeyError, TypeError) as exc:
-            raise _damaged(study.dir / "run.json", f"space against trial "
-                           f"{int(chosen['trial'])}: {exc}") from None  # fmt: skip
+            raise damaged(study.dir / "run.json", f"space against trial "
+                          f"{int(chosen['trial'])}: {exc}") from None  # fmt: skip
     rendered = {
         "report.png": render_front_png(study, chosen),
         "report.html": render_html(study, chosen, rows).encode(),

@@ -8,11 +8,8 @@ which pyarrow, pandas, DuckDB and Polars skip.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.errors import ConfigError
+from orchestrator.atomic import atomic_write_bytes
 
 STATES = ("COMPLETE", "FAIL", "PRUNED", "INFEASIBLE")
 
@@ -52,23 +49,18 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
+# the columns a worker's result fills as they are (the driver knows the others)
+RESULT_COLUMNS = ("fidelity", "eval_seconds", "rebuild_seconds", "recovery_seconds", "worker",
+                  "node", "attempt", "error", "cached_from")  # fmt: skip
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+def make_row(values: Mapping[str, Any]) -> dict[str, Any]:
+    """One trial's row: every column of SCHEMA in its order, None where `values` has none.
+    A name outside the schema is a bug, raised here: the schema is the one row definition."""
+    unknown = set(values) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"not columns of the trial schema: {sorted(unknown)}")
+    return {column: values.get(column) for column in COLUMNS}
 
 
 def _atomic_write_table(path: Path, table: pa.Table) -> None:
@@ -177,24 +169,6 @@ class ResultSink:
         if self.pending:
             rows = pd.concat([rows, to_table(self.pending).to_pandas()], ignore_index=True)
         return rows.sort_values("trial").reset_index(drop=True)
-
-
-def read_run_json(study_dir: Path) -> dict[str, Any]:
-    """A study directory's run.json as an object, or ConfigError saying what is wrong (the
-    reading every command over a finished study shares)."""
-    path = Path(study_dir) / "run.json"
-    if not path.is_file():
-        raise ConfigError(f"'{study_dir}' is not a prunesearch study directory (no run.json); "
-                          "give <out>/<study>")  # fmt: skip
-    try:
-        run = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        why = f"{type(exc).__name__}: {exc}"
-    else:
-        if isinstance(run, dict):
-            return run
-        why = "not a JSON object"
-    raise ConfigError(f"'{path}' is damaged ({why}); rerun or resume the study to rewrite it")
 
 
 def load_results(study_dir: str | Path) -> pd.DataFrame:

@@ -2,17 +2,17 @@
 
 The driver never builds a model. Per candidate it asks the sampler, canonicalizes the
 policy, prices it with the cost model, and then either records it at once (over budget:
-INFEASIBLE; already evaluated: the earlier result) or sends it to a free worker.
+INFEASIBLE; already evaluated: the earlier result) or sends it to a free worker. The
+parts: orchestrator.proposer (what next), orchestrator.dispatcher (the workers),
+orchestrator.ledger (tell and record); `Driver` here runs the loop over them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import platform
-import random
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -24,35 +24,29 @@ from typing import Any
 
 import optuna
 import pandas as pd
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
-from optuna.trial import FrozenTrial, Trial, TrialState
 
 from orchestrator.budget import Budget
 from orchestrator.config import SearchConfig
-from orchestrator.cost import Cost, policy_cost
+from orchestrator.dispatcher import Dispatcher
 from orchestrator.errors import ResultsError, WorkerStartError
 from orchestrator.fidelity import FidelitySettings
-from orchestrator.policy import Policy
+from orchestrator.ledger import Ledger, loaded_rows
 from orchestrator.prepare import Prepared, prepare
 from orchestrator.progress import Progress
-from orchestrator.proposals import LocalShare, LossModel, Mover, Pricing, baselines, budget_seeds
-from orchestrator.results import ResultSink, atomic_write_json, compute_front, read_trials
+from orchestrator.proposals import LossModel, Mover, Pricing, budget_seeds
+from orchestrator.proposer import Guidance, Proposer
+from orchestrator.proposer import distribution as distribution  # benchmarks import it here
+from orchestrator.recorder import Recorder
+from orchestrator.results import compute_front, read_trials
+from orchestrator.runrecord import FILE as RUN_FILE
+from orchestrator.runrecord import BaseFigures, BudgetRecord, RunEntry, RunRecord, update_record
 from orchestrator.storage import study_storage
-from orchestrator.store import (
-    INTERRUPTED,
-    OWNER_ATTR,
-    ROW_ATTR,
-    Recorder,
-    new_driver_id,
-    open_study,
-)
+from orchestrator.store import new_driver_id, open_study
 from orchestrator.timing import DriverStats, TimedSampler
-from search_spaces import Knob, SearchSpace
+from search_spaces import SearchSpace
 
-INFEASIBLE_METRIC = 0.0  # told for over-budget trials; constraints rank them, not this value
-
-# sampler name -> factory(seed, trials). Costs per ask measured here (DESIGN §5):
-# multi-objective TPE ~160 ms at 40 knobs x 300 trials, NSGA-II ~5 ms.
+# sampler name (config.SAMPLERS, but `auto`) -> factory(seed, trials); what an ask costs
+# each: auto_sampler and tpe_ask_seconds below (benchmarks/sampler.py)
 SAMPLERS: dict[str, Callable[[int | None, int], optuna.samplers.BaseSampler]] = {
     "tpe": lambda seed, trials: optuna.samplers.TPESampler(seed=seed, multivariate=True),
     "nsga2": lambda seed, trials: optuna.samplers.NSGAIISampler(
@@ -62,19 +56,6 @@ SAMPLERS: dict[str, Callable[[int | None, int], optuna.samplers.BaseSampler]] = 
 }
 TPE_MAX_KNOB_TRIALS_PER_WORKER = 8000  # knobs x trials x workers (benchmarks/sampler.py)
 TPE_MAX_SHARE = 0.05  # of a worker's evaluation time that TPE's asks may cost (auto)
-
-
-def objective_values(dirs: list[str], size: int, metric: float) -> list[float]:
-    if len(dirs) == 2:
-        return [size, metric]
-    return [size] if dirs == ["minimize"] else [metric]
-
-
-def best_key(budget: Budget) -> Callable[[dict], tuple]:
-    """Best within budget: the smallest model keeping the floor, else the best metric."""
-    if budget.metric_floor is not None:
-        return lambda row: (-row["size_bytes"], row["metric"])
-    return lambda row: (row["metric"], -row["size_bytes"])
 
 
 def auto_sampler(knobs: int, trials: int, workers: int = 2,
@@ -103,14 +84,6 @@ def tpe_ask_seconds(knobs: int, trials: int) -> float:
     return 0.0025 + 2.5e-6 * knobs * trials
 
 
-def distribution(knob: Knob) -> BaseDistribution:
-    choices = knob.choices
-    steps = {round(b - a, 9) for a, b in zip(choices, choices[1:], strict=False)}
-    if knob.kind == "keep" and len(steps) == 1:  # an even grid: let the sampler see the order
-        return FloatDistribution(choices[0], choices[-1], step=steps.pop())
-    return CategoricalDistribution(choices)
-
-
 @dataclass(frozen=True, kw_only=True)
 class SearchResult:
     study: str
@@ -125,24 +98,12 @@ class SearchResult:
     error: str | None = None  # why the run stopped early, if it did
     driver: dict[str, float] = field(default_factory=dict)  # DriverStats.as_dict()
 
-    smallest_first: bool = False  # a metric floor: best is the smallest model keeping it
+    budget: Budget = Budget()  # the study's: what "best" means (Budget.rank)
 
     def best_within_budget(self) -> pd.Series | None:
-        if self.front.empty:
-            return None
-        if self.smallest_first:
-            return self.front.sort_values(["size_bytes", "metric"], ascending=[True, False]).iloc[0]
-        return self.front.sort_values(["metric", "size_bytes"], ascending=[False, True]).iloc[0]
-
-
-@dataclass
-class _Candidate:
-    trial: Trial
-    policy: Policy
-    cost: Cost
-    feasible: bool
-    origin: str  # sampler | baseline (uniform) | seed (knapsack) | repair | local | requeued
-    duplicates: list[Trial] = field(default_factory=list)
+        """The best trial of the front (its trials are within the budget)."""
+        row = self.budget.best(self.front.itertuples())
+        return None if row is None else self.front.loc[row.Index]
 
 
 def versions() -> dict[str, str]:
@@ -174,435 +135,162 @@ def fidelity_settings(prepared: Prepared, *, custom_evaluator: bool) -> Fidelity
                             metric_range=config.metric_range)  # fmt: skip
 
 
-@dataclass(frozen=True, kw_only=True)
-class Guidance:
-    """What the sensitivity phase tells the driver: seeds to evaluate after the baselines,
-    and the estimated metric loss of every knob value (repairs and local moves)."""
-
-    seeds: tuple[dict[str, Any], ...] = ()
-    loss: LossModel | None = None  # None: the quantization-noise prior
-
-
 class Driver:
-    def __init__(self, prepared: Prepared, pool: Any, *, sampler: str, quiet: bool,
-                 fidelity: FidelitySettings | None = None,
-                 guidance: Guidance = Guidance()) -> None:  # fmt: skip
-        self.p, self.pool = prepared, pool
-        self.space: SearchSpace = prepared.space
-        self.target = prepared.config.trials
-        self.sampler_name = sampler
-        self.quiet = quiet
-        self.distributions = {k.name: distribution(k) for k in self.space.searchable}
-        self.fixed = self.space.fixed_values
-        self.cache: dict[str, tuple[int, dict[str, Any]]] = {}  # policy hash -> (trial, result)
-        self.inflight: dict[str, _Candidate] = {}  # policy hash -> candidate at a worker
-        self.by_trial: dict[int, _Candidate] = {}
-        self.failures_in_a_row = 0
-        self.evaluated_ok = 0
+    """The dispatch loop over the three parts (issue 13): the proposer says what to
+    evaluate next, the dispatcher keeps every worker busy, the ledger tells and records.
+    Built by `open_driver`."""
+
+    def __init__(self, proposer: Proposer, dispatcher: Dispatcher, ledger: Ledger, *,
+                 target: int, quiet: bool, stats: DriverStats, driver_id: str) -> None:  # fmt: skip
+        self.proposer, self.dispatcher, self.ledger = proposer, dispatcher, ledger
+        self.target, self.quiet, self.stats, self.driver_id = target, quiet, stats, driver_id
         self.interrupted = False
-        self.error: str | None = None
-        self.last_error: str | None = None
-        self.best_row: dict[str, Any] | None = None  # the best feasible complete trial
-        self.stats = DriverStats()
-        self.seeds = list(guidance.seeds)
-        self.pricing = Pricing(self.space, prepared.budget)
-        self.mover = Mover(self.pricing, guidance.loss or LossModel.prior(self.space))
-        # objective budget: every other ask once the first candidates are done is a local
-        # move from the incumbent, fewer once they stop paying (issue 12); seeded, so a
-        # run repeats with its seed
-        self.local_search = (prepared.config.local_search and prepared.config.objective == "budget"
-                             and bool(prepared.budget.limits))  # fmt: skip
-        self.local_share = LocalShare()
-        self.rng = random.Random(prepared.config.seed)
-        self.params_of: dict[str, dict[str, Any]] = {}  # policy hash -> params as asked
-        self.asks = self.infeasible = 0
-        self.fidelity = fidelity
-        self.front_points: list[tuple[int, float]] = []  # feasible complete (size, metric)
-        self.fidelity_seen: list[float] = []  # fidelity of every evaluation by a worker
-        self.directions = prepared.config.directions
-        self.best_key = best_key(prepared.budget)
-        self.worker_seconds = {True: 0.0, False: 0.0}  # by feasibility of the candidate
-        self.driver_id = new_driver_id()
-        self.known: set[int] = set()  # storage numbers of the study's trials in self.study
-        self.adopted = 0  # trials other drivers of a shared study finished during this run
+        self.shown = ledger.finished  # the finished trials the progress bar counts
 
-    # -- set-up -----------------------------------------------------------------------
-    def open(self) -> None:
-        p = self.p
-        p.study_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(p.study_dir, 0o700)  # the study is the user's alone
-        url = study_storage(p.config.storage, p.study_dir)
-        opened = open_study(url, p.study, self.directions, resume=p.resume, join=p.join)
-        sampler = TimedSampler(SAMPLERS[self.sampler_name](p.config.seed, self.target), self.stats)
-        self.study = optuna.create_study(directions=self.directions, sampler=sampler,
-                                         study_name=p.study)  # fmt: skip
-        self.study.add_trials(opened.finished)  # numbered 0, 1, ... here
-        self.known = {trial.number for trial in opened.finished}
-        self._reconcile(opened)
-        self.recorder = Recorder(url, p.study, p.study_dir, driver_id=self.driver_id,
-                                 shared=p.join, remote=p.mirror.uri if p.mirror else None)  # fmt: skip
-        for local, trial in enumerate(opened.finished):
-            self.recorder.foreign(local, trial.number)
-        self.finished = len(opened.finished)
-        self.issued = self.finished
-        self.requeue = [(params, "requeued") for params in opened.requeue]
-        if opened.created:  # a joining driver finds them queued by the study's first one
-            first = (baselines(self.pricing, within_budget=p.config.objective == "budget")
-                     if p.config.baselines else [])  # fmt: skip
-            first = [(params, "baseline") for params in first]
-            first += [
-                (params, "seed") for params in self.seeds if params not in [f for f, _ in first]
-            ]
-            self.requeue += first[: max(0, self.target - self.finished)]
+    @property
+    def error(self) -> str | None:
+        """Why the run stopped early, if it did."""
+        return self.dispatcher.error
 
-    def _reconcile(self, opened: Any) -> None:
-        """Rows for finished trials the Parquet files lack (a crash between the two writes;
-        a live driver's recorder writes its own), and the evaluation cache from every
-        completed trial."""
-        sink = ResultSink(self.p.study_dir)
-        for local, trial in enumerate(opened.finished):
-            row = trial.user_attrs.get(ROW_ATTR) or self._row_of_interrupted(trial)
-            if trial.system_attrs.get(OWNER_ATTR) not in opened.live:
-                sink.add(row)
-            if row["state"] == "COMPLETE" and row["cached_from"] is None:
-                self.params_of[row["policy_hash"]] = dict(trial.params)
-                self._remember(row, local=local)
-        sink.flush()
-
-    def _row_of_interrupted(self, trial: FrozenTrial) -> dict[str, Any]:
-        policy = Policy.from_values(self.space, {**self.fixed, **trial.params})
-        return self._row(trial.number, "FAIL", policy, policy_cost(self.space, policy),
-                         feasible=True, result={"error": trial.user_attrs.get("error", INTERRUPTED)})  # fmt: skip
-
-    # -- the loop ---------------------------------------------------------------------
     def run(self) -> None:
         """Feed every free worker, then wait for the next result; while every worker is
         busy, ask candidates ahead just in time for the evaluations expected to finish
         (issue 6: a freed worker is fed at once, without waiting for a sampler ask)."""
         start = time.perf_counter()
-        self.ready: list[_Candidate] = []  # asked, priced, new: waiting for a worker
-        self.sent: dict[int, float] = {}  # trial -> when its evaluation was sent
-        self.eval_estimate: float | None = None  # seconds per evaluation (moving average)
-        self.ask_estimate = 0.0  # seconds per ask (moving average)
-        with Progress(total=self.target, initial=self.finished, quiet=self.quiet) as bar:
-            self.bar = bar
+        with Progress(total=self.target, initial=self.ledger.finished, quiet=self.quiet) as bar:
             try:
-                while not self._give_up():
-                    self._adopt()
-                    self._feed()
-                    if not self.pool.busy:
-                        break
-                    bar.update_status(self.pool.busy, self.pool.size, self._best())
-                    ahead = self._ask_ahead_in()
-                    done = self._collect(timeout=min(0.2, ahead))
-                    for job, result in done:
-                        self._complete(self.by_trial.pop(job.trial), job, result)
-                    if not done and ahead <= 0:
-                        self._ask()
-                bar.update_status(self.pool.busy, self.pool.size, self._best())
+                while self._turn(bar):
+                    pass
+                bar.update_status(self.dispatcher.busy, self.dispatcher.size, self.ledger.best())
             except KeyboardInterrupt:
                 self.interrupted = True
+            self._advance(bar)
         self.stats.loop_seconds = time.perf_counter() - start
-        self.recorder.close()
-        self.stats.drain_seconds = self.recorder.drain_seconds
+        self.ledger.close()
 
-    def _adopt(self) -> None:
-        """Trials other drivers of a shared study finished: the sampler learns from them,
-        the cache answers their policies, and they count toward the study's trials."""
-        for trial in self.recorder.adopted():
-            if trial.number in self.known:
-                continue
-            self.known.add(trial.number)
-            local = self.study._storage.get_n_trials(self.study._study_id)
-            self.study.add_trial(trial)
-            self.recorder.foreign(local, trial.number)
-            row = trial.user_attrs.get(ROW_ATTR)
-            if row and row["state"] == "COMPLETE" and row["cached_from"] is None:
-                self.params_of[row["policy_hash"]] = dict(trial.params)
-                self._remember(row, local=local)
-            self.finished += 1
-            self.issued += 1
-            self.adopted += 1
-            self.bar.advance()
-
-    def _give_up(self) -> bool:
-        """A task that fails every evaluation stops the run instead of burning the budget."""
-        if self.evaluated_ok or self.failures_in_a_row < max(5, 2 * self.pool.size):
+    def _turn(self, bar: Progress) -> bool:
+        """Adopt, feed, then wait for results or ask one ahead; False once nothing is left
+        to wait for, or the run gave up."""
+        if self.dispatcher.gave_up():
             return False
-        self.error = (f"stopped early: the first {self.failures_in_a_row} evaluations all failed; "
-                      f"last error: {self.last_error}")  # fmt: skip
+        self.ledger.adopt()
+        self._feed()
+        self._advance(bar)
+        if not self.dispatcher.busy:
+            return False
+        bar.update_status(self.dispatcher.busy, self.dispatcher.size, self.ledger.best())
+        ahead = self.proposer.ahead_in(ready=len(self.dispatcher.ready),
+                                       ends=self.dispatcher.expected_ends())  # fmt: skip
+        done = self.dispatcher.collect(timeout=min(0.2, ahead))
+        for job, result in done:
+            self.ledger.record(*self.dispatcher.finish(job, result))
+        if not done and ahead <= 0:
+            self._ask()
+        self._advance(bar)
         return True
 
-    def _collect(self, *, timeout: float) -> list[tuple[Any, dict[str, Any]]]:
-        """Finished evaluations, waiting up to `timeout` for the first. Each freed worker
-        takes a ready candidate at once, and results that arrive meanwhile are collected
-        (their workers fed too) before any is told: a burst of results is dispatched
-        first, told after."""
-        waited = time.perf_counter()
-        done = self.pool.wait(timeout=timeout)
-        self.stats.wait_seconds += time.perf_counter() - waited
-        more = done
-        while more:
-            self._feed(ask=False)
-            more = self.pool.wait(timeout=0)
-            done += more
-        return done
-
-    def _feed(self, *, ask: bool = True) -> None:
-        """Every free worker gets a ready candidate, or (ask) one asked now."""
-        while self.pool.free:
-            if self.ready:
-                self._submit(self.ready.pop(0))
-            elif ask and self.issued < self.target:
-                self._ask()
-            else:
-                return
-
-    def _ask_ahead_in(self) -> float:
-        """Seconds until the next candidate should be asked ahead (0: now). One is always
-        ready, so a freed worker never waits for the sampler (and the ask time is known
-        before it matters). Beyond that, just in time: each running evaluation is expected
-        to end one average evaluation after it was sent; the j-th to end needs the j-th
-        ready candidate, so asking starts as long before it as the missing candidates
-        take, plus one, at twice the average ask (asks vary with load and grow with the
-        history). Evaluations of equal length end in bursts (a large cluster started at
-        once): the burst's candidates are asked before it, while the driver is idle, not
-        one after another as workers free up. Before the first result every evaluation
-        may end now; the sampler knows nothing yet either, so asking early costs nothing."""
-        if self.issued >= self.target or not self.sent:
-            return math.inf
-        if not self.ready:
-            return 0.0
-        now, have = time.monotonic(), len(self.ready)
-        ends = sorted(sent + (self.eval_estimate or 0.0) for sent in self.sent.values())
-        return max(0.0, min((end - now - 2 * (j - have + 1) * self.ask_estimate
-                             for j, end in enumerate(ends, 1) if j > have), default=math.inf))  # fmt: skip
+    def _feed(self) -> None:
+        """Every free worker gets a ready candidate, or one asked now."""
+        while self.dispatcher.feed() and self.proposer.issued < self.target:
+            self._ask()
 
     def _ask(self) -> None:
         """Ask one candidate: recorded at once if over budget or already evaluated, else
-        ready for the next free worker."""
-        asked = time.perf_counter()
-        origin = "sampler"
-        if not self.requeue:
-            self._local_move()
-        if self.requeue:
-            params, origin = self.requeue.pop(0)
-            self.study.enqueue_trial(params, skip_if_exists=False)
-        trial = self.study.ask(self.distributions)
-        policy = Policy.from_values(self.space, {**self.fixed, **trial.params})
-        self.params_of.setdefault(policy.hash, dict(trial.params))
-        cost = policy_cost(self.space, policy)
-        violations = self.p.budget.violations(cost)
-        for key, excess in violations.items():
-            trial.set_constraint(key, excess)
-        feasible = all(v <= 0 for v in violations.values())
-        candidate = _Candidate(trial, policy, cost, feasible, origin)
-        self.asks += 1
-        self.infeasible += not feasible
-        self.issued += 1
-        # pickled at once by the recorder: a snapshot of the trial as asked
-        self.recorder.created(self.study._storage.get_trial(trial._trial_id))
-        if not candidate.feasible:
-            self._tell(candidate, trial, "INFEASIBLE", {})
-            repaired = self.mover.repair(trial.params) if self.p.config.repair else None
-            if repaired is not None:  # next: the nearest candidate within the budget
-                self.requeue.insert(0, (repaired, "repair"))
-        elif policy.hash in self.cache:
-            number, row = self.cache[policy.hash]
-            self._tell(candidate, trial, "COMPLETE", {**row, "cached_from": number,
-                                                      "eval_seconds": 0.0, "rebuild_seconds": 0.0,
-                                                      "recovery_seconds": 0.0})  # fmt: skip
-        elif policy.hash in self.inflight:  # running or ready: its result serves both
-            self.inflight[policy.hash].duplicates.append(trial)
-        else:
-            self.inflight[policy.hash] = candidate
-            self.ready.append(candidate)
-        self.ask_estimate += 0.3 * (time.perf_counter() - asked - self.ask_estimate)
+        ready for the next free worker (or riding along with its policy in flight)."""
+        with self.proposer.timed():
+            candidate = self.proposer.ask()
+            self.ledger.created(candidate)
+            if not candidate.feasible:
+                self.ledger.tell(candidate, candidate.trial, "INFEASIBLE", {})
+                self.proposer.repair(candidate)  # next: the nearest candidate within the budget
+            elif not self.ledger.reuse(candidate):
+                self.dispatcher.take(candidate)
 
-    def _submit(self, candidate: _Candidate) -> None:
-        from orchestrator.workers import Job
-
-        number = candidate.trial.number
-        self.by_trial[number] = candidate
-        context = None
-        # a baseline is scored in full: the answer must never be worse than it (issue 12)
-        if self.fidelity is not None and candidate.origin != "baseline":
-            # the front as it stands now, not when it was asked
-            context = {"size": candidate.cost.size_bytes, "front": self._to_beat(),
-                       "fidelity": self.fidelity}  # fmt: skip
-        self.sent[number] = time.monotonic()
-        self.pool.submit(Job(trial=number, policy=dict(candidate.policy), context=context))
-
-    def _complete(self, candidate: _Candidate, job: Any, result: dict[str, Any]) -> None:
-        del self.inflight[candidate.policy.hash]
-        self.sent.pop(job.trial, None)
-        if "error" not in result and "seconds" in result:  # for asking ahead in time
-            seconds, old = result["seconds"], self.eval_estimate
-            self.eval_estimate = seconds if old is None else old + 0.2 * (seconds - old)
-        self.worker_seconds[candidate.feasible] += result.get("seconds", 0.0)
-        result = {**result, "attempt": job.attempt}
-        state = "FAIL" if "error" in result else "PRUNED" if result.get("pruned") else "COMPLETE"
-        if state != "FAIL":
-            self.fidelity_seen.append(result.get("fidelity") or 1.0)
-        self.failures_in_a_row = self.failures_in_a_row + 1 if state == "FAIL" else 0
-        self.evaluated_ok += state == "COMPLETE"
-        self.last_error = result.get("error")
-        row = self._tell(candidate, candidate.trial, state, result)
-        if state == "COMPLETE":
-            self._remember(row)
-        for trial in candidate.duplicates:
-            cached = {**result, "cached_from": row["trial"], "eval_seconds": 0.0,
-                      "rebuild_seconds": 0.0, "recovery_seconds": 0.0}  # fmt: skip
-            self._tell(candidate, trial, state, cached)
-
-    def _tell(self, candidate: _Candidate, trial: Trial, state: str, result: dict) -> dict:
-        budget = self.p.budget
-        metric = result.get("metric") if state in ("COMPLETE", "PRUNED") else None
-        feasible = candidate.feasible and (state != "COMPLETE" or budget.keeps(metric))
-        row = self._row(trial.number, state, candidate.policy, candidate.cost,
-                        feasible=feasible, result=result, origin=candidate.origin)  # fmt: skip
-        if state in ("FAIL", "PRUNED"):
-            if state == "PRUNED" and len(self.directions) == 1:
-                # the prefix it was stopped on, as an intermediate report (Optuna's pruning
-                # record; multi-objective studies have none)
-                trial.report(metric, step=round(100 * row["fidelity"]))
-            frozen = self.study.tell(trial, state=TrialState[state])
-        else:
-            if budget.metric_floor is not None:  # known only now: set before tell
-                trial.set_constraint("metric", budget.metric_violation(metric))
-            values = objective_values(self.directions, candidate.cost.size_bytes,
-                                      INFEASIBLE_METRIC if metric is None else metric)  # fmt: skip
-            frozen = self.study.tell(trial, values)
-        self.recorder.finished(frozen, row)
-        self.finished += 1
-        self.stats.trials += 1
-        self.bar.advance()
-        return row
-
-    def _row(self, number: int, state: str, policy: Policy, cost: Cost, *, feasible: bool,
-             result: dict[str, Any], origin: str | None = None) -> dict[str, Any]:  # fmt: skip
-        # a PRUNED row keeps the metric of the prefix it was stopped on (see `fidelity`)
-        metric = result.get("metric") if state in ("COMPLETE", "PRUNED") else None
-        return {
-            "study": self.p.study, "trial": number, "state": state, "metric": metric,
-            **cost.as_dict(), "feasible": feasible, "policy": policy.to_json(),
-            "policy_hash": policy.hash, "fidelity": result.get("fidelity"),
-            "eval_seconds": result.get("eval_seconds"),
-            "rebuild_seconds": result.get("rebuild_seconds"),
-            "recovery_seconds": result.get("recovery_seconds"),
-            "worker": result.get("worker"), "node": result.get("node"),
-            "attempt": result.get("attempt", 0), "error": result.get("error"),
-            "cached_from": result.get("cached_from"), "origin": origin, "finished_at": _now(),
-        }  # fmt: skip
-
-    def _best(self) -> tuple[float, int] | None:
-        row = self.best_row
-        return None if row is None else (row["metric"], row["size_bytes"])
-
-    def _to_beat(self) -> list[tuple[int, float]]:
-        """What a candidate must be able to reach to matter, as (size, metric) points for
-        the early-stopping test: the front (objective front); the metric floor, or the best
-        metric within the budget so far (objective budget; any size)."""
-        if self.p.config.objective == "front":
-            return list(self.front_points)
-        floor = self.p.budget.metric_floor
-        if floor is not None:
-            return [(0, floor)]
-        return [(0, self.best_row["metric"])] if self.best_row is not None else []
-
-    def _local_move(self) -> None:
-        """In budget mode, once there is an incumbent, every other ask (fewer once they stop
-        paying: LocalShare) is a local move from it, queued with origin `local`."""
-        if not self.local_search or self.best_row is None:
-            return
-        incumbent = self.params_of.get(self.best_row["policy_hash"])
-        if incumbent is None or not self.local_share.turn():
-            return
-        moved = self.mover.local_move(incumbent, self.rng, self._seen)
-        if moved is not None:
-            self.requeue.append((moved, "local"))
-
-    def _seen(self, policy_hash: str) -> bool:
-        return policy_hash in self.cache or policy_hash in self.inflight
+    def _advance(self, bar: Progress) -> None:
+        """The bar counts the trials told or adopted since it last moved."""
+        for _ in range(self.ledger.finished - self.shown):
+            bar.advance()
+        self.shown = self.ledger.finished
 
     def summary(self) -> dict[str, Any]:
         """This run's figures for run.json: how much sampling and worker time went where."""
-        spent = sum(self.worker_seconds.values())
-        return {
-            "finished_at": _now(), "finished_trials": self.finished,
-            "interrupted": self.interrupted, "error": self.error,
-            "asks": self.asks, "infeasible_asks": self.infeasible,
-            "infeasible_share": self.infeasible / self.asks if self.asks else 0.0,
-            "worker_seconds": spent,
-            "worker_seconds_feasible_share": self.worker_seconds[True] / spent if spent else 1.0,
-            "multi_fidelity": self.fidelity is not None,
-            "validation_share_saved": (1 - sum(self.fidelity_seen) / len(self.fidelity_seen)
-                                       if self.fidelity_seen else 0.0),  # fmt: skip
-            "driver": self.stats.as_dict(), "driver_id": self.driver_id,
-            "adopted_trials": self.adopted,
-        }  # fmt: skip
-
-    def _remember(self, row: dict[str, Any], *, local: int | None = None) -> None:
-        """Cache a completed evaluation under its trial number here (`local`: a trial
-        loaded or adopted from the storage, whose row has the storage's number)."""
-        self.cache[row["policy_hash"]] = (row["trial"] if local is None else local, row)
-        if row["feasible"]:
-            point = (row["size_bytes"], row["metric"])
-            if not any(s <= point[0] and m >= point[1] for s, m in self.front_points):
-                self.front_points = [(s, m) for s, m in self.front_points
-                                     if not (point[0] <= s and point[1] >= m)] + [point]  # fmt: skip
-        if row["feasible"] and (self.best_row is None
-                                or self.best_key(row) > self.best_key(self.best_row)):  # fmt: skip
-            self.best_row = row
-            self.local_share.improved()
+        return {"finished_at": _now(), "finished_trials": self.ledger.finished,
+                "interrupted": self.interrupted, **self.proposer.figures(),
+                **self.dispatcher.figures(), "driver": self.stats.as_dict(),
+                "driver_id": self.driver_id, "adopted_trials": self.ledger.adopted}  # fmt: skip
 
 
-@contextlib.contextmanager
-def _run_json_locked(prepared: Prepared) -> Iterator[Path]:
-    """run.json, locked: the drivers of a shared study each add and update their entry
-    (an exclusive flock on a lock file beside it; the write itself stays atomic). In a
-    bucket, other machines' drivers may have changed it: fetched again first."""
-    import fcntl
+def open_driver(prepared: Prepared, pool: Any, *, sampler: str, quiet: bool,
+                fidelity: FidelitySettings | None = None,
+                guidance: Guidance | None = None) -> Driver:  # fmt: skip
+    """Open the study (new, resumed or joined) and build the driver's parts on it: the
+    sampler's in-memory copy, and the durable study the recorder process writes."""
+    p, stats, driver_id = prepared, DriverStats(), new_driver_id()
+    p.study_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(p.study_dir, 0o700)  # the study is the user's alone
+    url = study_storage(p.config.storage, p.study_dir)
+    directions = p.config.directions
+    opened = open_study(url, p.study, directions, resume=p.resume, join=p.join)
+    timed = TimedSampler(SAMPLERS[sampler](p.config.seed, p.config.trials), stats)
+    study = optuna.create_study(directions=directions, sampler=timed, study_name=p.study)
+    study.add_trials(opened.finished)  # numbered 0, 1, ... here
+    loaded = loaded_rows(p, opened)
+    recorder = Recorder(url, p.study, p.study_dir, driver_id=driver_id, shared=p.join,
+                        remote=p.mirror.uri if p.mirror else None)  # fmt: skip
+    ledger = Ledger(p, study, recorder, loaded, stats=stats)
+    dispatcher = Dispatcher(pool, stats=stats, front=ledger.to_beat, fidelity=fidelity)
+    proposer = Proposer(p, study, record=ledger, flight=dispatcher,
+                        guidance=guidance or Guidance(), requeue=opened.requeue,
+                        first=opened.created)  # fmt: skip
+    return Driver(proposer, dispatcher, ledger, target=p.config.trials, quiet=quiet,
+                  stats=stats, driver_id=driver_id)  # fmt: skip
 
-    with open(prepared.study_dir / ".run.json.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if prepared.mirror is not None and prepared.join:
-            prepared.mirror.refresh("run.json")
-        yield prepared.study_dir / "run.json"
+
+def _refresh(prepared: Prepared) -> Callable[[], None] | None:
+    """In a bucket, other machines' drivers of a joined study may have changed run.json:
+    fetched again (under the lock) before this driver changes it."""
+    mirror = prepared.mirror
+    if mirror is None or not prepared.join:
+        return None
+    return lambda: mirror.refresh(RUN_FILE)
 
 
 def write_run_json(prepared: Prepared, *, sampler: str, base_metric: float | None,
                    workers: list[dict[str, Any]], driver_id: str = "") -> None:  # fmt: skip
-    run = {"started_at": _now(), "trials": prepared.config.trials, "sampler": sampler,
-           "resume": prepared.resume, "join": prepared.join, "driver_id": driver_id,
-           "workers": workers}  # fmt: skip
-    config = {**prepared.config.to_dict(), "study": prepared.study}
-    with _run_json_locked(prepared) as path:
-        previous = json.loads(path.read_text()) if path.is_file() else {}
-        atomic_write_json(path, {
-            "format": "prunesearch-study/1",
-            "study": prepared.study,
-            "created_at": previous.get("created_at", _now()),
-            "config": config,
-            "versions": versions(),
-            "sampler": sampler,
-            "objective": prepared.config.objective,
-            "directions": prepared.config.directions,
-            "budget": {**prepared.budget.limits, "metric_floor": prepared.budget.metric_floor},
-            "space": prepared.space.to_dict(),
-            "base": {**prepared.base_cost.as_dict(), "metric": base_metric},
-            "runs": [*previous.get("runs", []), run],
-        })  # fmt: skip
+    """Record the study (config, versions, space, budget, base model) and start this
+    run's entry; a resumed or joined study keeps its creation time and earlier runs."""
+    entry = RunEntry(started_at=_now(), trials=prepared.config.trials, sampler=sampler,
+                     resume=prepared.resume, join=prepared.join, driver_id=driver_id,
+                     workers=workers)  # fmt: skip
+
+    def start(previous: RunRecord | None) -> RunRecord:
+        return RunRecord(
+            study=prepared.study,
+            created_at=(previous and previous.created_at) or _now(),
+            config={**prepared.config.to_dict(), "study": prepared.study},
+            versions=versions(),
+            sampler=sampler,
+            objective=prepared.config.objective,
+            directions=prepared.config.directions,
+            budget=BudgetRecord.of(prepared.budget),
+            space=prepared.space.to_dict(),
+            base=BaseFigures(**prepared.base_cost.as_dict(), metric=base_metric),
+            runs=[*(previous.runs if previous else []), entry],
+        )  # fmt: skip
+
+    update_record(prepared.study_dir, start, refresh=_refresh(prepared))
     publish(prepared)
 
 
 def finish_run_json(prepared: Prepared, summary: dict[str, Any]) -> None:
     """Add this run's figures (feasibility shares, driver timings) to its run.json entry."""
-    with _run_json_locked(prepared) as path:
-        data = json.loads(path.read_text())
-        mine = [run for run in data["runs"] if run.get("driver_id") == summary["driver_id"]]
-        (mine or data["runs"])[-1].update(summary)
-        atomic_write_json(path, data)
+
+    def finish(record: RunRecord | None) -> RunRecord:
+        if record is None:  # write_run_json made it; only a deleted study lacks it
+            raise ResultsError(f"'{prepared.study_dir / RUN_FILE}' disappeared during the run")
+        return record.finished(summary)
+
+    update_record(prepared.study_dir, finish, refresh=_refresh(prepared))
     publish(prepared)
 
 
@@ -769,9 +457,8 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
             guidance = _guidance(prepared, pool, base_metric, quiet=quiet)
         elif config.seeding:  # resumed: the study's own table still steers repairs and moves
             guidance = _resumed_guidance(prepared, base_metric)
-        driver = Driver(prepared, pool, sampler=sampler, quiet=quiet, fidelity=fidelity,
-                        guidance=guidance)  # fmt: skip
-        driver.open()
+        driver = open_driver(prepared, pool, sampler=sampler, quiet=quiet, fidelity=fidelity,
+                             guidance=guidance)  # fmt: skip
         write_run_json(prepared, sampler=sampler, base_metric=base_metric, workers=infos,
                        driver_id=driver.driver_id)  # fmt: skip
         try:
@@ -784,7 +471,7 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
                         base_size=prepared.base_cost.size_bytes, sampler=sampler,
                         interrupted=driver.interrupted, seconds=time.monotonic() - started,
                         error=driver.error, driver=driver.stats.as_dict(),
-                        smallest_first=prepared.budget.metric_floor is not None)  # fmt: skip
+                        budget=prepared.budget)  # fmt: skip
 
 
 __all__ = ["SearchResult", "auto_sampler", "prepare", "run_prepared", "run_search"]

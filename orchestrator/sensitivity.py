@@ -24,27 +24,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator import knapsack
-from orchestrator.cost import policy_cost
-from orchestrator.policy import Policy
-from orchestrator.results import atomic_write_bytes
+from orchestrator.atomic import atomic_write_bytes
 from search_spaces import Knob, SearchSpace
-from search_spaces.config import FLOAT_BITS
+from search_spaces.cost import policy_cost
+from search_spaces.kinds import kind_of, reference_values
+from search_spaces.kinds.keep import KEEP_GRID
+from search_spaces.policy import Policy
 
-KEEP_GRID = 6  # keep values probed per keep knob (its choices, evenly thinned)
 SEED_BUDGETS = 8  # size budgets in the seeding sweep
 RESOLUTION = 2000  # knapsack cost units across the space's size range
 
 
 def reference(space: SearchSpace) -> dict[str, float]:
-    """Nothing compressed: every bits knob at float, every keep knob at 1."""
-    return {k.name: (FLOAT_BITS if k.kind == "bits" else 1.0) for k in space.knobs}
+    """Nothing compressed: every knob at its kind's reference (float, keep 1)."""
+    return reference_values(space.knobs)
 
 
 def probe_values(knob: Knob) -> list[float]:
-    if knob.kind == "bits" or len(knob.choices) <= KEEP_GRID:
-        return list(knob.choices)
-    step = (len(knob.choices) - 1) / (KEEP_GRID - 1)
-    return sorted({knob.choices[round(i * step)] for i in range(KEEP_GRID)})
+    return kind_of(knob).probe_values(knob)
 
 
 def probes(space: SearchSpace) -> list[tuple[str, float, Policy]]:

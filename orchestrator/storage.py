@@ -70,11 +70,6 @@ def study_storage(storage: str | None, study_dir: Path) -> str:
     return storage or f"sqlite:///{Path(study_dir).resolve() / 'study.db'}"
 
 
-def is_shared(url: str) -> bool:
-    """Storages other drivers may write to (the trial numbers are theirs to assign)."""
-    return _scheme(url) in ("postgresql", "mysql", "journal")
-
-
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     scheme = _scheme(url)
     if scheme == "journal":

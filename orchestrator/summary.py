@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from orchestrator.budget import format_bytes
-from orchestrator.errors import ConfigError
-from orchestrator.results import compute_front, read_run_json, read_trials
 from orchestrator.storage import redact
 from search_spaces import SearchSpace
+from search_spaces.kinds import KEEP
 
 
 def _print_table(headers: list[str], rows: list[list[Any]]) -> None:
@@ -27,7 +25,7 @@ def print_space(space: SearchSpace) -> None:
     profile = space.profile
     rows = []
     for knob in space.knobs:
-        if knob.kind == "keep" and space.plan is not None:  # one knob per coupling group
+        if knob.kind == KEEP.name and space.plan is not None:  # one knob per coupling group
             groups = [space.plan.group(g) for g in knob.layers]
             members = ",".join(m for g in groups for m in g.members)
             shapes = ", ".join(f"{g.channels} {g.unit}" for g in groups)
@@ -41,8 +39,8 @@ def print_space(space: SearchSpace) -> None:
         print(f"skipped {name}: {reason}")
     for name, reason in space.unpruned.items():
         print(f"not pruned: group of {name}: {reason}")
-    from orchestrator.cost import policy_cost
-    from orchestrator.policy import Policy
+    from search_spaces.cost import policy_cost
+    from search_spaces.policy import Policy
 
     smallest = policy_cost(space, Policy.from_values(space, space.extreme_values("min")))
     print(f"\n{len(space.searchable)} searchable knobs; pruning: {space.pruning}; "
@@ -59,16 +57,6 @@ def print_front(front: pd.DataFrame, *, base: dict[str, Any]) -> None:
         rows.append([r.trial, format_bytes(r.size_bytes), ratio, f"{r.metric:.4f}", delta,
                      f"{r.macs:,}", f"{r.bops:,}"])  # fmt: skip
     _print_table(["trial", "size", "smaller", "metric", "vs base", "macs", "bops"], rows)
-
-
-def read_study(study_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The front and run.json of a study directory, or ConfigError saying what is wrong."""
-    run = read_run_json(study_dir)
-    try:
-        trials = read_trials(study_dir)
-    except Exception as exc:
-        raise ConfigError(f"'{study_dir}' is damaged: {type(exc).__name__}: {exc}") from None
-    return compute_front(trials), run
 
 
 def print_summary(result: Any, prepared: Any) -> None:

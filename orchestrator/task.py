@@ -35,13 +35,12 @@ class Task:
     loss: Callable[[Any, Any], Any] = nn.functional.cross_entropy
 
 
-def _builtin_tasks() -> dict[str, Callable[[], Task]]:
-    from orchestrator.tasks import digits
-
-    return dict(digits.TASKS)
-
-
-BUILTIN_TASKS = ("digits-cnn", "digits-resnet", "digits-lstm")
+# built-in name -> its `module:function` spec, imported by name like a user's task (so
+# this module imports no task module, and a task module may import Task from here)
+_BUILTIN_SPECS = {"digits-cnn": "orchestrator.tasks.digits:digits_cnn",
+                  "digits-resnet": "orchestrator.tasks.digits:digits_resnet",
+                  "digits-lstm": "orchestrator.tasks.digits:digits_lstm"}  # fmt: skip
+BUILTIN_TASKS = tuple(_BUILTIN_SPECS)
 
 
 def resolve_task(spec: str) -> Task:
@@ -52,13 +51,13 @@ def resolve_task(spec: str) -> Task:
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError("config key 'task' must be a built-in task name or 'pkg.module:function'")
     if ":" not in spec:
-        builtins = _builtin_tasks()
-        if spec not in builtins:
+        if spec not in _BUILTIN_SPECS:
             raise ConfigError(
-                f"unknown task '{spec}' (key 'task'){did_you_mean(spec, builtins)}; built-in tasks "
-                f"are {', '.join(sorted(builtins))}, or give 'pkg.module:function' returning a Task"
+                f"unknown task '{spec}' (key 'task'){did_you_mean(spec, _BUILTIN_SPECS)}; built-in "
+                f"tasks are {', '.join(sorted(_BUILTIN_SPECS))}, or give 'pkg.module:function' "
+                "returning a Task"
             )
-        return builtins[spec]()
+        return _import_task(_BUILTIN_SPECS[spec])
     return _import_task(spec)
 
 

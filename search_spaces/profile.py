@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from search_spaces.layers import LAYERS, LayerType, layer_type
+
 
 @dataclass(frozen=True, kw_only=True)
 class WeightInfo:
@@ -101,66 +103,40 @@ class ModelProfile:
         return cls(**{**data, "layers": layers, "tensors": tensors})
 
 
-def _uses_per_output_channel(module: nn.Module, output: Any, channels: int) -> int:
-    """Output elements per output channel: how often each weight element is multiplied."""
-    return output.numel() // channels
+FAMILY_ORDER = ("rnn", "cnn")  # a model with any recurrent layer is an rnn; "mlp" if none
 
 
-def _conv_uses(module: nn.Module, output: Any) -> int:
-    return _uses_per_output_channel(module, output, module.out_channels)
+def _compressible(module: nn.Module) -> LayerType | None:
+    layer = layer_type(module)
+    return layer if layer is not None and layer.compressible else None
 
 
-def _linear_uses(module: nn.Module, output: Any) -> int:
-    return _uses_per_output_channel(module, output, module.out_features)
-
-
-def _rnn_uses(module: nn.Module, output: Any) -> int:
-    # One step multiplies every gate weight once per sequence element: output is
-    # (batch, time, directions*out) or its packed/unbatched forms; steps = elements / width.
-    seq = output[0]
-    seq = seq.data if hasattr(seq, "batch_sizes") else seq
-    width = (module.proj_size or module.hidden_size) * (2 if module.bidirectional else 1)
-    return seq.numel() // width
-
-
-def _single_weight(module: nn.Module) -> list[str]:
-    return ["weight"]
-
-
-def _rnn_weights(module: nn.Module) -> list[str]:
-    return [name for name, _ in module.named_parameters(recurse=False) if name.startswith("weight")]
-
-
-# Per layer type: (weight names, uses per weight element). Add a type here to support it.
-LAYER_HANDLERS: dict[type, tuple[Callable, Callable]] = {
-    nn.Conv1d: (_single_weight, _conv_uses),
-    nn.Conv2d: (_single_weight, _conv_uses),
-    nn.Conv3d: (_single_weight, _conv_uses),
-    nn.Linear: (_single_weight, _linear_uses),
-    nn.LSTM: (_rnn_weights, _rnn_uses),
-    nn.GRU: (_rnn_weights, _rnn_uses),
+# How each kind of inputs is passed to the model (Task contract).
+_CALLERS: dict[type, Callable[[nn.Module, Any], Any]] = {
+    tuple: lambda model, x: model(*x),
+    list: lambda model, x: model(*x),
+    dict: lambda model, x: model(**x),
 }
 
-_FAMILY_ORDER = ((nn.LSTM, "rnn"), (nn.GRU, "rnn"), (nn.Conv2d, "cnn"), (nn.Conv1d, "cnn"),
-                 (nn.Conv3d, "cnn"))  # fmt: skip
 
-
-def _handler(module: nn.Module) -> tuple[Callable, Callable] | None:
-    return LAYER_HANDLERS.get(type(module))
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """`model(x)`, `model(*x)` or `model(**x)` by the kind of inputs."""
+    for kind, caller in _CALLERS.items():
+        if isinstance(inputs, kind):
+            return caller(model, inputs)
+    return model(inputs)
 
 
 def profile_model(model: nn.Module, example_inputs: Any) -> ModelProfile:
     """Profile `model` with one forward pass over `example_inputs` (hooks count weight uses)."""
-    from orchestrator.batches import call_model
-
     uses: dict[str, int] = {}
     hooks = []
     for name, module in model.named_modules():
-        handler = _handler(module)
-        if handler is None:
+        layer = _compressible(module)
+        if layer is None:
             continue
 
-        def hook(mod, _inputs, output, name=name, count=handler[1]):
+        def hook(mod, _inputs, output, name=name, count=layer.uses):
             uses[name] = uses.get(name, 0) + count(mod, output)  # shared modules add up
 
         hooks.append(module.register_forward_hook(hook))
@@ -177,13 +153,13 @@ def _assemble(model: nn.Module, uses: dict[str, int]) -> ModelProfile:
     state = model.state_dict()
     layers, weight_keys = [], set()
     for name, module in model.named_modules():
-        handler = _handler(module)
-        if handler is None or name not in uses:  # never called: not part of the forward pass
+        layer = _compressible(module)
+        if layer is None or name not in uses:  # never called: not part of the forward pass
             continue
         prefix = f"{name}." if name else ""
         weights = tuple(
             WeightInfo(key=prefix + w, shape=tuple(state[prefix + w].shape))
-            for w in handler[0](module)
+            for w in layer.weights(module)
         )
         weight_keys.update(w.key for w in weights)
         dtype_bytes = state[weights[0].key].element_size()
@@ -191,9 +167,9 @@ def _assemble(model: nn.Module, uses: dict[str, int]) -> ModelProfile:
                                 uses=uses[name], dtype_bytes=dtype_bytes))  # fmt: skip
     other = sum(t.numel() * t.element_size() for k, t in state.items() if k not in weight_keys)
     modules = list(model.modules())
-    family = next(
-        (fam for kind, fam in _FAMILY_ORDER if any(isinstance(m, kind) for m in modules)), "mlp"
-    )
+    marked = {layer.family for layer in LAYERS.values()
+              if layer.family and any(isinstance(m, layer.types) for m in modules)}  # fmt: skip
+    family = next((fam for fam in FAMILY_ORDER if fam in marked), "mlp")
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules)
     params = {k for k, _ in model.named_parameters()}
     tensors = tuple(TensorInfo(key=k, shape=tuple(t.shape), dtype_bytes=t.element_size(),

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -14,23 +13,20 @@ from typing import Any
 import yaml
 
 from search_spaces.config import FLOAT_BITS, Rule, SpaceConfig, keep_choices
+from search_spaces.errors import SpaceError
+from search_spaces.kinds import KINDS, Targets, channel_counts, kind_of, layer_bits, round_count
 from search_spaces.profile import LayerInfo, ModelProfile
-from search_spaces.structure import PruningPlan, sliced_shape
-
-
-class SpaceError(ValueError):
-    """A space rule or policy that does not fit the model: the message says what to fix."""
-
+from search_spaces.structure import GroupPlan, PruningPlan
 
 Value = int | float
 
 
 @dataclass(frozen=True, kw_only=True)
 class Knob:
-    """One searchable decision: `bits` of some layers' weights, or their `keep` ratio."""
+    """One searchable decision of one kind (search_spaces.kinds) about some layers."""
 
-    name: str  # "bits:<layer or tie>" / "keep:<layer or tie>"; also the Optuna param name
-    kind: str  # "bits" | "keep"
+    name: str  # "<kind>:<layer, group or tie>"; also the Optuna param name
+    kind: str  # a registered kind's name (KINDS)
     layers: tuple[str, ...]
     choices: tuple[Value, ...]
     units: int  # keep knobs: elements of the largest member; canonical ratios are counts / units
@@ -42,8 +38,10 @@ class Knob:
 
 @dataclass(frozen=True, kw_only=True)
 class LayerSetting:
-    bits: int
-    keep_count: int  # weight elements kept (magnitude masks)
+    """What a policy does to one layer, as the kinds settle it: what is priced and rebuilt."""
+
+    bits: int = FLOAT_BITS
+    keep_count: int  # weight elements kept (after slicing or masking)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,22 +67,8 @@ class SearchSpace:
         return {k.name: k.choices[0] for k in self.knobs if not k.searchable}
 
     def canonical_value(self, knob: Knob, value: Any) -> Value:
-        """Bits as int; keep rounded to a whole element count of the largest member."""
-        if knob.kind == "bits":
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value != int(value)
-            ):
-                raise SpaceError(f"{knob.name}: bits must be an integer, got {value!r}")
-            value = int(value)
-            if value != FLOAT_BITS and not 2 <= value <= 16:
-                raise SpaceError(f"{knob.name}: {value} bits is not supported (2..16 or 32)")
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise SpaceError(f"{knob.name}: keep must be a ratio in (0, 1], got {value!r}")
-        return _round_count(value, knob.units) / knob.units
+        """The value as its kind stores it (bits as int; keep as whole units)."""
+        return kind_of(knob).canonical(knob, value)
 
     def canonicalize(self, values: Mapping[str, Any]) -> dict[str, Value]:
         unknown = sorted(set(values) - set(self.by_name))
@@ -97,57 +81,46 @@ class SearchSpace:
         return {k.name: self.canonical_value(k, values[k.name]) for k in self.knobs}
 
     def channel_counts(self, values: Mapping[str, Value]) -> dict[str, int]:
-        """Structured mode: channels each group keeps (keep knobs name their groups)."""
-        if self.plan is None:
-            return {}
-        return {
-            group: _round_count(values[k.name], self.plan.group(group).channels)
-            for k in self.knobs if k.kind == "keep" for group in k.layers
-        }  # fmt: skip
+        """Structured mode: channels each group keeps."""
+        return channel_counts(self, values)
 
     def layer_settings(self, values: Mapping[str, Value]) -> dict[str, LayerSetting]:
-        """What a canonical policy does to every compressible layer (skipped ones: float, full).
-        `keep_count` is the layer's weight elements left: after slicing (structured) or
-        after masking (unstructured)."""
-        bits = self.layer_bits(values)
-        kept = self._kept_elements(values)
-        return {
-            layer.name: LayerSetting(bits=int(bits[layer.name]), keep_count=kept[layer.name])
-            for layer in self.profile.layers
+        """What a canonical policy does to every compressible layer (skipped ones: float,
+        full): every kind's settled fields over the defaults."""
+        fields: dict[str, dict[str, Any]] = {
+            layer.name: {"keep_count": layer.numel} for layer in self.profile.layers
         }
+        for kind in KINDS.values():
+            for name, settled in kind.settle(self, values).items():
+                fields[name].update(settled)
+        return {name: LayerSetting(**f) for name, f in fields.items()}
 
     def layer_bits(self, values: Mapping[str, Value]) -> dict[str, int]:
-        bits = {layer.name: FLOAT_BITS for layer in self.profile.layers}
-        for knob in self.knobs:
-            if knob.kind == "bits":
-                for name in knob.layers:
-                    bits[name] = int(values[knob.name])
-        return bits
-
-    def _kept_elements(self, values: Mapping[str, Value]) -> dict[str, int]:
-        if self.plan is not None:
-            counts = self.channel_counts(values)
-            return {
-                layer.name: sum(math.prod(sliced_shape(w.shape, w.key, self.plan, counts))
-                                for w in layer.weights)
-                for layer in self.profile.layers
-            }  # fmt: skip
-        keep = {layer.name: 1.0 for layer in self.profile.layers}
-        for knob in self.knobs:
-            if knob.kind == "keep":
-                for name in knob.layers:
-                    keep[name] = values[knob.name]
-        return {
-            layer.name: self.keep_count(layer, keep[layer.name]) for layer in self.profile.layers
-        }
+        return layer_bits(self, values)
 
     def keep_count(self, layer: LayerInfo, ratio: float) -> int:
-        return _round_count(ratio, layer.numel)
+        return round_count(ratio, layer.numel)
 
     def extreme_values(self, which: str) -> dict[str, Value]:
         """Every knob at its smallest ('min') or largest ('max') choice."""
         pick = min if which == "min" else max
         return {k.name: self.canonical_value(k, pick(k.choices)) for k in self.knobs}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
+        """The space as run.json records it (`to_dict`), for reading a study: the plan's
+        groups come back without their index maps (counts, not slices: a report prices
+        nothing)."""
+        groups = tuple(GroupPlan(name=g["name"], channels=g["channels"], members=tuple(g["members"]),
+                                 order=tuple(g["order"]), slices=(), unit=g.get("unit", "channels"))
+                       for g in data.get("groups", ()))  # fmt: skip
+        knobs = tuple(Knob(name=k["name"], kind=k["kind"], layers=tuple(k["layers"]),
+                           choices=tuple(k["choices"]), units=k.get("units", 1))
+                      for k in data["knobs"])  # fmt: skip
+        plan = PruningPlan(groups=groups) if data.get("pruning") == "structured" else None
+        return cls(profile=ModelProfile.from_dict(data["profile"]), knobs=knobs, plan=plan,
+                   pruning=data.get("pruning", "unstructured"), skipped=data.get("skipped", {}),
+                   unpruned=data.get("unpruned", {}))  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -166,11 +139,6 @@ class SearchSpace:
             ],
             "profile": self.profile.to_dict(),
         }  # fmt: skip
-
-
-def _round_count(ratio: float, units: int) -> int:
-    # floor(x + 0.5), not round(): Python's round-half-to-even would make 2.5 -> 2.
-    return max(1, min(units, math.floor(ratio * units + 0.5)))
 
 
 def load_preset(name: str) -> tuple[Rule, ...]:
@@ -201,17 +169,25 @@ def _selector_matches(pattern: str, layers: tuple[LayerInfo, ...]) -> list[str]:
 
 @dataclass
 class _Resolved:
-    bits: tuple[int, ...]
-    keep: tuple[float, ...]
+    choices: dict[str, tuple[Value, ...]]  # kind -> choices
     skip: bool = False
     tie: str | None = None
+
+
+def _config_choices(source: SpaceConfig | Rule) -> dict[str, tuple[Value, ...]]:
+    """The choices a config or rule gives per kind (None: not given). The `space:` keys
+    name the built-in kinds; a registered kind without a key takes its defaults."""
+    given = {"bits": source.bits,
+             "keep": None if source.keep is None else keep_choices(source.keep)}  # fmt: skip
+    return {name: given.get(name, kind.default_choices if isinstance(source, SpaceConfig)
+                            else None) for name, kind in KINDS.items()}  # fmt: skip
 
 
 def _apply_rules(
     profile: ModelProfile, config: SpaceConfig, rules: Iterable[tuple[str, Rule]]
 ) -> dict[str, _Resolved]:
-    keep = keep_choices(config.keep)
-    resolved = {layer.name: _Resolved(bits=config.bits, keep=keep) for layer in profile.layers}
+    defaults = _config_choices(config)
+    resolved = {layer.name: _Resolved(choices=dict(defaults)) for layer in profile.layers}
     for where, rule in rules:
         by_pattern = {p: _selector_matches(p, profile.layers) for p in rule.patterns}
         matched = [n for names in by_pattern.values() for n in names]
@@ -227,8 +203,7 @@ def _apply_rules(
                              "or glob of a rule must match (presets may not)")  # fmt: skip
         for name in matched:
             r = resolved[name]
-            r.bits = rule.bits if rule.bits is not None else r.bits
-            r.keep = keep_choices(rule.keep) if rule.keep is not None else r.keep
+            r.choices.update({k: c for k, c in _config_choices(rule).items() if c is not None})
             r.skip = r.skip or rule.skip
             r.tie = rule.tie if rule.tie is not None else r.tie
     return resolved
@@ -254,33 +229,38 @@ def derive_space(
 
     skipped = {name: "skipped by a space rule" for name, r in resolved.items() if r.skip}
     active = [name for name, r in resolved.items() if not r.skip]
-    knobs = _knobs("bits", active, resolved, lambda name: profile.layer(name).numel)
     unpruned: dict[str, str] = {}
-    if pruning == "unstructured":
-        knobs += _knobs("keep", active, resolved, lambda name: profile.layer(name).numel)
-    elif pruning == "structured":
+    if pruning == "structured":
         if plan is None:
             raise SpaceError("structured pruning needs a pruning plan of the model")
-        unpruned = dict(plan.excluded)
-        groups = []
-        for group in plan.groups:
-            touched = [m for m in group.members if m in skipped]
-            if touched:
-                unpruned[group.name] = f"touches skipped layer {touched[0]}"
-            else:
-                groups.append(group)
-        plan = PruningPlan(groups=tuple(groups), excluded=unpruned, importance=plan.importance)
-        # one keep knob per coupling group (never per layer); `layers` names the groups
-        roots = [g.name for g in plan.groups]
-        knobs += _knobs("keep", roots, resolved, lambda name: plan.group(name).channels)
+        plan, unpruned = _without_skipped(plan, skipped)
+    where = Targets(profile=profile, active=active, pruning=pruning, plan=plan)
+    knobs = [knob for kind in KINDS.values() for knob in _knobs(kind.name, kind.targets(where),
+                                                                 resolved)]  # fmt: skip
     position = {layer.name: i for i, layer in enumerate(profile.layers)}
-    knobs.sort(key=lambda k: (position[k.layers[0]], k.kind))  # each layer's bits, then keep
+    order = {name: i for i, name in enumerate(KINDS)}
+    knobs.sort(key=lambda k: (position[k.layers[0]], order[k.kind]))  # a layer's knobs by kind
     space = SearchSpace(profile=profile, knobs=tuple(knobs), pruning=pruning, skipped=skipped,
                         plan=plan if pruning == "structured" else None, unpruned=unpruned)  # fmt: skip
     if not space.searchable:
         raise SpaceError("the search space is empty: every layer is skipped or has one choice; "
                          "remove a skip rule or give more bits/keep choices under 'space'")  # fmt: skip
     return space
+
+
+def _without_skipped(plan: PruningPlan, skipped: Mapping[str, str]) -> tuple[PruningPlan, dict]:
+    """The plan without the groups that touch a skipped layer, and every group left out
+    (the plan's own exclusions too) with why."""
+    unpruned = dict(plan.excluded)
+    groups = []
+    for group in plan.groups:
+        touched = [m for m in group.members if m in skipped]
+        if touched:
+            unpruned[group.name] = f"touches skipped layer {touched[0]}"
+        else:
+            groups.append(group)
+    return PruningPlan(groups=tuple(groups), excluded=unpruned,
+                       importance=plan.importance), unpruned  # fmt: skip
 
 
 def _tied(names: list[str], resolved: dict[str, _Resolved]) -> dict[str, list[str]]:
@@ -293,18 +273,20 @@ def _tied(names: list[str], resolved: dict[str, _Resolved]) -> dict[str, list[st
 def _check_tie(key: str, members: list[str], resolved: dict[str, _Resolved], what: str) -> None:
     first = resolved[members[0]]
     for other in members[1:]:
-        if getattr(resolved[other], what) != getattr(first, what):
+        if resolved[other].choices[what] != first.choices[what]:
             raise SpaceError(f"tie '{key}': layers {members[0]} and {other} have different "
                              f"{what} choices; give the tied layers one rule")  # fmt: skip
 
 
-def _knobs(kind: str, names: list[str], resolved: dict[str, _Resolved],
-           units_of: Callable[[str], int]) -> list[Knob]:  # fmt: skip
-    """One knob of `kind` per name, or per tie of names; `units` for canonical rounding."""
+def _knobs(kind: str, targets: list[tuple[str, int]],
+           resolved: dict[str, _Resolved]) -> list[Knob]:  # fmt: skip
+    """One knob of `kind` per target (layer or group), or per tie of targets; `units` (the
+    largest member's) for canonical rounding."""
+    units = dict(targets)
     knobs = []
-    for key, members in _tied(names, resolved).items():
+    for key, members in _tied([name for name, _ in targets], resolved).items():
         _check_tie(key, members, resolved, kind)
         knobs.append(Knob(name=f"{kind}:{key}", kind=kind, layers=tuple(members),
-                          choices=getattr(resolved[members[0]], kind),
-                          units=max(units_of(m) for m in members)))  # fmt: skip
+                          choices=resolved[members[0]].choices[kind],
+                          units=max(units[m] for m in members)))  # fmt: skip
     return knobs

@@ -1,4 +1,4 @@
-"""Shared fixtures: one real local Ray for the whole session (DESIGN §6.8)."""
+"""Shared fixtures: one real local Ray for the whole session (started once: a Ray start costs seconds)."""
 
 from __future__ import annotations
 

@@ -15,9 +15,9 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.config import make_config
-from orchestrator.cost import policy_cost
-from orchestrator.policy import Policy
 from orchestrator.prepare import build_space
+from search_spaces.cost import policy_cost
+from search_spaces.policy import Policy
 
 # the default (structured) space: the logits layer's outputs are never cut
 CNN_KNOBS = [f"{kind}:{layer}" for layer in ("features.0", "features.3", "features.7",
@@ -260,3 +260,32 @@ def test_front_of_a_study(capsys, tmp_path):
     rows = capsys.readouterr().out.strip().splitlines()[2:]  # after header and rule
     assert [r.split()[0] for r in rows] == ["1", "0"]  # trial 2 is dominated by trial 1
     assert "5.0x" in rows[0] and "-0.0600" in rows[0]
+
+
+@pytest.mark.parametrize("verb", ["run", "eval"])
+def test_finetune_steps_on_a_task_without_train_batches(capsys, tmp_path, monkeypatch, verb):
+    monkeypatch.chdir(tmp_path)
+    name = _module(tmp_path, "import dataclasses\nfrom orchestrator.tasks.digits import digits_cnn\n"
+                             "def make_task():\n    return dataclasses.replace(digits_cnn(), "
+                             "train=None)\n")  # fmt: skip
+    try:
+        cfg = _yaml(tmp_path, f'task: "{name}:make_task"\nrecovery:\n  finetune_steps: 5\n')
+        extra = ["--policy", "uniform:4"] if verb == "eval" else ["--out", "out"]
+        _bad(capsys, [verb, cfg, *extra], tmp_path / "out", "recovery.finetune_steps: 5",
+             "has none", "finetune_steps: 0")  # fmt: skip
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_a_command_leaves_sys_path_and_torch_threads_as_it_found_them(capsys, tmp_path):
+    import torch
+
+    cfg = _yaml(tmp_path, "task: digits-cnn\nworkers:\n  cpus_per_worker: 1\n")
+    path, threads = list(sys.path), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["eval", cfg, "--policy", "uniform:4", "--json"]) == 0
+        assert sys.path == path and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()

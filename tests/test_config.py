@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from orchestrator.budget import Budget, BudgetError, parse_budget
 from orchestrator.config import SearchConfig, load_config_file, make_config
-from orchestrator.cost import Cost
 from orchestrator.errors import ConfigError
+from search_spaces.cost import Cost
 
 
 def _error(data: dict, **overrides) -> str:
@@ -250,3 +250,11 @@ def test_every_example_config_is_valid():
     assert examples
     for path in examples:
         make_config(load_config_file(path))  # raises ConfigError on any bad key
+
+
+def test_every_sampler_name_has_a_factory_and_auto_picks_among_them():
+    from orchestrator import config, search
+
+    assert set(search.SAMPLERS) | {"auto"} == set(config.SAMPLERS)
+    assert {search.auto_sampler(k, t, w) for k in (4, 400) for t in (10, 1000)
+            for w in (1, 8)} <= set(search.SAMPLERS)  # fmt: skip

@@ -15,14 +15,6 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from orchestrator.cost import (
-    ACTIVATION_BITS,
-    SCALE_BYTES,
-    cost_of_settings,
-    layer_bytes,
-    policy_cost,
-)
-from orchestrator.policy import Policy
 from orchestrator.task import resolve_task
 from search_spaces import (
     LayerInfo,
@@ -34,6 +26,14 @@ from search_spaces import (
     derive_space,
     profile_model,
 )
+from search_spaces.cost import (
+    ACTIVATION_BITS,
+    SCALE_BYTES,
+    cost_of_settings,
+    layer_bytes,
+    policy_cost,
+)
+from search_spaces.policy import Policy
 
 FEW = settings(max_examples=80, deadline=None)
 QUANT_BITS = tuple(range(2, 17))
@@ -117,7 +117,7 @@ def _linear(rows: int, cols: int, dtype_bytes: int = 4) -> LayerInfo:
     low=st.sampled_from(ALL_BITS),
 )
 def test_fewer_bits_never_increase_size_even_from_float(layer, keep_count, high, low):
-    """DESIGN 6.3: fewer bits never increases size, including float (32) -> quantized.
+    """Size is monotone (cost.py): fewer bits never increases size, including float (32) -> quantized.
 
     Quantizing adds one float32 scale per row; with few kept elements (or small rows, or
     a float16 model) that overhead can exceed what the narrower values save.
@@ -162,7 +162,7 @@ def test_lower_keep_never_increases_size_among_pruned_layers(data):
     low=st.integers(1, 10**6),
 )
 def test_lower_keep_never_increases_size(layer, bits, high, low):
-    """DESIGN 6.3: lower keep never increases size, including from keep 1.0 (no bitmap)
+    """Size is monotone (cost.py): lower keep never increases size, including from keep 1.0 (no bitmap)
     to just below it (a bitmap of numel/8 bytes that the few dropped values do not pay for).
     """
     high = min(high, layer.numel)

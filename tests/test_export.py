@@ -27,7 +27,6 @@ from orchestrator.batches import accuracy
 from orchestrator.budget import format_bytes
 from orchestrator.cli import main
 from orchestrator.config import make_config
-from orchestrator.cost import policy_cost
 from orchestrator.errors import ConfigError
 from orchestrator.evaluate import Evaluator, RecoverySettings
 from orchestrator.export import (
@@ -40,11 +39,13 @@ from orchestrator.export import (
     export_trial,
     load_compressed,
 )
-from orchestrator.policy import Policy
 from orchestrator.prepare import build_space
 from orchestrator.results import SCHEMA, load_results
+from orchestrator.runrecord import RunRecord
 from orchestrator.search import run_search
 from orchestrator.task import Task, resolve_task
+from search_spaces.cost import policy_cost
+from search_spaces.policy import Policy
 
 TASKS = ("digits-cnn", "digits-resnet", "digits-lstm")
 CNN_BUDGET = 30_000  # digits-cnn's study budget: the float and 8-bit baselines exceed it
@@ -244,7 +245,7 @@ def test_sequential_models_load_without_their_task(tmp_path, monkeypatch, prunin
     metric = evaluator.evaluate(policy)["metric"]
     row = SimpleNamespace(trial=0, policy=policy.to_json(), size_bytes=cost.size_bytes,
                           metric=metric)  # fmt: skip
-    exported = export_trial(config, {"study": "t", "space": space.to_dict()}, row)
+    exported = export_trial(config, RunRecord(study="t", space=space.to_dict()), row)
     for name, data in exported.files.items():
         (tmp_path / name).write_bytes(data)
     manifest = _read_json(tmp_path / MANIFEST_FILE)

@@ -29,10 +29,10 @@ from hypothesis import strategies as st
 from orchestrator.budget import BudgetError, parse_budget
 from orchestrator.cli import main
 from orchestrator.config import SAMPLERS, SearchConfig, make_config
-from orchestrator.cost import policy_cost
-from orchestrator.policy import Policy
 from orchestrator.prepare import build_space
 from orchestrator.task import BUILTIN_TASKS
+from search_spaces.cost import policy_cost
+from search_spaces.policy import Policy
 
 LAYERS = ("features.0", "features.3", "features.7", "classifier.1", "classifier.3")  # digits-cnn
 EXAMPLES = int(os.environ.get("PRUNESEARCH_FUZZ_EXAMPLES", "0"))

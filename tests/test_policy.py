@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.policy import Policy
 from orchestrator.task import resolve_task
 from search_spaces import SearchSpace, SpaceConfig, SpaceError, derive_space, profile_model
+from search_spaces.policy import Policy
 
 FEW = settings(max_examples=80, deadline=None)
 TASKS = ("digits-cnn", "digits-lstm")

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from orchestrator.compress.prune import magnitude_masks
 from orchestrator.compress.quantize import fake_quantize
 from orchestrator.compress.rebuild import Rebuilder
-from orchestrator.policy import Policy
 from orchestrator.task import resolve_task
 from search_spaces import SpaceConfig, derive_space, profile_model
+from search_spaces.policy import Policy
 
 FEW = settings(max_examples=80, deadline=None)
 

@@ -6,8 +6,8 @@ import torch
 
 from orchestrator.config import make_config
 from orchestrator.evaluate import Evaluator, RecoverySettings
-from orchestrator.policy import Policy
 from orchestrator.prepare import build_space
+from search_spaces.policy import Policy
 
 
 def _evaluator(pruning: str, **recovery):

@@ -23,6 +23,7 @@ from orchestrator.config import make_config
 from orchestrator.prepare import build_space
 from orchestrator.report import FILES, baseline_label, choose_trial, layer_rows
 from orchestrator.search import run_search
+from search_spaces import SearchSpace
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("plotly")
@@ -123,7 +124,7 @@ def test_policy_rows_match_what_the_space_builds(study):
     run = json.loads((study_dir / "run.json").read_text())
     for row in _trials(study_dir).itertuples():
         values = json.loads(row.policy)
-        rows = {r.name: r for r in layer_rows(run["space"], values)}
+        rows = {r.name: r for r in layer_rows(SearchSpace.from_dict(run["space"]), values)}
         assert list(rows) == [layer.name for layer in space.profile.layers]
         assert {n: r.bits for n, r in rows.items()} == space.layer_bits(values)
         counts = space.channel_counts(values)
@@ -359,10 +360,14 @@ def test_html_loads_in_headless_chromium_without_errors(report, browser):
 
 
 def test_policy_rows_unstructured_ties_and_skipped_layers():
-    space = {"pruning": "unstructured", "groups": [],
-             "profile": {"layers": [{"name": n, "kind": "Linear"} for n in ("a", "b", "c")]},
-             "knobs": [{"name": "bits:mid", "kind": "bits", "layers": ["a", "b"]},
-                       {"name": "keep:mid", "kind": "keep", "layers": ["a", "b"]}]}  # fmt: skip
+    layer = {"kind": "Linear", "weights": [], "uses": 1, "dtype_bytes": 4}
+    space = SearchSpace.from_dict(
+        {"pruning": "unstructured", "groups": [],
+         "profile": {"layers": [{**layer, "name": n} for n in ("a", "b", "c")], "other_bytes": 0,
+                     "has_batchnorm": False, "family": "mlp"},
+         "knobs": [{"name": "bits:mid", "kind": "bits", "layers": ["a", "b"], "choices": [3, 32]},
+                   {"name": "keep:mid", "kind": "keep", "layers": ["a", "b"],
+                    "choices": [0.4, 1.0]}]})  # fmt: skip
     rows = layer_rows(space, {"bits:mid": 3, "keep:mid": 0.4})
     assert [(r.name, r.bits, r.keep, r.kept) for r in rows] == [
         ("a", 3, 0.4, ""),

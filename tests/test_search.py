@@ -10,11 +10,11 @@ import pytest
 
 from orchestrator.budget import parse_budget
 from orchestrator.config import make_config
-from orchestrator.cost import policy_cost
-from orchestrator.policy import Policy
 from orchestrator.prepare import build_space
 from orchestrator.results import compute_front, nondominated
 from orchestrator.search import run_search
+from search_spaces.cost import policy_cost
+from search_spaces.policy import Policy
 
 
 def _search(tmp_path, **config):

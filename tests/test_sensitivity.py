@@ -5,10 +5,10 @@ from __future__ import annotations
 import pandas as pd
 
 from orchestrator.config import make_config
-from orchestrator.cost import policy_cost
-from orchestrator.policy import Policy
 from orchestrator.prepare import build_space
 from orchestrator.sensitivity import KEEP_GRID, probe_values, probes, reference, seed_policies
+from search_spaces.cost import policy_cost
+from search_spaces.policy import Policy
 
 
 def _space():

@@ -11,11 +11,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from orchestrator.compress.plan import plan_groups
 from orchestrator.compress.rebuild import Rebuilder
-from orchestrator.cost import policy_cost
-from orchestrator.policy import Policy
 from search_spaces import SpaceConfig, derive_space, profile_model
-from search_spaces.structure import plan_groups
+from search_spaces.cost import policy_cost
+from search_spaces.policy import Policy
 from tests.zoo import ZOO
 
 _SPACES: dict = {}
@@ -161,7 +161,7 @@ def _reference_scores(model, group, power, only_bn):
 def test_importance_criteria_follow_their_definitions():
     import copy
 
-    from search_spaces.structure import channel_order
+    from orchestrator.compress.plan import channel_order
 
     base, _, space, _ = _space("plain-cnn")
     model = copy.deepcopy(base)  # the shared zoo model stays as it was

@@ -8,23 +8,10 @@ from typing import Any
 
 from torch import nn
 
-_CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-         "groups", "padding_mode")  # fmt: skip
-_NORM = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-_POOL = ("kernel_size", "stride", "padding", "ceil_mode")
-# module type -> constructor arguments read back from its attributes
-ARCHITECTURE_ARGS: dict[type, tuple[str, ...]] = {
-    nn.Conv1d: _CONV, nn.Conv2d: _CONV, nn.Linear: ("in_features", "out_features"),
-    nn.BatchNorm1d: _NORM, nn.BatchNorm2d: _NORM,
-    nn.LayerNorm: ("normalized_shape", "eps", "elementwise_affine"),
-    nn.ReLU: (), nn.GELU: ("approximate",), nn.SiLU: (), nn.Tanh: (), nn.Sigmoid: (),
-    nn.Identity: (), nn.Dropout: ("p",), nn.Flatten: ("start_dim", "end_dim"),
-    nn.MaxPool1d: (*_POOL, "dilation"), nn.MaxPool2d: (*_POOL, "dilation"),
-    nn.AvgPool1d: (*_POOL, "count_include_pad"), nn.AvgPool2d: (*_POOL, "count_include_pad"),
-    nn.AdaptiveAvgPool1d: ("output_size",), nn.AdaptiveAvgPool2d: ("output_size",),
-}  # fmt: skip
-_WITH_BIAS = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.LayerNorm)
-_BY_NAME = {cls.__name__: cls for cls in ARCHITECTURE_ARGS}
+from search_spaces.layers import LAYERS, layer_type
+
+# module type -> constructor arguments read back from its attributes (its layer type's)
+_BY_NAME = {t.__name__: t for t, layer in LAYERS.items() if layer.args is not None}
 
 
 def _json_value(value: Any) -> Any:
@@ -33,7 +20,7 @@ def _json_value(value: Any) -> Any:
 
 def architecture(model: nn.Module) -> dict[str, Any] | None:
     """The model as plain data when it is an nn.Sequential (nested allowed) of the types in
-    ARCHITECTURE_ARGS without hooks; None otherwise (loading then needs the task)."""
+    the layer types an export can rebuild (search_spaces/layers) without hooks; None otherwise (loading then needs the task)."""
     if model._forward_hooks or model._forward_pre_hooks:
         return None
     if type(model) is nn.Sequential:
@@ -41,13 +28,13 @@ def architecture(model: nn.Module) -> dict[str, Any] | None:
         if any(spec is None for _, spec in children):
             return None
         return {"type": "Sequential", "children": [[n, s] for n, s in children]}
-    kind = type(model)
-    if kind not in ARCHITECTURE_ARGS or any(True for _ in model.children()):
+    layer = layer_type(model)
+    if layer is None or layer.args is None or any(True for _ in model.children()):
         return None
-    args = {a: _json_value(getattr(model, a)) for a in ARCHITECTURE_ARGS[kind]}
-    if isinstance(model, _WITH_BIAS):
+    args = {a: _json_value(getattr(model, a)) for a in layer.args}
+    if layer.bias_arg:
         args["bias"] = model.bias is not None
-    return {"type": kind.__name__, "args": args}
+    return {"type": type(model).__name__, "args": args}
 
 
 def build_architecture(spec: Mapping[str, Any]) -> nn.Module:

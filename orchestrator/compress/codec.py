@@ -28,9 +28,10 @@ from torch.nn.utils import parametrize
 from orchestrator.compress.pack import pack_bitmap, pack_codes, unpack_bitmap, unpack_codes
 from orchestrator.compress.prune import magnitude_masks
 from orchestrator.compress.quantize import dequantize, quantize
-from orchestrator.cost import policy_encodings
 from search_spaces import SearchSpace
 from search_spaces.config import FLOAT_BITS
+from search_spaces.cost import policy_encodings
+from search_spaces.kinds import BITS  # a manifest layer's `bits`: its bits kind's value
 
 # the stored parts of each encoding (dense-float: the weights' own state-dict keys)
 PARTS: dict[str, tuple[str, ...]] = {
@@ -166,7 +167,7 @@ def encode(model: nn.Module, before: Mapping[str, torch.Tensor], space: SearchSp
         keys = tuple(w.key for w in info.weights)
         layer = _layer(info.name, bits[info.name], keys, state,
                        {k: _cpu(before[k]) for k in keys if k in before}, masks.get(info.name))  # fmt: skip
-        entry = {"name": info.name, "kind": info.kind, "bits": bits[info.name],
+        entry = {"name": info.name, "kind": info.kind, BITS.name: bits[info.name],
                  "encoding": encoding, "bytes": size,
                  "kept": int(layer.mask.sum()) if layer.mask is not None
                  else sum(w.numel() for w in layer.weights),
@@ -225,13 +226,13 @@ def _decode_sparse_float(entry: Mapping[str, Any], parts: Mapping[str, torch.Ten
 
 
 def _decode_dense_packed(entry: Mapping[str, Any], parts: Mapping[str, torch.Tensor]) -> list:
-    codes = unpack_codes(parts["codes"], entry["bits"], _numel(entry))
+    codes = unpack_codes(parts["codes"], entry[BITS.name], _numel(entry))
     return _dequantized(codes, parts["scales"], entry)
 
 
 def _decode_sparse_packed(entry: Mapping[str, Any], parts: Mapping[str, torch.Tensor]) -> list:
     mask = unpack_bitmap(parts["bitmap"], _numel(entry))
-    codes = unpack_codes(parts["codes"], entry["bits"], int(mask.sum()))
+    codes = unpack_codes(parts["codes"], entry[BITS.name], int(mask.sum()))
     return _dequantized(_scatter(mask, codes), parts["scales"], entry)
 
 

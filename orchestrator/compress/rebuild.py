@@ -25,6 +25,7 @@ from orchestrator.compress.quantize import fake_quantize, fake_quantize_
 from orchestrator.compress.structured import Slicer
 from search_spaces import LayerInfo, LayerSetting, SearchSpace
 from search_spaces.config import FLOAT_BITS
+from search_spaces.kinds import BITS, KnobKind, kind_of
 
 PruneStep = Callable[[LayerInfo, list[torch.Tensor], LayerSetting], list[torch.Tensor]]
 
@@ -61,7 +62,10 @@ class Rebuilder:
         weights = {layer.name: [w.key for w in layer.weights] for layer in space.profile.layers}
         # per bits knob: the weights it quantizes
         self._bits_knobs = [(k.name, [key for name in k.layers for key in weights[name]])
-                            for k in space.knobs if k.kind == "bits"]  # fmt: skip
+                            for k in space.knobs if k.kind == BITS.name]  # fmt: skip
+        # knobs whose kind changes the model itself (not through the layer settings)
+        self._applied = [(k, kind_of(k)) for k in space.knobs
+                         if type(kind_of(k)).apply is not KnobKind.apply]  # fmt: skip
         self.cache = TensorCache()
         self._slicer = self._new_slicer()
         self._named: tuple[nn.Module, dict[str, torch.Tensor]] | None = None
@@ -102,7 +106,15 @@ class Rebuilder:
         before_quantize: Callable[[nn.Module, dict[str, torch.Tensor]], None] | None = None,
     ) -> nn.Module:
         """The compressed model of `policy`. `before_quantize(model, masks)` runs on the
-        pruned float model (recovery fine-tuning); `masks` are the unstructured masks."""
+        pruned float model (recovery fine-tuning); `masks` are the unstructured masks.
+        Kinds applied outside the layer settings (`KnobKind.apply`) come last."""
+        model = self._compressed(policy, before_quantize)
+        for knob, kind in self._applied:
+            model = kind.apply(model, self.space, knob, policy[knob.name])
+        return model
+
+    def _compressed(self, policy: Mapping[str, int | float],
+                    before_quantize: Callable | None) -> nn.Module:  # fmt: skip
         self.restore()
         if self._slicer is not None:
             return self._sliced(policy, before_quantize)

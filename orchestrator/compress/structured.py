@@ -18,49 +18,11 @@ from torch.nn.utils.parametrize import is_parametrized
 from orchestrator.compress.memo import TensorCache
 from orchestrator.compress.variants import Variants
 from search_spaces.config import FLOAT_BITS
+from search_spaces.layers import LayerType, layer_type
 from search_spaces.structure import PruningPlan
 
-
-def _set(m: nn.Module, **attrs: object) -> None:
-    # plain int attributes: Module.__setattr__'s parameter checks cost more than the rebuild
-    m.__dict__.update(attrs)
-
-
-def _fix_conv(m: nn.Module, old: dict) -> None:
-    out, per_group = m.weight.shape[:2]
-    if old["groups"] > 1 and old["groups"] == old["in_channels"] == old["out_channels"]:
-        _set(m, groups=out, in_channels=out, out_channels=out)  # depthwise stays so
-        return
-    _set(m, out_channels=out, in_channels=per_group * m.groups)
-
-
-def _fix_linear(m: nn.Module, old: dict) -> None:
-    out, inp = m.weight.shape
-    _set(m, out_features=out, in_features=inp)
-
-
-def _fix_norm(m: nn.Module, old: dict) -> None:
-    ref = m.weight if m.weight is not None else m.running_mean
-    _set(m, num_features=ref.shape[0])
-
-
-def _fix_layer_norm(m: nn.Module, old: dict) -> None:
-    _set(m, normalized_shape=(m.weight.shape[0],))
-
-
-def _fix_rnn(m: nn.Module, old: dict) -> None:
-    _set(m, hidden_size=m.weight_hh_l0.shape[1], input_size=m.weight_ih_l0.shape[1])
-    if m.weight_hh_l0.is_cuda:  # cuDNN keeps the weights in one flat buffer: refill it
-        m._init_flat_weights()  # (elsewhere the module holds the same Parameters)
-
-
-_ATTRS = ("groups", "in_channels", "out_channels")
+_ATTRS = ("groups", "in_channels", "out_channels")  # the base's, for a fix (depthwise convs)
 Fix = tuple[nn.Module, Callable[[nn.Module, dict], None], dict]  # module, fixer, old attrs
-FIXERS: dict[type, Callable[[nn.Module, dict], None]] = {
-    nn.Conv1d: _fix_conv, nn.Conv2d: _fix_conv, nn.Conv3d: _fix_conv, nn.Linear: _fix_linear,
-    nn.BatchNorm1d: _fix_norm, nn.BatchNorm2d: _fix_norm, nn.BatchNorm3d: _fix_norm,
-    nn.LayerNorm: _fix_layer_norm, nn.LSTM: _fix_rnn, nn.GRU: _fix_rnn,
-}  # fmt: skip
 
 
 class Slicer:
@@ -178,7 +140,10 @@ class Slicer:
                                      if n in touched or isinstance(m, nn.RNNBase))  # fmt: skip
 
     def _fixes_of(self, modules: Iterable[tuple[str, nn.Module]]) -> list[Fix]:
-        return [(m, FIXERS[type(m)], self.old[n]) for n, m in modules if type(m) in FIXERS]
+        # each module's layer type sets its shape attributes (search_spaces/layers)
+        return [(m, layer.fix, self.old[n]) for n, m in modules
+                if (layer := layer_type(m)) is not None
+                and type(layer).fix is not LayerType.fix]  # fmt: skip
 
     def _clone(self, new: Mapping[str, torch.Tensor]) -> nn.Module:
         """The module tree, every module a new object, every tensor fresh (sliced or copied),

@@ -207,10 +207,3 @@ def digits_resnet() -> Task:
 
 def digits_lstm() -> Task:
     return _make_task("digits-lstm", DigitsLSTM, _rows, epochs=30, lr=1e-2)
-
-
-TASKS: dict[str, Callable[[], Task]] = {
-    "digits-cnn": digits_cnn,
-    "digits-resnet": digits_resnet,
-    "digits-lstm": digits_lstm,
-}

@@ -10,6 +10,7 @@ from functools import cached_property
 from typing import Any
 
 from search_spaces import SearchSpace, SpaceError
+from search_spaces.kinds import BITS, KEEP, kind_of
 
 Value = int | float
 
@@ -33,8 +34,8 @@ class Policy(Mapping[str, Value]):
         """Every searchable bits knob at `bits`, every searchable keep knob at `keep`, as
         given (`eval --policy uniform:3` is every layer at 3 bits, even one whose choices a
         preset narrows); a knob a rule fixes to one choice (`skip`, `keep: [1.0]`) keeps it."""
-        by_kind = {"bits": bits, "keep": keep}
-        values = {k.name: by_kind[k.kind] for k in space.searchable}
+        by_kind = {BITS.name: bits, KEEP.name: keep}  # other kinds: their reference
+        values = {k.name: by_kind.get(k.kind, kind_of(k).reference) for k in space.searchable}
         return cls.from_values(space, {**space.fixed_values, **values})
 
     @classmethod
