@@ -11,9 +11,10 @@ was never tried. So, under a budget:
 - a repair steps down the knob whose next lower choice loses the least estimated metric
   per unit of budget excess it removes, and then fills what slack is left the other way
   (the knob gaining the most per byte), so a repaired candidate sits at the budget's edge;
-- half of the asks after the first candidates are local moves of one or two knobs from
-  the incumbent (the best policy within the budget so far), repaired and filled the same
-  way: the search spends them where the answer is. Once local moves stop paying (a run
+- half of the asks after the first candidates are local moves from the incumbent (the
+  best policy within the budget so far: one knob raised, one knob jumped to any choice,
+  or one or two knobs a step), repaired and filled the same way: the search spends them
+  where the answer is. Once local moves stop paying (a run
   of them without a better incumbent) they thin out to one ask in four, then in eight,
   and the sampler gets the asks to explore (`LocalShare`).
 
@@ -44,6 +45,10 @@ from search_spaces.policy import Policy
 Values = dict[str, Any]
 UNIFORM_BASELINE_BITS = (32, 8, 4, 2)  # without a budget: the uniform float/8/4/2 policies
 MOVE_TRIES = 32  # local moves drawn before giving the ask back to the sampler
+# of the local moves that are not a raise, the share that set one knob to any other
+# choice: steps of one grid point never cross to policies such as "this layer's FFN at
+# 0.3, the bytes spent on bits elsewhere", which beat every stepwise move on MiniLM
+JUMP_SHARE = 0.5
 LOCAL_PATIENCE = 8  # local moves without a better incumbent before they thin out
 LOCAL_SPARSEST = 8  # at least one ask in this many stays a local move
 
@@ -247,10 +252,10 @@ class Mover:
 
     def local_move(self, incumbent: Mapping[str, Any], rng: random.Random,
                    seen: Callable[[str], bool]) -> Values | None:  # fmt: skip
-        """A new policy one or two knob steps from the incumbent, within the budget: raise
-        one knob (the more it would gain, the likelier) and repair the rest around it,
-        or move one or two random knobs a step either way and repair. None if every draw
-        was evaluated already (`seen` by policy hash)."""
+        """A new policy near the incumbent, within the budget: raise one knob (the more it
+        would gain, the likelier) and repair the rest around it, set one random knob to
+        any other choice, or move one or two random knobs a step either way, each then
+        repaired and filled. None if every draw was evaluated already (`seen` by hash)."""
         for _ in range(MOVE_TRIES):
             values, hold = self._draw(self._snap(incumbent), rng)
             moved = self.repair(values, hold=hold)
@@ -259,8 +264,9 @@ class Mover:
         return None
 
     def _draw(self, values: Values, rng: random.Random) -> tuple[Values, list[str]]:
-        """Knobs moved one step from `values`, and those knobs (held where they were moved:
-        the repair may not lower a raised knob, nor the fill raise a lowered one back)."""
+        """Knobs moved from `values`, and those knobs (held where they were moved: the
+        repair may not lower a raised knob, nor the fill raise a lowered one back): one
+        knob a step up, one knob to any other choice (a jump), or one or two knobs a step."""
         if rng.random() < 0.5:
             raises = [(k, _step(k, values[k.name], +1)) for k in self.knobs]
             raises = [(k, up) for k, up in raises if up is not None]
@@ -268,6 +274,11 @@ class Mover:
                 gains = [self.loss(k, values[k.name]) - self.loss(k, up) + 1e-9 for k, up in raises]
                 knob, up = rng.choices(raises, weights=gains)[0]
                 return {**values, knob.name: up}, [knob.name]
+        if rng.random() < JUMP_SHARE:
+            knob = rng.choice(self.knobs)
+            others = [c for c in knob.choices if c != values[knob.name]]
+            if others:
+                return {**values, knob.name: rng.choice(others)}, [knob.name]
         hold = []
         for knob in rng.sample(list(self.knobs), k=min(len(self.knobs), rng.choice((1, 2)))):
             direction = rng.choice((-1, 1))

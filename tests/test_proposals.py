@@ -149,6 +149,21 @@ def test_local_moves_fit_differ_from_the_incumbent_and_are_new(space):
     assert len(seen) > 5  # it explores, it does not repeat itself
 
 
+def test_some_local_moves_jump_a_knob_far_from_the_incumbent(space):
+    """Steps of one grid point never reach "one layer pruned hard, its bytes spent on
+    bits elsewhere": some draws set a knob two or more choices away (before the repair)."""
+    budget = Budget(size_bytes=_uniform_size(space, 4))
+    mover = Mover(Pricing(space, budget), LossModel.prior(space))
+    incumbent = uniform_values(space, 4)
+    rng, jumps = random.Random(1), 0
+    for _ in range(60):
+        drawn, held = mover._draw(dict(incumbent), rng)
+        steps = [abs(k.choices.index(drawn[k.name]) - k.choices.index(incumbent[k.name]))
+                 for k in space.searchable if k.name in held]  # fmt: skip
+        jumps += any(s >= 2 for s in steps)
+    assert 5 <= jumps <= 30  # a quarter of the draws, roughly
+
+
 def test_local_moves_repeat_with_the_seed(space):
     budget = Budget(size_bytes=_uniform_size(space, 3))
     mover = Mover(Pricing(space, budget), LossModel.prior(space))
