@@ -74,19 +74,21 @@ def build_space(config: SearchConfig) -> tuple[Task, nn.Module, SearchSpace]:
     if not profile.layers:
         raise ConfigError(f"task '{config.task}': the model has no Conv/Linear/LSTM/GRU layer "
                           "to compress")  # fmt: skip
-    mode, plan = _pruning_plan(config, model, example, profile)
+    mode, plan, fallback = _pruning_plan(config, model, example, profile)
     try:
-        space = derive_space(profile, config.space, pruning=mode, plan=plan)
+        space = derive_space(profile, config.space, pruning=mode, plan=plan, fallback=fallback)
     except SpaceError as exc:
         raise ConfigError(str(exc)) from None
     return task, model, space
 
 
-def _pruning_plan(config: SearchConfig, model: nn.Module, example: object,
-                  profile: object) -> tuple[str, PruningPlan | None]:  # fmt: skip
-    """`auto` is structured where the model has coupling groups that can be cut."""
+def _pruning_plan(config: SearchConfig, model: nn.Module, example: object, profile: object
+                  ) -> tuple[str, PruningPlan | None, dict[str, str]]:  # fmt: skip
+    """`auto` is structured where the model has coupling groups that can be cut; else
+    unstructured, with why (by group, or "model" when tracing failed) for `space` and
+    run.json, never silently."""
     if config.pruning not in ("auto", "structured"):
-        return config.pruning, None
+        return config.pruning, None, {}
     layer_names = [layer.name for layer in profile.layers]
     try:
         plan = plan_groups(model, example, layer_names=layer_names, importance=config.importance)
@@ -95,14 +97,15 @@ def _pruning_plan(config: SearchConfig, model: nn.Module, example: object,
             raise ConfigError(f"pruning: structured: tracing the model's channel dependencies "
                               f"failed ({type(exc).__name__}: {exc}); use pruning: "
                               "unstructured") from exc  # fmt: skip
-        return "unstructured", None
+        return "unstructured", None, {"model": f"tracing the model's channel dependencies "
+                                               f"failed ({type(exc).__name__}: {exc})"}  # fmt: skip
     if plan.groups:
-        return "structured", plan
+        return "structured", plan, {}
     if config.pruning == "structured":
         reasons = "; ".join(f"{k}: {v}" for k, v in list(plan.excluded.items())[:3])
         raise ConfigError(f"pruning: structured: no group of this model's channels can be cut "
                           f"({reasons or 'no groups'}); use pruning: unstructured")  # fmt: skip
-    return "unstructured", None
+    return "unstructured", None, dict(plan.excluded) or {"model": "it has no coupling groups"}
 
 
 def check_budget(space: SearchSpace, budget: Budget) -> None:

@@ -38,7 +38,12 @@ def print_space(space: SearchSpace) -> None:
     for name, reason in space.skipped.items():
         print(f"skipped {name}: {reason}")
     for name, reason in space.unpruned.items():
-        print(f"not pruned: group of {name}: {reason}")
+        where = (
+            "the model" if name == "model" and space.pruning != "structured" else f"group of {name}"
+        )
+        print(f"not pruned: {where}: {reason}")
+    if space.pruning == "unstructured" and space.unpruned:  # pruning: auto fell back
+        print("structured pruning found no group to cut (above); pruning unstructured: masks")
     from search_spaces.cost import policy_cost
     from search_spaces.policy import Policy
 

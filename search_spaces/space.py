@@ -215,11 +215,14 @@ def derive_space(
     *,
     pruning: str = "unstructured",
     plan: PruningPlan | None = None,
+    fallback: Mapping[str, str] | None = None,
 ) -> SearchSpace:
     """The knobs of a model: defaults, then the preset's rules, then the user's, in order.
 
     Structured mode (`plan` given) has one keep knob per coupling group, taking the keep
-    choices (and tie) of the group's root layer; unstructured mode one per layer."""
+    choices (and tie) of the group's root layer; unstructured mode one per layer.
+    `fallback`: why structured pruning was not possible (`pruning: auto`), by group root
+    (or "model"): kept in `unpruned`, so `space` and run.json say it."""
     config = config or SpaceConfig()
     preset = profile.family if config.preset == "auto" else config.preset
     preset_rules = () if preset == "none" else load_preset(preset)
@@ -229,7 +232,7 @@ def derive_space(
 
     skipped = {name: "skipped by a space rule" for name, r in resolved.items() if r.skip}
     active = [name for name, r in resolved.items() if not r.skip]
-    unpruned: dict[str, str] = {}
+    unpruned: dict[str, str] = dict(fallback or {})
     if pruning == "structured":
         if plan is None:
             raise SpaceError("structured pruning needs a pruning plan of the model")

@@ -289,3 +289,28 @@ def test_a_command_leaves_sys_path_and_torch_threads_as_it_found_them(capsys, tm
     finally:
         torch.set_num_threads(threads)
     capsys.readouterr()
+
+
+def test_space_says_why_pruning_auto_fell_back_to_unstructured(capsys, tmp_path, monkeypatch):
+    """A model none of whose groups can be cut: `space` names every group's reason."""
+    monkeypatch.chdir(tmp_path)
+    name = _module(tmp_path, """
+import torch
+from torch import nn
+from orchestrator import Task
+
+def make_task():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    model = lambda: nn.Sequential(nn.Linear(8, 8), nn.PReLU(8), nn.Linear(8, 4)).eval()
+    return Task(name="prelu", model=model, example_inputs=lambda: x[:2],
+                calibration=lambda: [(x, y)], validation=lambda: [(x, y)])
+""")  # fmt: skip
+    try:
+        assert main(["space", _yaml(tmp_path, f'task: "{name}:make_task"\n')]) == 0
+    finally:
+        sys.modules.pop(name, None)
+    out = capsys.readouterr().out
+    assert "pruning: unstructured" in out and "keep:0" in out  # masks, per layer
+    assert "not pruned: group of 0: member 1 (PReLU) cannot be sliced" in out
+    assert "not pruned: group of 2: cutting it changes the model's output shape" in out
