@@ -4,10 +4,13 @@ channel coupling is Torch-Pruning's tracing, which knows the torch.nn types only
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
 
+from orchestrator.compress.plan import plan_groups
 from orchestrator.compress.rebuild import Rebuilder
 from orchestrator.compress.structured import slice_model
 from search_spaces import SpaceConfig, derive_space, profile_model
@@ -82,3 +85,13 @@ def test_a_registered_layer_type_is_quantized_and_cut(dense_type):
     small = slice_model(model, PruningPlan(groups=(group,)), {"0": 5})
     assert small[0].out_features == 5 and small[2].in_features == 5
     assert small(x).shape == (5, 4)
+
+
+def test_torch_pruning_warnings_are_summarized_in_one_line(caplog, recwarn):
+    """Tracing a module Torch-Pruning does not know makes it warn ("Unwrapped parameters
+    detected"): the user sees one summary line, not the raw warnings."""
+    with caplog.at_level(logging.WARNING, logger="prunesearch"):
+        plan_groups(_model(), torch.randn(5, 16), layer_names=["0", "2"])
+    assert not [w for w in recwarn if "torch_pruning" in w.filename]
+    lines = [r.getMessage() for r in caplog.records if "Torch-Pruning warned" in r.getMessage()]
+    assert len(lines) == 1 and "Unwrapped parameters detected" in lines[0], lines

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +31,7 @@ from search_spaces.layers import LAYERS, layer_type
 from search_spaces.structure import DimSlice, GroupPlan, PruningPlan
 
 _BN = nn.modules.batchnorm._BatchNorm
+LOG = logging.getLogger("prunesearch")
 
 
 # what cutting a module's output or input channels touches: its layer type says
@@ -117,7 +120,32 @@ def _group_plan(group: Any, names: dict[nn.Module, str], root_name: str) -> Grou
 
 def plan_groups(model: nn.Module, example_inputs: Any, *, layer_names: list[str],
                 importance: str = "l1") -> PruningPlan:  # fmt: skip
-    """The coupling groups of `model` rooted at its compressible layers, with importance order."""
+    """The coupling groups of `model` rooted at its compressible layers, with importance
+    order. Torch-Pruning's warnings (about its own defaults, which our handlers replace)
+    are summarized in one logged line, not printed raw."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = _plan_groups(model, example_inputs, layer_names=layer_names, importance=importance)
+    _summarize(caught)
+    return plan
+
+
+def _summarize(caught: list[warnings.WarningMessage]) -> None:
+    """Torch-Pruning's warnings as one line (count and the first's first line); any other
+    warning passes through as it was."""
+    ours = [w for w in caught if "torch_pruning" in w.filename]
+    for w in caught:
+        if w not in ours:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if ours:
+        first = str(ours[0].message).splitlines()[0]
+        LOG.warning(
+            "planning: Torch-Pruning warned %d time(s) while tracing (first: %s)", len(ours), first
+        )
+
+
+def _plan_groups(model: nn.Module, example_inputs: Any, *, layer_names: list[str],
+                 importance: str) -> PruningPlan:  # fmt: skip
     import torch_pruning as tp
 
     model = model.eval()
