@@ -14,7 +14,7 @@ import yaml
 
 from search_spaces.config import FLOAT_BITS, Rule, SpaceConfig, keep_choices
 from search_spaces.errors import SpaceError
-from search_spaces.kinds import KINDS, Targets, channel_counts, kind_of, layer_bits, round_count
+from search_spaces.kinds import KINDS, Targets, channel_counts, kind_of, layer_bits
 from search_spaces.profile import LayerInfo, ModelProfile
 from search_spaces.structure import GroupPlan, PruningPlan
 
@@ -97,9 +97,6 @@ class SearchSpace:
 
     def layer_bits(self, values: Mapping[str, Value]) -> dict[str, int]:
         return layer_bits(self, values)
-
-    def keep_count(self, layer: LayerInfo, ratio: float) -> int:
-        return round_count(ratio, layer.numel)
 
     def extreme_values(self, which: str) -> dict[str, Value]:
         """Every knob at its smallest ('min') or largest ('max') choice."""
