@@ -62,6 +62,9 @@ def resolve_task(spec: str) -> Task:
 
 
 def _import_task(spec: str) -> Task:
+    from orchestrator.thirdparty import prepare_torchvision
+
+    prepare_torchvision()  # a task importing torchvision or transformers imports beside any torch
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)

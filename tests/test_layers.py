@@ -15,7 +15,7 @@ from orchestrator.compress.rebuild import Rebuilder
 from orchestrator.compress.structured import slice_model
 from search_spaces import SpaceConfig, derive_space, profile_model
 from search_spaces.cost import policy_cost
-from search_spaces.layers import LAYERS, LayerType, register
+from search_spaces.layers import LayerType, register, unregister
 from search_spaces.layers.base import rows, set_attrs, uses_per_output_channel
 from search_spaces.policy import Policy
 from search_spaces.structure import DimSlice, GroupPlan, PruningPlan
@@ -50,8 +50,9 @@ class DenseType(LayerType):
 
 @pytest.fixture
 def dense_type():
-    yield register(DenseType())
-    LAYERS.pop(Dense)
+    layer = register(DenseType())
+    yield layer
+    unregister(layer)
 
 
 def _model():

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from search_spaces.layers import LAYERS, layer_type
+from search_spaces.layers import LAYERS
 
 # module type -> constructor arguments read back from its attributes (its layer type's)
 _BY_NAME = {t.__name__: t for t, layer in LAYERS.items() if layer.args is not None}
@@ -28,7 +28,7 @@ def architecture(model: nn.Module) -> dict[str, Any] | None:
         if any(spec is None for _, spec in children):
             return None
         return {"type": "Sequential", "children": [[n, s] for n, s in children]}
-    layer = layer_type(model)
+    layer = LAYERS.get(type(model))  # exactly: a subclass is rebuilt by its own code only
     if layer is None or layer.args is None or any(True for _ in model.children()):
         return None
     args = {a: _json_value(getattr(model, a)) for a in layer.args}

@@ -68,14 +68,44 @@ def uses_per_output_channel(output: Any, channels: int) -> int:
 
 
 LAYERS: dict[type[nn.Module], LayerType] = {}
+# types of optional packages, by "module.QualName", so registering them imports nothing
+# (e.g. "transformers.pytorch_utils.Conv1D"); matched on first sight of such a module
+LAYERS_BY_NAME: dict[str, LayerType] = {}
+_RESOLVED: dict[type, LayerType | None] = {}
 
 
-def register(layer: LayerType) -> LayerType:
+def register(layer: LayerType, *names: str) -> LayerType:
+    """Register `layer` for its `types` and for classes named "module.QualName"."""
     for t in layer.types:
         LAYERS[t] = layer
+    for name in names:
+        LAYERS_BY_NAME[name] = layer
+    _RESOLVED.clear()
     return layer
 
 
+def unregister(layer: LayerType) -> None:
+    for t in layer.types:
+        LAYERS.pop(t, None)
+    for name in [n for n, found in LAYERS_BY_NAME.items() if found is layer]:
+        del LAYERS_BY_NAME[name]
+    _RESOLVED.clear()
+
+
+def _resolve(cls: type) -> LayerType | None:
+    # the nearest registered class in the MRO: a subclass (torchvision's LayerNorm2d,
+    # MultiheadAttention's out_proj Linear) slices and rebuilds as its base does; one
+    # computing differently is caught by the plan's test rebuilds, which run the model
+    for klass in cls.__mro__:
+        found = LAYERS.get(klass) or LAYERS_BY_NAME.get(f"{klass.__module__}.{klass.__qualname__}")
+        if found is not None:
+            return found
+    return None
+
+
 def layer_type(module: nn.Module) -> LayerType | None:
-    """The registered type of `module` (exact type: a subclass may compute differently)."""
-    return LAYERS.get(type(module))
+    """The registered type of `module` or of its nearest registered base class."""
+    cls = type(module)
+    if cls not in _RESOLVED:
+        _RESOLVED[cls] = _resolve(cls)
+    return _RESOLVED[cls]
