@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--policies", type=int, default=6, help="random policies per model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--memory-gb", type=float, default=8,
+                        help="address-space limit of each architecture's process")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write every row here (JSON lines)")
     args = parser.parse_args()
@@ -155,8 +157,12 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", arch, "--policies", str(args.policies),
                "--seed", str(args.seed)]  # fmt: skip
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
+            limit = int(args.memory_gb * 2**30)
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=args.timeout,
+                env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                preexec_fn=lambda limit=limit: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+            )  # fmt: skip
             line = [x for x in done.stdout.splitlines() if x.startswith("ROW ")]
             row = (
                 json.loads(line[0][4:])

@@ -17,6 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from orchestrator.budget import Budget, format_bytes
+from orchestrator.cache import cache_dir
 from orchestrator.compress.plan import plan_groups
 from orchestrator.config import SearchConfig
 from orchestrator.errors import ConfigError
@@ -91,7 +92,8 @@ def _pruning_plan(config: SearchConfig, model: nn.Module, example: object, profi
         return config.pruning, None, {}
     layer_names = [layer.name for layer in profile.layers]
     try:
-        plan = plan_groups(model, example, layer_names=layer_names, importance=config.importance)
+        plan = plan_groups(model, example, layer_names=layer_names, importance=config.importance,
+                           cache=cache_dir() / "plans")  # fmt: skip
     except Exception as exc:
         if config.pruning == "structured":
             raise ConfigError(f"pruning: structured: tracing the model's channel dependencies "

@@ -8,11 +8,12 @@ every other tensor in the state dict. The cost model works from it alone.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from search_spaces.layers import LAYERS, LayerType, layer_type
@@ -74,6 +75,8 @@ class ModelProfile:
     has_batchnorm: bool
     family: str  # "cnn", "rnn" or "mlp": picks the preset
     tensors: tuple[TensorInfo, ...] = ()  # the whole state dict
+    # what is not compressed although it holds weights, with why (never left out silently)
+    left_out: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def float_bytes(self) -> int:
@@ -86,7 +89,7 @@ class ModelProfile:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "left_out": dict(self.left_out)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelProfile:
@@ -100,7 +103,8 @@ class ModelProfile:
         )  # fmt: skip
         tensors = tuple(TensorInfo(**{**t, "shape": tuple(t["shape"])})
                         for t in data.get("tensors", ()))  # fmt: skip
-        return cls(**{**data, "layers": layers, "tensors": tensors})
+        return cls(**{**data, "layers": layers, "tensors": tensors,
+                      "left_out": dict(data.get("left_out", {}))})  # fmt: skip
 
 
 FAMILY_ORDER = ("rnn", "cnn")  # a model with any recurrent layer is an rnn; "mlp" if none
@@ -146,15 +150,74 @@ def profile_model(model: nn.Module, example_inputs: Any) -> ModelProfile:
     finally:
         for h in hooks:
             h.remove()
+    _driven_uses(model, uses)
+    uncalled = {
+        name: module for name, module in model.named_modules()
+        if name not in uses and _compressible(module) is not None
+    }  # fmt: skip
+    if uncalled:
+        uses.update(_functional_uses(model, example_inputs, uncalled))
     return _assemble(model, uses)
+
+
+def _driven_uses(model: nn.Module, uses: dict[str, int]) -> None:
+    """Children a called layer uses functionally get its uses (its type's `drives`)."""
+    for name, module in model.named_modules():
+        layer = layer_type(module)
+        if layer is None or name not in uses:
+            continue
+        prefix = f"{name}." if name else ""
+        for child in layer.drives:
+            if isinstance(getattr(module, child, None), nn.Module):
+                uses.setdefault(prefix + child, uses[name])
+
+
+# functions whose second argument is a weight applied per output row (dim 0)
+_WEIGHTED = {F.linear, F.conv1d, F.conv2d, F.conv3d}
+
+
+def _functional_uses(model: nn.Module, example_inputs: Any,
+                     layers: Mapping[str, nn.Module]) -> dict[str, int]:  # fmt: skip
+    """Uses of layers whose forward never runs but whose weights the model passes to
+    F.linear / F.conv* itself (Swin's attention calls F.linear on `qkv.weight`), found by
+    a second forward pass under a TorchFunctionMode; views of a weight (split q/k/v)
+    count toward it. Layers still unseen are not part of the forward pass."""
+    from torch.overrides import TorchFunctionMode
+
+    owner = {}
+    for name, module in layers.items():
+        for w in _compressible(module).weights(module):
+            owner[id(module.get_parameter(w))] = name
+    macs: dict[str, int] = {}
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            weight = args[1] if len(args) > 1 else (kwargs or {}).get("weight")
+            if func in _WEIGHTED and isinstance(weight, torch.Tensor):
+                base = weight if id(weight) in owner else weight._base
+                if base is not None and id(base) in owner and weight.shape[0]:
+                    per_row = out.numel() // weight.shape[0]
+                    macs[owner[id(base)]] = macs.get(owner[id(base)], 0) + weight.numel() * per_row
+            return out
+
+    with torch.no_grad(), Count():
+        call_model(model.eval(), example_inputs)
+    numel = {n: sum(m.get_parameter(w).numel() for w in _compressible(m).weights(m))
+             for n, m in layers.items()}  # fmt: skip
+    return {name: total // max(1, numel[name]) for name, total in macs.items()}
 
 
 def _assemble(model: nn.Module, uses: dict[str, int]) -> ModelProfile:
     state = model.state_dict()
-    layers, weight_keys = [], set()
+    layers, weight_keys, left_out = [], set(), {}
     for name, module in model.named_modules():
         layer = _compressible(module)
-        if layer is None or name not in uses:  # never called: not part of the forward pass
+        if layer is None:
+            continue
+        if name not in uses:
+            left_out[name] = (f"{type(module).__name__} not called by the forward pass on the "
+                              "example inputs (kept in float)")  # fmt: skip
             continue
         prefix = f"{name}." if name else ""
         weights = tuple(
@@ -174,5 +237,22 @@ def _assemble(model: nn.Module, uses: dict[str, int]) -> ModelProfile:
     params = {k for k, _ in model.named_parameters()}
     tensors = tuple(TensorInfo(key=k, shape=tuple(t.shape), dtype_bytes=t.element_size(),
                                parameter=k in params) for k, t in state.items())  # fmt: skip
+    left_out.update(_unowned_weights(model, weight_keys))
     return ModelProfile(layers=tuple(layers), other_bytes=other, has_batchnorm=has_bn,
-                        family=family, tensors=tensors)  # fmt: skip
+                        family=family, tensors=tensors, left_out=left_out)  # fmt: skip
+
+
+def _unowned_weights(model: nn.Module, weight_keys: set[str]) -> dict[str, str]:
+    """Parameters of module types no layer type knows (position tables, class tokens,
+    a custom layer's weights): kept in float, and said so."""
+    found = {}
+    for name, module in model.named_modules():
+        if layer_type(module) is not None:
+            continue
+        prefix = f"{name}." if name else ""
+        for pname, param in module.named_parameters(recurse=False):
+            if prefix + pname not in weight_keys and param.dim() >= 1:
+                found[prefix + pname] = (f"a parameter of {type(module).__name__} "
+                                         f"({param.numel():,} values) no layer type quantizes "
+                                         "(kept in float)")  # fmt: skip
+    return found

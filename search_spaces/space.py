@@ -227,19 +227,20 @@ def derive_space(
     rules += [(f"space.rules[{i}]", r) for i, r in enumerate(config.rules)]
     resolved = _apply_rules(profile, config, rules)
 
-    skipped = {name: "skipped by a space rule" for name, r in resolved.items() if r.skip}
+    ruled = {name: "skipped by a space rule" for name, r in resolved.items() if r.skip}
     active = [name for name, r in resolved.items() if not r.skip]
     unpruned: dict[str, str] = dict(fallback or {})
     if pruning == "structured":
         if plan is None:
             raise SpaceError("structured pruning needs a pruning plan of the model")
-        plan, unpruned = _without_skipped(plan, skipped)
+        plan, unpruned = _without_skipped(plan, ruled)
     where = Targets(profile=profile, active=active, pruning=pruning, plan=plan)
     knobs = [knob for kind in KINDS.values() for knob in _knobs(kind.name, kind.targets(where),
                                                                  resolved)]  # fmt: skip
     position = {layer.name: i for i, layer in enumerate(profile.layers)}
     order = {name: i for i, name in enumerate(KINDS)}
     knobs.sort(key=lambda k: (position[k.layers[0]], order[k.kind]))  # a layer's knobs by kind
+    skipped = {**profile.left_out, **ruled}
     space = SearchSpace(profile=profile, knobs=tuple(knobs), pruning=pruning, skipped=skipped,
                         plan=plan if pruning == "structured" else None, unpruned=unpruned)  # fmt: skip
     if not space.searchable:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +53,33 @@ class PruningPlan:
             if g.name == name:
                 return g
         raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the channel order (which follows the weights, not the structure)."""
+        return {
+            "importance": self.importance,
+            "excluded": dict(self.excluded),
+            "groups": [
+                {"name": g.name, "channels": g.channels, "members": list(g.members),
+                 "unit": g.unit, "count_attr": g.count_attr,
+                 "slices": [{"key": s.key, "dim": s.dim, "index": [list(i) for i in s.index]}
+                            for s in g.slices]}
+                for g in self.groups
+            ],
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PruningPlan:
+        groups = tuple(
+            GroupPlan(name=g["name"], channels=g["channels"], members=tuple(g["members"]),
+                      order=tuple(range(g["channels"])), unit=g["unit"],
+                      count_attr=g["count_attr"],
+                      slices=tuple(DimSlice(key=s["key"], dim=s["dim"],
+                                            index=tuple(map(tuple, s["index"])))
+                                   for s in g["slices"]))
+            for g in data["groups"]
+        )  # fmt: skip
+        return cls(groups=groups, excluded=dict(data["excluded"]), importance=data["importance"])
 
     @cached_property
     def cuts(self) -> dict[str, list[tuple[str, int, int, int]]]:

@@ -17,14 +17,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
+import json
 import logging
+import random
+import time
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from orchestrator.atomic import atomic_write_json
 from orchestrator.batches import call_model
 from orchestrator.compress.structured import slice_model
 from search_spaces.layers import LAYERS, layer_type
@@ -58,76 +65,266 @@ def _gru_traced_as_lstm():
         tp.ops.TORCH_LSTM = saved
 
 
+@contextlib.contextmanager
+def _tolerant_index_mapping(broken: set[int]):
+    """Torch-Pruning fails the whole trace when it cannot map channel indices through one
+    reshape, concat, split, ... node (ShuffleNet's channel shuffle: ZeroDivisionError).
+    While the graph is built, such a node is recorded in `broken` (by id) instead, and
+    every group passing through it is left out (per group, not the whole model)."""
+    from torch_pruning.dependency import index_mapping
+
+    names = [n for n in dir(index_mapping) if n.startswith("update_") and n.endswith("_mapping")
+             and n != "update_index_mapping"]  # fmt: skip
+    saved = {n: getattr(index_mapping, n) for n in names}
+
+    def tolerant(original):
+        def update(graph, node):
+            try:
+                return original(graph, node)
+            except Exception:  # its index mapping is unknown: the node breaks coupling
+                broken.add(id(node.module))
+
+        return update
+
+    for n, fn in saved.items():
+        setattr(index_mapping, n, tolerant(fn))
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(index_mapping, n, fn)
+
+
+# Bounds on tracing one group (Torch-Pruning revisits nodes whose index lists differ only
+# in order; on Swin-T one group grew past 20 GB): items and indices held by the group
+TRACE_ITEMS, TRACE_INDICES = 4000, 2_000_000
+PLAN_SECONDS = 120.0  # groups not traced by then are left out, with why
+
+
+class _TraceTooLarge(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _bounded_tracing():
+    """While planning: Torch-Pruning's group tracing stops (for that group) past the
+    bounds above, and its index maps are computed once per graph, not again for every
+    group (the same result: it was most of densenet121's planning time)."""
+    from torch_pruning.dependency import graph as graph_module
+    from torch_pruning.dependency.group import Group
+
+    add_dep, update = Group.add_dep, graph_module.index_mapping.update_index_mapping
+    updated: set[int] = set()
+
+    def bounded_add_dep(self, dep, idxs):
+        held = getattr(self, "_held", 0) + len(idxs)
+        if len(self._group) >= TRACE_ITEMS or held > TRACE_INDICES:
+            raise _TraceTooLarge(f"its coupling grew past {len(self._group):,} dependencies "
+                                 f"and {held:,} indices while being traced")  # fmt: skip
+        self._held = held
+        add_dep(self, dep, idxs)
+
+    def update_once(graph):
+        if id(graph) not in updated:
+            updated.add(id(graph))
+            update(graph)
+
+    Group.add_dep = bounded_add_dep
+    graph_module.index_mapping.update_index_mapping = update_once
+    try:
+        yield
+    finally:
+        Group.add_dep = add_dep
+        graph_module.index_mapping.update_index_mapping = update
+
+
 def _handler_role(dep: Any) -> str:
     return "out" if "out" in getattr(dep.handler, "__name__", str(dep.handler)) else "in"
-
-
-def _member_slices(module: nn.Module, name: str, role: str, per_channel: dict[int, list[int]],
-                   channels: int) -> list[DimSlice]:  # fmt: skip
-    layer = layer_type(module)
-    cuts = (
-        None if layer is None else layer.cut_out(module) if role == "out" else layer.cut_in(module)
-    )
-    if cuts is None:
-        raise _Unsliceable(f"member {name or 'model'} ({type(module).__name__}) cannot be sliced")
-    prefix = f"{name}." if name else ""
-    slices = []
-    for tensor, dim, gates in cuts:
-        size = getattr(module, tensor).shape[dim]
-        step = size // gates
-        index = tuple(
-            tuple(g * step + i for g in range(gates) for i in per_channel[c])
-            for c in range(channels)
-        )
-        slices.append(DimSlice(key=prefix + tensor, dim=dim, index=index))
-    return slices
 
 
 class _Unsliceable(Exception):
     pass
 
 
-def _group_plan(group: Any, names: dict[nn.Module, str], root_name: str) -> GroupPlan:
-    root_channels = None
-    slices: list[DimSlice] = []
-    members: list[str] = []
+def _member_cuts(module: nn.Module, name: str, role: str) -> list:
+    layer = layer_type(module)
+    cuts = (
+        None if layer is None else layer.cut_out(module) if role == "out" else layer.cut_in(module)
+    )
+    if cuts is None:
+        raise _Unsliceable(f"member {name or 'model'} ({type(module).__name__}) cannot be sliced")
+    return cuts
+
+
+def _fold(members: list[tuple], channels: int) -> list[list[int]]:
+    """The group's channels as lists of root channels cut together. A member whose
+    channels fall into G equal groups (a grouped conv, GroupNorm) must keep the same count
+    in each: its channels at one position in every group are cut together, so the root
+    channels mapping to them are one channel of the plan."""
+    parent = list(range(channels))
+
+    def find(c: int) -> int:
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    for _, _, _, per_channel, groups, size in members:
+        if groups == 1:
+            continue
+        width = size // groups
+        at: dict[int, int] = {}
+        for root, idx in per_channel.items():
+            for i in idx:
+                first = at.setdefault(i % width, root)
+                parent[find(root)] = find(first)
+    folded: dict[int, list[int]] = {}
+    for c in range(channels):
+        folded.setdefault(find(c), []).append(c)
+    units = list(folded.values())
+    if len({len(u) for u in units}) != 1:
+        raise _Unsliceable("its grouped members split its channels unevenly")
+    for name, _, _, per_channel, groups, size in members:
+        if groups > 1 and any(len({i // (size // groups) for r in u for i in per_channel[r]})
+                              != groups for u in units):  # fmt: skip
+            raise _Unsliceable(f"member {name}: a cut would not take one channel of each group")
+    return units
+
+
+def _group_plan(group: Any, names: dict[Any, str], root_name: str,
+                broken: set[int] = frozenset()) -> GroupPlan:  # fmt: skip
+    """The group as plain data: per member (module, or a parameter of a module no layer
+    type knows, e.g. ConvNeXt's layer_scale) the tensor dimensions its channels cut."""
+    import torch_pruning as tp
+
+    members: list[tuple] = []  # (name, module or None, cuts, per root channel, groups, size)
     for item in group:
         dep = item.dep
-        module = dep.target.module
-        if not isinstance(module, nn.Module) or module not in names:
+        target = dep.target.module
+        if id(target) in broken:
+            raise _Unsliceable(f"its channels pass through a {dep.target.type.name.lower()} "
+                               "whose channel mapping is unknown (e.g. a channel shuffle)")  # fmt: skip
+        if target not in names:
             continue  # element-wise, reshape, concat nodes: no tensors of their own
-        name = names[module]
-        layer = layer_type(module)
-        reason = layer.unsupported(module) if layer is not None else None
-        if reason:
-            raise _Unsliceable(f"member {name}: {reason}")
+        name = names[target]
+        if dep.target.type == tp.ops.OPTYPE.PARAMETER:  # an unwrapped parameter
+            module, cuts = None, [("", dep.target.pruning_dim, 1)]
+            groups, size = 1, target.shape[dep.target.pruning_dim]
+        else:
+            module = target
+            layer = layer_type(module)
+            reason = layer.unsupported(module) if layer is not None else None
+            if reason:
+                raise _Unsliceable(f"member {name}: {reason}")
+            role = _handler_role(dep)
+            cuts = _member_cuts(module, name, role)
+            groups = layer.channel_groups(module) if layer is not None else 1
+            size = _channel_count(module, role, cuts)
         per_channel: dict[int, list[int]] = {}
         for idx, root in zip(item.idxs, item.root_idxs, strict=True):
             per_channel.setdefault(int(root), []).append(int(idx))
-        channels = len(per_channel)
-        root_channels = root_channels or channels
-        if channels != root_channels or len({len(v) for v in per_channel.values()}) != 1:
+        members.append((name, module, cuts, per_channel, groups, size))
+    if not members:
+        raise _Unsliceable("no member holds tensors")
+    channels = len(members[0][3])
+    for name, _, _, per_channel, _, _ in members:
+        if len(per_channel) != channels or len({len(v) for v in per_channel.values()}) != 1:
             raise _Unsliceable(f"member {name} maps channels unevenly")
-        per_channel = {c: sorted(v) for c, v in per_channel.items()}
-        slices += _member_slices(module, name, _handler_role(dep), per_channel, channels)
-        members.append(name)
+    units = _fold(members, channels)
+    slices: list[DimSlice] = []
+    for name, module, cuts, per_channel, groups, size in members:
+        prefix = f"{name}." if name and module is not None else name
+        width = size // groups
+        for tensor, dim, gates in cuts:
+            full = (module.get_parameter(tensor) if tensor in dict(module.named_parameters(recurse=False))
+                    else getattr(module, tensor)) if module is not None else None  # fmt: skip
+            step = (full.shape[dim] if full is not None else size) // gates
+            index = []
+            for unit in units:
+                idx = sorted(i for r in unit for i in per_channel[r])
+                if groups > 1 and step == width:  # the tensor holds one group's channels (a
+                    idx = sorted({i % width for i in idx})  # grouped conv's inputs): positions
+                index.append(tuple(g * step + i for g in range(gates) for i in idx))
+            slices.append(DimSlice(key=f"{prefix}{tensor}" if module is not None else name,
+                                   dim=dim, index=tuple(index)))  # fmt: skip
     keys = [(s.key, s.dim) for s in slices]
     if len(keys) != len(set(keys)):
         slices = list({(s.key, s.dim): s for s in slices}.values())  # a node listed twice
-    return GroupPlan(name=root_name, channels=root_channels or 0, members=tuple(dict.fromkeys(members)),
+    return GroupPlan(name=root_name, channels=len(units),
+                     members=tuple(dict.fromkeys(m[0] for m in members)),
                      order=(), slices=tuple(slices))  # fmt: skip
 
 
+def _channel_count(module: nn.Module, role: str, cuts: list) -> int:
+    """How many channels the member has on the cut side (a grouped conv: all groups')."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels if role == "out" else module.in_channels
+    for tensor, dim, gates in cuts:
+        return getattr(module, tensor).shape[dim] // gates
+    return 0
+
+
 def plan_groups(model: nn.Module, example_inputs: Any, *, layer_names: list[str],
-                importance: str = "l1") -> PruningPlan:  # fmt: skip
+                importance: str = "l1", cache: Path | None = None) -> PruningPlan:  # fmt: skip
     """The coupling groups of `model` rooted at its compressible layers, with importance
     order. Torch-Pruning's warnings (about its own defaults, which our handlers replace)
-    are summarized in one logged line, not printed raw."""
+    are summarized in one logged line, not printed raw.
+
+    With `cache` (a directory), the structure found (groups, index maps, what was left
+    out and why) is kept under a key of the model's structure (module types, state-dict
+    shapes, example input shapes, the layers planned) and of the code that plans; a later
+    call with the same key reads it back and only orders the channels by importance
+    (which follows the weights, so fine-tuned weights of the same model reuse the plan)."""
+    model = model.eval()
+    path = None if cache is None else cache / f"{plan_key(model, example_inputs, layer_names)}.json"
+    if path is not None and path.is_file():
+        with contextlib.suppress(Exception):  # unreadable: planned again and rewritten
+            return _ordered(model, PruningPlan.from_dict(json.loads(path.read_text())), importance)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan = _plan_groups(model, example_inputs, layer_names=layer_names, importance=importance)
     _summarize(caught)
+    if path is not None:
+        atomic_write_json(path, plan.to_dict())
     return plan
+
+
+def _ordered(model: nn.Module, plan: PruningPlan, importance: str) -> PruningPlan:
+    state, modules = model.state_dict(), dict(model.named_modules())
+    groups = tuple(dataclasses.replace(g, order=channel_order(state, g, importance, modules))
+                   for g in plan.groups)  # fmt: skip
+    return dataclasses.replace(plan, groups=groups, importance=importance)
+
+
+# the code whose behaviour a cached plan records: a change to it plans again
+_PLANNING_CODE = ("orchestrator/compress/plan.py", "orchestrator/compress/structured.py",
+                  "search_spaces/structure.py", "search_spaces/layers")  # fmt: skip
+
+
+@functools.cache
+def _code_hash() -> str:
+    import torch_pruning as tp
+
+    root = Path(__file__).resolve().parents[2]
+    digest = hashlib.sha256(f"{tp.__version__} {torch.__version__}".encode())
+    for rel in _PLANNING_CODE:
+        target = root / rel
+        for file in sorted(target.glob("*.py")) if target.is_dir() else [target]:
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def plan_key(model: nn.Module, example_inputs: Any, layer_names: list[str]) -> str:
+    """A hash of what determines the plan: the model's structure, not its weights."""
+    structure = {
+        "code": _code_hash(),
+        "modules": [(n, f"{type(m).__module__}.{type(m).__qualname__}")
+                    for n, m in model.named_modules()],
+        "state": [(k, list(t.shape), str(t.dtype)) for k, t in model.state_dict().items()],
+        "inputs": _output_shapes(example_inputs),
+        "layers": sorted(layer_names),
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(structure, default=str).encode()).hexdigest()[:32]
 
 
 def _summarize(caught: list[warnings.WarningMessage]) -> None:
@@ -149,10 +346,12 @@ def _plan_groups(model: nn.Module, example_inputs: Any, *, layer_names: list[str
     import torch_pruning as tp
 
     model = model.eval()
-    names = {m: n for n, m in model.named_modules()}
+    names: dict[Any, str] = {m: n for n, m in model.named_modules()}
+    names.update({p: n for n, p in model.named_parameters()})  # unwrapped ones are members
     excluded: dict[str, str] = {}
     modules = dict(model.named_modules())
-    with _gru_traced_as_lstm():
+    broken: set[int] = set()
+    with _gru_traced_as_lstm(), _tolerant_index_mapping(broken), _bounded_tracing():
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, forward_fn=call_model
         )
@@ -167,7 +366,8 @@ def _plan_groups(model: nn.Module, example_inputs: Any, *, layer_names: list[str
         if any(g.name == root_name for g in groups):
             continue  # an attention-head group already cuts this layer's outputs
         try:
-            plan = group if isinstance(group, GroupPlan) else _group_plan(group, names, root_name)
+            plan = (group if isinstance(group, GroupPlan)
+                    else _group_plan(group, names, root_name, broken))  # fmt: skip
             owned = {(s.key, s.dim, i) for s in plan.slices for idx in s.index for i in idx}
             if owned & claimed:
                 raise _Unsliceable(f"{sorted(owned & claimed)[0][0]} is cut by another group too")
@@ -182,7 +382,46 @@ def _plan_groups(model: nn.Module, example_inputs: Any, *, layer_names: list[str
         excluded.pop(root_name, None)
         order = channel_order(model.state_dict(), plan, importance, modules)
         groups.append(dataclasses.replace(plan, order=order))
+    groups = _check_together(model, groups, example_inputs, reference, excluded)
     return PruningPlan(groups=tuple(groups), excluded=excluded, importance=importance)
+
+
+TOGETHER_DRAWS = 6  # cuts of every group at once: each at one channel, at half, then random
+
+
+def _check_together(model: nn.Module, groups: list[GroupPlan], example_inputs: Any,
+                    reference: Any, excluded: dict[str, str]) -> list[GroupPlan]:  # fmt: skip
+    """Each group passed its own test cut; cut together, groups may still break the model
+    (two cuts whose widths must agree). Every group is cut at once at a few channel
+    counts; a failing draw is narrowed (by bisection over the groups in order) to the
+    group whose cut breaks it, which is left out with why, until every draw runs."""
+    rng = random.Random(0)
+    draws = [{g.name: 1 for g in groups}, {g.name: max(1, g.channels // 2) for g in groups}]
+    draws += [{g.name: rng.randint(1, g.channels) for g in groups}
+              for _ in range(TOGETHER_DRAWS - 2)]  # fmt: skip
+    for counts in draws:
+        while groups and (error := _cut_error(model, groups, counts, example_inputs, reference)):
+            lo, hi = 0, len(groups) - 1  # the shortest failing prefix ends at the guilty group
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if _cut_error(model, groups[: mid + 1], counts, example_inputs, reference):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            guilty = groups.pop(lo)
+            excluded[guilty.name] = f"cut together with the other groups, the model failed: {error}"
+    return groups
+
+
+def _cut_error(model: nn.Module, groups: list[GroupPlan], counts: Mapping[str, int],
+               example_inputs: Any, reference: Any) -> str | None:  # fmt: skip
+    try:
+        small = slice_model(model, PruningPlan(groups=tuple(groups)), counts)
+        with torch.no_grad():
+            shapes = _output_shapes(call_model(small.eval(), example_inputs))
+    except Exception as exc:  # any failure of the rebuilt model
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    return None if shapes == reference else "cutting changes the model's output shape"
 
 
 HEAD_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -227,8 +466,13 @@ def _groups(graph: Any, roots: tuple[type, ...], names: dict[nn.Module, str],
     """(root name, group) for each root layer's output channels, as the graph's
     get_all_groups does, but one group failing to trace leaves out that group only."""
     visited: set[nn.Module] = set()
+    deadline = time.monotonic() + PLAN_SECONDS
     for module in list(graph.module2node):
         if not isinstance(module, roots) or module in visited:
+            continue
+        if time.monotonic() > deadline:
+            excluded[names.get(module, "?")] = (f"not traced: planning stopped after "
+                                                f"{PLAN_SECONDS:.0f} s")  # fmt: skip
             continue
         pruner = graph.get_pruner_of_module(module)
         if pruner is None or pruner.get_out_channels(module) is None:
@@ -238,7 +482,8 @@ def _groups(graph: Any, roots: tuple[type, ...], names: dict[nn.Module, str],
                 module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module)))
             )
         except Exception as exc:
-            excluded[names.get(module, "?")] = f"tracing its coupling failed: {type(exc).__name__}"
+            excluded[names.get(module, "?")] = (f"tracing its coupling failed: "
+                                                f"{type(exc).__name__}: {str(exc)[:120]}")  # fmt: skip
             continue
         for dep, _ in group:
             if graph.is_out_channel_pruning_fn(dep.handler):

@@ -27,6 +27,9 @@ class LayerType:
     family: str | None = None  # the model family it marks for presets (`rnn` before `cnn`)
     args: tuple[str, ...] | None = None  # constructor arguments an export rebuilds it from
     bias_arg = False  # the constructor takes `bias=` (read back from `module.bias`)
+    # children whose weights its forward uses functionally (no hook of theirs fires):
+    # they get its uses per weight element (nn.MultiheadAttention's out_proj)
+    drives: tuple[str, ...] = ()
 
     def weights(self, module: nn.Module) -> list[str]:
         """Names of its compressible weight tensors (quantized, pruned, priced)."""
@@ -43,6 +46,11 @@ class LayerType:
     def cut_in(self, module: nn.Module) -> list[Cut] | None:
         """Tensors cutting its input channels slices; None: it cannot be sliced."""
         return None
+
+    def channel_groups(self, module: nn.Module) -> int:
+        """Into how many equal groups its channels fall, each of which must keep the same
+        count (a grouped conv's groups, GroupNorm's): a cut takes one position from each."""
+        return 1
 
     def unsupported(self, module: nn.Module) -> str | None:
         """Why this instance cannot be sliced although its type can."""

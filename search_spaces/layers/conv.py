@@ -22,9 +22,17 @@ class Conv(LayerType):
         return uses_per_output_channel(output, module.out_channels)
 
     def cut_in(self, module: nn.Module):
-        return (
-            [] if module.groups > 1 else [("weight", 1, 1)]
-        )  # depthwise: its output group cuts it
+        # depthwise: its output group cuts it; grouped: dim 1 holds one group's inputs, so
+        # a cut takes the same position in every group (channel_groups)
+        return [] if _depthwise(module) else [("weight", 1, 1)]
+
+    def channel_groups(self, module: nn.Module) -> int:
+        return 1 if _depthwise(module) else module.groups
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        if module.groups > 1 and module.groups == module.in_channels != module.out_channels:
+            return "a depthwise conv with a channel multiplier is not sliced"
+        return None
 
     def fix(self, module: nn.Module, old: dict[str, Any]) -> None:
         out, per_group = module.weight.shape[:2]
@@ -32,6 +40,10 @@ class Conv(LayerType):
             set_attrs(module, groups=out, in_channels=out, out_channels=out)  # depthwise stays so
             return
         set_attrs(module, out_channels=out, in_channels=per_group * module.groups)
+
+
+def _depthwise(module: nn.Module) -> bool:
+    return module.groups > 1 and module.groups == module.in_channels
 
 
 CONV = register(Conv())
