@@ -275,7 +275,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     _, _, space = build_space(config)
     with worker_pool(config, space, sys_path=sys_path) as (pool, _):
         base = pool.base_metric()
-        table = table_for(config.task, space, config.recovery.model_dump(), pool, base)
+        table = table_for(config.task, space, config.recovery.model_dump(), pool, base,
+                          quiet=False)  # fmt: skip
     print_sensitivity(table, base_metric=base)
     return 0
 

@@ -316,7 +316,8 @@ def _guidance(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool)
     if not quiet:
         print("sensitivity analysis (cached per task and space) ...", file=sys.stderr)
     config, space = prepared.config, prepared.space
-    table = table_for(config.task, space, config.recovery.model_dump(), pool, base_metric)
+    table = table_for(config.task, space, config.recovery.model_dump(), pool, base_metric,
+                      quiet=quiet)  # fmt: skip
     prepared.study_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(prepared.study_dir, 0o700)  # the study is the user's alone (as Driver.open)
     write_table(table, prepared.study_dir / "sensitivity.parquet")

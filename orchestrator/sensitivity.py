@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,31 +71,54 @@ def cached_table(path: Path) -> pd.DataFrame | None:
 
 
 def table_for(task_spec: str, space: SearchSpace, recovery: dict[str, Any], pool: Any,
-              base_metric: float) -> pd.DataFrame:  # fmt: skip
-    """The sensitivity table of this task and space: from the cache, else measured (and
-    cached only when every probe was scored)."""
+              base_metric: float, *, quiet: bool = True) -> pd.DataFrame:  # fmt: skip
+    """The sensitivity table of this task and space: from the cache, else measured with a
+    progress bar (probes done / total) and cached. A probe that fails (its policy did not
+    rebuild or score) is a row with its error and no metric: reported in one line (count
+    and the first error) and left out of the loss model; the rest is cached, and a later
+    study measures only the failed probes again (a lost worker is no lasting failure)."""
     from orchestrator.cache import cache_dir
 
     key = cache_key(task_spec, space, recovery, base_metric)
     path = cache_dir() / "sensitivity" / f"{key}.parquet"
     table = cached_table(path)
-    if table is None:
-        table = measure(space, pool)
-        if table["metric"].notna().all():
-            write_table(table, path)
+    if table is None or table["metric"].isna().any():
+        table = measure(space, pool, quiet=quiet, known=table)
+        write_table(table, path)
+    report_failures(table)
     return table
 
 
-def measure(space: SearchSpace, pool: Any) -> pd.DataFrame:
-    """Evaluate every probe on the worker pool; one row per (knob, value)."""
-    found = probes(space)
-    results = pool.map([dict(policy) for _, _, policy in found])
-    rows = []
+def report_failures(table: pd.DataFrame) -> None:
+    failed = table[table["metric"].isna()]
+    if len(failed):
+        first = failed.iloc[0]
+        error = " ".join(str(first["error"]).split())[:300]
+        print(f"sensitivity: {len(failed)} of {len(table)} probes failed and are left out of "
+              f"the loss model (first: {first['knob']} = {first['value']:g}: {error})",
+              file=sys.stderr)  # fmt: skip
+
+
+def measure(space: SearchSpace, pool: Any, *, quiet: bool = True,
+            known: pd.DataFrame | None = None) -> pd.DataFrame:  # fmt: skip
+    """Evaluate every probe on the worker pool (but those `known` scored); one row per
+    (knob, value)."""
+    from tqdm import tqdm
+
+    every = probes(space)
+    position = {(k, float(v)): i for i, (k, v, _) in enumerate(every)}
+    rows = [] if known is None else known[known["metric"].notna()].to_dict("records")
+    scored = {(r["knob"], r["value"]) for r in rows}
+    found = [(k, v, p) for k, v, p in every if (k, float(v)) not in scored]
+    with tqdm(total=len(found), desc="sensitivity", unit="probe", disable=quiet,
+              file=sys.stderr, dynamic_ncols=True) as bar:  # fmt: skip
+        results = pool.map([dict(policy) for _, _, policy in found], lambda _: bar.update(1))
     for (knob, value, policy), result in zip(found, results, strict=True):
         cost = policy_cost(space, policy)
         rows.append({"knob": knob, "value": float(value), "metric": result.get("metric"),
                      "error": result.get("error"), **cost.as_dict(),
                      "policy_hash": policy.hash})  # fmt: skip
+    rows.sort(key=lambda r: position.get((r["knob"], r["value"]), len(position)))
     return pd.DataFrame(rows)
 
 

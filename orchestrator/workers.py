@@ -304,8 +304,10 @@ class WorkerPool:
         for _ in range(target() - self.size - len(self._starting)):
             self._start_another()
 
-    def map(self, policies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Evaluate many policies on every worker, in any order; results in input order."""
+    def map(self, policies: list[dict[str, Any]],
+            done: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        """Evaluate many policies on every worker, in any order; results in input order.
+        `done(result)` is called as each one finishes (progress)."""
         results: list[dict[str, Any] | None] = [None] * len(policies)
         pending = list(enumerate(policies))
         while pending or self.busy:
@@ -314,6 +316,8 @@ class WorkerPool:
                 self.submit(Job(trial=index, policy=policy))
             for job, result in self.wait(timeout=0.5):
                 results[job.trial] = result
+                if done is not None:
+                    done(result)
         return results  # type: ignore[return-value]
 
     def _replace(self, actor: Any) -> None:

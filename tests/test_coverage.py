@@ -230,22 +230,23 @@ def test_the_plan_is_cached_by_structure_and_reordered_by_the_weights(tmp_path, 
     model = GroupedBlock().eval()
     example = torch.randn(1, 3, 8, 8)
     names = ["stem", "a", "b", "c", "head"]
-    first = plan_groups(model, example, layer_names=names, cache=tmp_path)
-    assert len(list(tmp_path.glob("*.json"))) == 1
+    cache = tmp_path / "plans"  # made on first use
+    first = plan_groups(model, example, layer_names=names, cache=cache)
+    assert len(list(cache.glob("*.json"))) == 1
 
     def no_tracing(*args, **kwargs):
         raise AssertionError("planned again although the plan was cached")
 
     monkeypatch.setattr(planning, "_plan_groups", no_tracing)
-    again = plan_groups(model, example, layer_names=names, cache=tmp_path)
+    again = plan_groups(model, example, layer_names=names, cache=cache)
     assert again == first
     with torch.no_grad():  # other weights, same structure: the cached plan, new order
         model.a.weight.mul_(torch.linspace(0.1, 3, 24).view(24, 1, 1, 1))
-    reordered = plan_groups(model, example, layer_names=names, cache=tmp_path)
+    reordered = plan_groups(model, example, layer_names=names, cache=cache)
     assert reordered.group("a").order != first.group("a").order
     assert [g.slices for g in reordered.groups] == [g.slices for g in first.groups]
     with pytest.raises(AssertionError, match="planned again"):  # another structure: a new key
-        plan_groups(model, torch.randn(1, 3, 12, 12), layer_names=names, cache=tmp_path)
+        plan_groups(model, torch.randn(1, 3, 12, 12), layer_names=names, cache=cache)
 
 
 def test_tracing_a_group_past_its_bounds_leaves_that_group_out(monkeypatch):

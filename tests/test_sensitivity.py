@@ -45,3 +45,47 @@ def test_seeds_trade_size_for_the_least_metric_drop():
             assert value in space.by_name[name].choices  # the sampler can enqueue it as is
         sizes.append(policy_cost(space, Policy.from_values(space, params)).size_bytes)
     assert len(set(sizes)) == len(sizes)  # distinct models across the budget sweep
+
+
+class _Pool:
+    """A stand-in for the worker pool (this module's unit test): fails the probes of one
+    knob on its first pass, scores the rest by the policy's bits."""
+
+    def __init__(self, failing: str) -> None:
+        self.failing, self.calls = failing, []
+
+    def map(self, policies, done=None):
+        results = []
+        for policy in policies:
+            moved = [k for k, v in policy.items() if v not in (32, 1.0)]
+            failed = self.failing in moved and not self.calls
+            results.append({"metric": None, "error": "RuntimeError: shapes differ"} if failed
+                           else {"metric": 0.9, "error": None})  # fmt: skip
+            if done is not None:
+                done(results[-1])
+        self.calls.append(len(policies))
+        return results
+
+
+def test_failed_probes_are_reported_cached_around_and_measured_again(tmp_path, monkeypatch,
+                                                                     capsys):  # fmt: skip
+    from orchestrator.sensitivity import table_for
+
+    monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path))
+    space = _space()
+    failing = space.searchable[0].name
+    pool = _Pool(failing)
+    table = table_for("digits-cnn", space, {}, pool, 0.99)
+    # every probe moving that knob failed (its reference value moves nothing)
+    n_failing = sum(1 for v in probe_values(space.searchable[0]) if v not in (32, 1.0))
+    assert table["metric"].isna().sum() == n_failing
+    err = capsys.readouterr().err
+    assert f"{n_failing} of {len(probes(space))} probes failed" in err
+    assert f"first: {failing}" in err and "shapes differ" in err
+    # a later study: only the failed probes run again; the table is whole and in order
+    again = table_for("digits-cnn", space, {}, pool, 0.99)
+    assert pool.calls == [len(probes(space)), n_failing]
+    assert again["metric"].notna().all()
+    assert list(zip(again["knob"], again["value"], strict=True)) == [
+        (k, float(v)) for k, v, _ in probes(space)]  # fmt: skip
+    assert "failed" not in capsys.readouterr().err

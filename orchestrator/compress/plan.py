@@ -285,7 +285,11 @@ def plan_groups(model: nn.Module, example_inputs: Any, *, layer_names: list[str]
         plan = _plan_groups(model, example_inputs, layer_names=layer_names, importance=importance)
     _summarize(caught)
     if path is not None:
-        atomic_write_json(path, plan.to_dict())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, plan.to_dict())
+        except OSError as exc:  # a read-only cache costs the next run a new plan, no more
+            LOG.warning("planning: could not cache the plan in %s (%s)", path.parent, exc)
     return plan
 
 

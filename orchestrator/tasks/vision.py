@@ -16,6 +16,7 @@ data in a Task of your own (README, "Your own model").
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -53,9 +54,9 @@ def _images(count: int, size: int, seed: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4)
-def _settled_state(arch: str, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The seeded model's state with BatchNorm statistics settled, and its float
-    predictions on the validation images (the metric's targets)."""
+def _settled(arch: str, seed: int) -> tuple[nn.Module, torch.Tensor]:
+    """The seeded model with BatchNorm statistics settled, and its float predictions on
+    the validation images (the metric's targets)."""
     model = _construct(arch, seed)
     size = _SIZES.get(arch, SIZE)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -74,7 +75,7 @@ def _settled_state(arch: str, seed: int) -> tuple[dict[str, torch.Tensor], torch
         labels = torch.cat(
             [model(b).argmax(1) for b in _images(VALIDATION, size, seed + 2).split(BATCH)]
         )
-    return {k: v.clone() for k, v in model.state_dict().items()}, labels
+    return model, labels
 
 
 def _construct(arch: str, seed: int) -> nn.Module:
@@ -90,13 +91,10 @@ def vision_task(arch: str, *, seed: int = 0) -> Task:
     size = _SIZES.get(arch, SIZE)
 
     def model() -> nn.Module:
-        state, _ = _settled_state(arch, seed)
-        m = _construct(arch, seed)
-        m.load_state_dict(state)
-        return m.eval()
+        return copy.deepcopy(_settled(arch, seed)[0])
 
     def validation():
-        _, labels = _settled_state(arch, seed)
+        _, labels = _settled(arch, seed)
         return list(
             zip(_images(VALIDATION, size, seed + 2).split(BATCH), labels.split(BATCH), strict=True)
         )
