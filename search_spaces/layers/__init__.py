@@ -4,6 +4,7 @@ from search_spaces.layers import (  # noqa: F401  (they register)
     attention,
     conv,
     embedding,
+    huggingface,
     linear,
     norm,
     plain,
