@@ -117,6 +117,13 @@ class FidelityConfig(_Frozen):
         return v
 
 
+class SensitivityConfig(_Frozen):
+    # the sensitivity phase's evaluations, at most this share of `trials` (probes on part
+    # of the validation data count by that part): fewer probes per knob, the largest
+    # knobs first, the rest priced by the kinds' priors
+    share: float = Field(default=0.25, gt=0, le=1)
+
+
 # the sampler names (the factories behind them: orchestrator.search.SAMPLERS, one per name
 # but auto, which picks one of them per run)
 SAMPLERS = ("auto", "tpe", "nsga2", "random")
@@ -140,6 +147,7 @@ class SearchConfig(_Frozen):
     fidelity: FidelityConfig = FidelityConfig()
     baselines: StrictBool = True  # evaluate the uniform float/8/4/2-bit policies first
     seeding: StrictBool = True  # sensitivity analysis, then knapsack-seeded policies first
+    sensitivity: SensitivityConfig = SensitivityConfig()
     repair: StrictBool = True  # follow each over-budget ask with its nearest fitting policy
     # objective budget: every other ask after the first candidates is a local move from the
     # incumbent (one or two knobs a step), repaired to the budget's edge

@@ -127,19 +127,21 @@ class Evaluator:
 
     def evaluate(self, policy: Mapping[str, int | float], *, size: int | None = None,
                  front: Sequence[tuple[int, float]] = (),
-                 fidelity: FidelitySettings | None = None) -> dict[str, Any]:  # fmt: skip
+                 fidelity: FidelitySettings | None = None,
+                 share: float | None = None) -> dict[str, Any]:  # fmt: skip
         """Rebuild, recover, score. With `fidelity` and the current `front`, score growing
         prefixes of the validation batches and stop early (`stopped_early`) once the candidate of
-        `size` bytes cannot reach the front (orchestrator.fidelity)."""
+        `size` bytes cannot reach the front (orchestrator.fidelity). With `share`, score only
+        that share of the validation batches, the first ones (a sensitivity probe)."""
         start = time.perf_counter()
         model, compressed = self._rebuild(policy)
         rebuilt = time.perf_counter()
         self._recover(model, compressed)
         recovered = time.perf_counter()
-        metric, share, stopped_early = self._score(model, size, front, fidelity)
+        metric, scored, stopped_early = self._score(model, size, front, fidelity, share)
         return {
             "metric": metric,
-            "fidelity": share,
+            "fidelity": scored,
             "stopped_early": stopped_early,  # recorded as Optuna's state PRUNED
             "rebuild_seconds": rebuilt - start - self._tuned_seconds,
             "recovery_seconds": recovered - rebuilt + self._tuned_seconds,
@@ -177,8 +179,11 @@ class Evaluator:
 
     @torch.no_grad()
     def _score(self, model: nn.Module, size: int | None, front: Sequence[tuple[int, float]],
-               fidelity: FidelitySettings | None) -> tuple[float, float, bool]:  # fmt: skip
+               fidelity: FidelitySettings | None,
+               share: float | None = None) -> tuple[float, float, bool]:  # fmt: skip
         lengths = [len(self.validation)]
+        if share is not None:  # a low-fidelity probe: the first batches only (at least one)
+            lengths = [min(len(self.validation), max(1, round(share * len(self.validation))))]
         if fidelity is not None and front and size is not None:
             lengths = prefix_lengths(len(self.validation), fidelity.steps)
         for length in lengths:
@@ -189,7 +194,7 @@ class Evaluator:
             seen = self._samples[length]
             if length < lengths[-1] and dominated(size, upper_bound(metric, seen, fidelity), front):
                 return metric, seen / self._samples[len(self.validation)], True
-        return metric, 1.0, False
+        return metric, self._samples[lengths[-1]] / self._samples[len(self.validation)], False
 
     def _finetune(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         r, start = self.recovery, time.perf_counter()

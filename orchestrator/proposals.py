@@ -146,7 +146,12 @@ class LossModel:
             if not measured:
                 losses[knob.name] = {c: kind_of(knob).prior_loss(c) for c in knob.choices}
                 continue
-            raw = {c: _interpolate(measured, float(c)) for c in knob.choices}
+            # a knob probed at few values (a sensitivity budget): between them its drops
+            # follow the kind's prior shape (4x per bit, linear in keep), not a straight line
+            kind = kind_of(knob)
+            partial = len(measured) < len(kind.probe_values(knob))
+            coord = (lambda x, k=kind: -k.prior_loss(x)) if partial else (lambda x: x)
+            raw = {c: _interpolate(measured, float(c), coord) for c in knob.choices}
             worst, table_ = 0.0, {}
             for c in sorted(knob.choices, reverse=True):  # from the largest choice down
                 worst = max(worst, raw[c])
@@ -155,7 +160,9 @@ class LossModel:
         return cls(losses)
 
 
-def _interpolate(points: Mapping[float, float], x: float) -> float:
+def _interpolate(points: Mapping[float, float], x: float,
+                 coord: Callable[[float], float] = float) -> float:  # fmt: skip
+    """Piecewise linear in `coord(value)` (increasing in value) between measured points."""
     xs = sorted(points)
     if x <= xs[0]:
         return points[xs[0]]
@@ -163,7 +170,10 @@ def _interpolate(points: Mapping[float, float], x: float) -> float:
         return points[xs[-1]]
     hi = next(i for i, v in enumerate(xs) if v >= x)
     x0, x1 = xs[hi - 1], xs[hi]
-    return points[x0] + (points[x1] - points[x0]) * (x - x0) / (x1 - x0)
+    t0, t1, t = coord(x0), coord(x1), coord(x)
+    if t1 == t0:
+        return points[x1]
+    return points[x0] + (points[x1] - points[x0]) * (t - t0) / (t1 - t0)
 
 
 def _step(knob: Knob, value: Any, direction: int) -> Any | None:

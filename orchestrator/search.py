@@ -307,17 +307,20 @@ def publish(prepared: Prepared) -> None:
                            f"files are in {prepared.study_dir}") from None  # fmt: skip
 
 
-def _guidance(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool) -> Guidance:
-    """Sensitivity table (cached), the loss model it gives, and the seeds: under a budget
-    the knapsack's policies at the budget's edge (orchestrator.proposals), else the
-    knapsack's sweep of size budgets, those within the budget."""
-    from orchestrator.sensitivity import seed_policies, table_for, write_table
+def _guidance(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool,
+              batches: int | None = None) -> Guidance:  # fmt: skip
+    """Sensitivity table (cached; its probes within `sensitivity.share` of the trials), the
+    loss model it gives, and the seeds: under a budget the knapsack's policies at the
+    budget's edge (orchestrator.proposals), else the knapsack's sweep of size budgets,
+    those within the budget. Ctrl-C keeps the probes done (sensitivity.Interrupted)."""
+    from orchestrator.sensitivity import describe, schedule, seed_policies, table_for, write_table
 
-    if not quiet:
-        print("sensitivity analysis (cached per task and space) ...", file=sys.stderr)
     config, space = prepared.config, prepared.space
+    plan = schedule(space, budget=config.sensitivity.share * config.trials, batches=batches)
+    if not quiet:
+        print(describe(plan, config.trials) + " (cached per task and space)", file=sys.stderr)
     table = table_for(config.task, space, config.recovery.model_dump(), pool, base_metric,
-                      quiet=quiet)  # fmt: skip
+                      plan=plan, quiet=quiet)  # fmt: skip
     prepared.study_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(prepared.study_dir, 0o700)  # the study is the user's alone (as Driver.open)
     write_table(table, prepared.study_dir / "sensitivity.parquet")
@@ -328,6 +331,11 @@ def _guidance(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool)
     seeds = [params for params in seed_policies(space, table, base_metric)
              if pricing.excess(params) <= 0]  # fmt: skip
     return Guidance(seeds=tuple(seeds), loss=loss)
+
+
+def _started(prepared: Prepared) -> bool:
+    """Whether the study has trials (its seeds were evaluated): a new study has none."""
+    return prepared.resume and any((prepared.study_dir / "trials").glob("part-*.parquet"))
 
 
 def _resumed_guidance(prepared: Prepared, base_metric: float) -> Guidance:
@@ -453,9 +461,13 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
             sampler = auto_sampler(len(prepared.space.searchable), config.trials, pool.size,
                                    eval_seconds)  # fmt: skip
         fidelity = fidelity_settings(prepared, custom_evaluator=evaluator_factory is not None)
-        guidance = Guidance()
-        if config.seeding and not prepared.resume:
-            guidance = _guidance(prepared, pool, base_metric, quiet=quiet)
+        guidance, interrupted = Guidance(), False
+        if config.seeding and not _started(prepared):
+            try:  # a study resumed before any trial (stopped in this phase) measures the rest
+                guidance = _guidance(prepared, pool, base_metric, quiet=quiet,
+                                     batches=infos[0].get("validation_batches"))  # fmt: skip
+            except KeyboardInterrupt:  # the probes done are cached: the study is made resumable
+                interrupted = True
         elif config.seeding:  # resumed: the study's own table still steers repairs and moves
             guidance = _resumed_guidance(prepared, base_metric)
         driver = open_driver(prepared, pool, sampler=sampler, quiet=quiet, fidelity=fidelity,
@@ -463,7 +475,11 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
         write_run_json(prepared, sampler=sampler, base_metric=base_metric, workers=infos,
                        driver_id=driver.driver_id)  # fmt: skip
         try:
-            driver.run()
+            if interrupted:
+                driver.interrupted = True
+                driver.ledger.close()
+            else:
+                driver.run()
         finally:
             finish_run_json(prepared, driver.summary())
     trials = read_trials(prepared.study_dir)

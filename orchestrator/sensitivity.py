@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +56,79 @@ def probes(space: SearchSpace) -> list[tuple[str, float, Policy]]:
     return out
 
 
+REFERENCE_KNOB = "(reference)"  # the unchanged model, scored at the probes' share
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    """Which probes the sensitivity phase scores, on what share of the validation data."""
+
+    probes: tuple[tuple[str, float, Policy], ...]  # (knob, value, policy), reference excluded
+    share: float = 1.0  # of the validation batches per probe (the first ones)
+    total: int = 0  # the probes of a full sweep (every probe value of every knob)
+    budget: float | None = None  # evaluations allowed (whole-data equivalents)
+
+    @property
+    def evaluations(self) -> float:
+        """What it costs in whole-data evaluations (the reference probe included)."""
+        return (len(self.probes) + (self.share < 1)) * self.share
+
+
+def _informative_order(values: list[float], reference: float) -> list[float]:
+    """Probe values by what one more probe tells: the smallest first (the largest drop, the
+    clearest at low fidelity), then by bisection of what lies between, toward the reference."""
+    rest = sorted(v for v in values if v != reference)
+    if not rest:
+        return []
+    order, spans = [rest[0]], [(1, len(rest) - 1)]
+    while spans:
+        lo, hi = spans.pop(0)
+        if lo > hi:
+            continue
+        mid = (lo + hi + 1) // 2
+        order.append(rest[mid])
+        spans += [(lo, mid - 1), (mid + 1, hi)]
+    return order
+
+
+def schedule(space: SearchSpace, *, budget: float | None = None,
+             batches: int | None = None) -> Schedule:  # fmt: skip
+    """The probes within `budget` whole-data evaluations. Every probe (every probe value of
+    every knob, but the reference) when they fit; else each probe scores the fewest whole
+    validation batches that let every probe fit (at least one batch), and when even that
+    does not fit, the probes are taken round by round (each knob's most telling value,
+    then its next), the knobs holding the most weights first; knobs left unprobed are
+    priced by their kind's prior. `batches`: the validation batches (None: unknown, then
+    the share is the budget's own fraction, at least 5%)."""
+    base = reference(space)
+    order = {k.name: _informative_order([float(v) for v in probe_values(k)], float(base[k.name]))
+             for k in space.searchable}  # fmt: skip
+    total = sum(map(len, order.values()))
+    if budget is None or total <= budget:
+        share, count = 1.0, total
+    else:
+        fraction = budget / (total + 1)  # + the reference probe
+        share = (max(1, math.floor(fraction * batches)) / batches if batches
+                 else max(0.05, fraction))  # fmt: skip
+        count = min(total, max(0, math.floor(budget / share) - 1))
+    weight = {k.name: sum(space.profile.layer(n).numel for n in k.layers) for k in space.searchable}
+    ranked = sorted(space.searchable, key=lambda k: -weight[k.name])
+    picked: list[tuple[str, float]] = []
+    for level in range(max(map(len, order.values()), default=0)):
+        for knob in ranked:
+            if len(picked) < count and level < len(order[knob.name]):
+                picked.append((knob.name, order[knob.name][level]))
+    chosen = set(picked)
+    found = tuple(p for p in probes(space) if (p[0], float(p[1])) in chosen)
+    return Schedule(probes=found, share=share, total=total, budget=budget)
+
+
 def cache_key(task_spec: str, space: SearchSpace, recovery: dict[str, Any],
-              base_metric: float) -> str:  # fmt: skip
-    # the base metric fingerprints the trained weights (a retrained model is a new table)
-    data = {"version": 1, "task": task_spec, "space": space.to_dict(), "recovery": recovery,
-            "keep_grid": KEEP_GRID, "base_metric": repr(base_metric)}  # fmt: skip
+              base_metric: float, share: float = 1.0) -> str:  # fmt: skip
+    # the base metric fingerprints the trained weights (a retrained model is a new table);
+    # probes on part of the data are another table
+    data = {"version": 2, "task": task_spec, "space": space.to_dict(), "recovery": recovery,
+            "keep_grid": KEEP_GRID, "base_metric": repr(base_metric), "share": share}  # fmt: skip
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -70,23 +139,52 @@ def cached_table(path: Path) -> pd.DataFrame | None:
         return None
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during the sensitivity phase: `table` holds the probes scored so far (cached,
+    so the resumed study measures only the rest)."""
+
+    def __init__(self, table: pd.DataFrame) -> None:
+        super().__init__()
+        self.table = table
+
+
 def table_for(task_spec: str, space: SearchSpace, recovery: dict[str, Any], pool: Any,
-              base_metric: float, *, quiet: bool = True) -> pd.DataFrame:  # fmt: skip
-    """The sensitivity table of this task and space: from the cache, else measured with a
-    progress bar (probes done / total) and cached. A probe that fails (its policy did not
-    rebuild or score) is a row with its error and no metric: reported in one line (count
-    and the first error) and left out of the loss model; the rest is cached, and a later
-    study measures only the failed probes again (a lost worker is no lasting failure)."""
+              base_metric: float, *, plan: Schedule | None = None,
+              quiet: bool = True) -> pd.DataFrame:  # fmt: skip
+    """The sensitivity table of this task and space for the probes of `plan` (default:
+    every probe on all the data): those cached are read, the rest measured with a progress
+    bar (probes done / total) and cached. A probe that fails (its policy did not rebuild or
+    score) is a row with its error and no metric: reported in one line (count and the
+    first error) and left out of the loss model; the rest is cached, and a later study
+    measures only the failed probes again (a lost worker is no lasting failure). Ctrl-C
+    caches the probes done and raises `Interrupted`."""
     from orchestrator.cache import cache_dir
 
-    key = cache_key(task_spec, space, recovery, base_metric)
+    plan = plan or schedule(space)
+    key = cache_key(task_spec, space, recovery, base_metric, plan.share)
     path = cache_dir() / "sensitivity" / f"{key}.parquet"
-    table = cached_table(path)
-    if table is None or table["metric"].isna().any():
-        table = measure(space, pool, quiet=quiet, known=table)
-        write_table(table, path)
+    known = cached_table(path)
+    try:
+        raw = measure(space, pool, plan, known=known, quiet=quiet)
+    except Interrupted as stop:
+        write_table(stop.table, path)
+        raise
+    if known is None or not raw.equals(known):  # a table read back as it was: left alone
+        write_table(raw, path)
+    table = finish_table(space, raw, plan, base_metric)
     report_failures(table)
     return table
+
+
+def describe(plan: Schedule, trials: int) -> str:
+    """One line: what the sensitivity phase scores, and why not more."""
+    if len(plan.probes) == plan.total and plan.share >= 1:
+        return f"sensitivity: {plan.total} probes (every knob value), all the validation data"
+    share = f"{plan.share:.0%}" if plan.share < 1 else "all"
+    return (f"sensitivity: {len(plan.probes)} of {plan.total} probes on {share} of the "
+            f"validation data ({plan.evaluations:.1f} evaluations; budget "
+            f"{plan.budget:g} = sensitivity.share of {trials} trials); knobs not probed are "
+            "priced by their kind's prior")  # fmt: skip
 
 
 def report_failures(table: pd.DataFrame) -> None:
@@ -99,27 +197,72 @@ def report_failures(table: pd.DataFrame) -> None:
               file=sys.stderr)  # fmt: skip
 
 
-def measure(space: SearchSpace, pool: Any, *, quiet: bool = True,
-            known: pd.DataFrame | None = None) -> pd.DataFrame:  # fmt: skip
-    """Evaluate every probe on the worker pool (but those `known` scored); one row per
-    (knob, value)."""
+def measure(space: SearchSpace, pool: Any, plan: Schedule, *,
+            known: pd.DataFrame | None = None, quiet: bool = True) -> pd.DataFrame:  # fmt: skip
+    """Score the plan's probes on the worker pool (but those `known` scored), and on part of
+    the data the unchanged model too; the raw rows as scored (what is cached)."""
     from tqdm import tqdm
 
-    every = probes(space)
-    position = {(k, float(v)): i for i, (k, v, _) in enumerate(every)}
+    every = [*plan.probes]
+    if plan.share < 1:
+        every.append((REFERENCE_KNOB, 0.0, Policy.from_values(space, reference(space))))
     rows = [] if known is None else known[known["metric"].notna()].to_dict("records")
     scored = {(r["knob"], r["value"]) for r in rows}
-    found = [(k, v, p) for k, v, p in every if (k, float(v)) not in scored]
-    with tqdm(total=len(found), desc="sensitivity", unit="probe", disable=quiet,
+    todo = [(k, float(v), p) for k, v, p in every if (k, float(v)) not in scored]
+    context = {"share": plan.share} if plan.share < 1 else None
+    results: dict[int, dict[str, Any]] = {}
+
+    def done(index: int, result: dict[str, Any]) -> None:
+        results[index] = result
+        bar.update(1)
+
+    with tqdm(total=len(todo), desc="sensitivity", unit="probe", disable=quiet,
               file=sys.stderr, dynamic_ncols=True) as bar:  # fmt: skip
-        results = pool.map([dict(policy) for _, _, policy in found], lambda _: bar.update(1))
-    for (knob, value, policy), result in zip(found, results, strict=True):
-        cost = policy_cost(space, policy)
-        rows.append({"knob": knob, "value": float(value), "metric": result.get("metric"),
-                     "error": result.get("error"), **cost.as_dict(),
-                     "policy_hash": policy.hash})  # fmt: skip
-    rows.sort(key=lambda r: position.get((r["knob"], r["value"]), len(position)))
-    return pd.DataFrame(rows)
+        try:
+            pool.map([dict(policy) for _, _, policy in todo], done, context)
+        except KeyboardInterrupt:
+            raise Interrupted(_raw(space, todo, results, rows, plan)) from None
+    return _raw(space, todo, results, rows, plan)
+
+
+def _raw(space: SearchSpace, todo: list, results: dict[int, dict[str, Any]], rows: list,
+         plan: Schedule) -> pd.DataFrame:  # fmt: skip
+    rows = list(rows)
+    for i, (knob, value, policy) in enumerate(todo):
+        if i in results:
+            result = results[i]
+            rows.append({"knob": knob, "value": value, "metric": result.get("metric"),
+                         "error": result.get("error"), "share": plan.share,
+                         **policy_cost(space, policy).as_dict(), "policy_hash": policy.hash})  # fmt: skip
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+COLUMNS = ["knob", "value", "metric", "error", "share", "size_bytes", "macs", "bops", "params",
+           "policy_hash"]  # fmt: skip
+
+
+def finish_table(space: SearchSpace, raw: pd.DataFrame, plan: Schedule,
+                 base_metric: float) -> pd.DataFrame:  # fmt: skip
+    """The table the loss model reads: the plan's probes (on part of the data, each
+    metric is the base metric less the probe's drop from the unchanged model on that part)
+    and a row per knob at its reference value (the unchanged model, not scored again)."""
+    table = raw[raw["knob"] != REFERENCE_KNOB].copy()
+    if plan.share < 1:
+        ref = raw.loc[raw["knob"] == REFERENCE_KNOB, "metric"].dropna()
+        table["metric"] = table["metric"] + (base_metric - ref.iloc[0] if len(ref) else float("nan"))
+    wanted = {(k, float(v)) for k, v, _ in plan.probes}
+    table = table[[(k, v) in wanted for k, v in zip(table["knob"], table["value"], strict=True)]]
+    base = reference(space)
+    policy = Policy.from_values(space, base)
+    cost = policy_cost(space, policy).as_dict()
+    refs = [{"knob": knob.name, "value": float(base[knob.name]), "metric": base_metric,
+             "error": None, "share": 1.0, **cost, "policy_hash": policy.hash}
+            for knob in space.searchable]  # the unchanged model: known without a probe  # fmt: skip
+    position = {(k, float(v)): i for i, (k, v, _) in enumerate(probes(space))}
+    out = pd.concat([table, pd.DataFrame(refs)], ignore_index=True)
+    out["order"] = [position.get((k, float(v)), len(position))
+                    for k, v in zip(out["knob"], out["value"], strict=True)]  # fmt: skip
+    return out.sort_values("order", kind="stable").drop(columns="order").reset_index(drop=True)
 
 
 def write_table(table: pd.DataFrame, path: Path) -> None:

@@ -87,9 +87,12 @@ def open_study(url: str, name: str, directions: list[str], *, resume: bool,
                    if not trial.state.is_finished()
                    and trial.system_attrs.get(OWNER_ATTR) not in live
                    and _fail_interrupted(storage, trial._trial_id)]  # fmt: skip
-        finished = [t for t in study.get_trials(deepcopy=True) if t.state.is_finished()]
+        trials = study.get_trials(deepcopy=True)
+        finished = [t for t in trials if t.state.is_finished()]
+        # a study stopped before its first trial (in the sensitivity phase), with no other
+        # driver on it: this one queues the baselines and seeds, as its creator would have
         return OpenedStudy(study_id=study._study_id, finished=sorted(finished, key=_number),
-                           requeue=requeue, created=False, live=live)  # fmt: skip
+                           requeue=requeue, created=not trials and not live, live=live)  # fmt: skip
     finally:
         close_storage(storage)
 

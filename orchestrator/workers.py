@@ -67,8 +67,10 @@ class _Worker:
         self.evaluator = factory(self.device)
 
     def info(self) -> dict[str, Any]:
+        batches = getattr(self.evaluator, "validation", None)  # a custom evaluator may not say
         return {"worker": self.name, "node": self.node, "device": str(self.device),
-                "pid": os.getpid()}  # fmt: skip
+                "pid": os.getpid(),
+                "validation_batches": len(batches) if isinstance(batches, list) else None}  # fmt: skip
 
     def base_metric(self) -> float:
         return _finite_metric(self.evaluator.base_metric())
@@ -305,19 +307,21 @@ class WorkerPool:
             self._start_another()
 
     def map(self, policies: list[dict[str, Any]],
-            done: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+            done: Callable[[int, dict[str, Any]], None] | None = None,
+            context: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
         """Evaluate many policies on every worker, in any order; results in input order.
-        `done(result)` is called as each one finishes (progress)."""
+        `done(index, result)` is called as each one finishes (progress, and what an
+        interrupted caller keeps); `context`: the evaluator's keyword arguments."""
         results: list[dict[str, Any] | None] = [None] * len(policies)
         pending = list(enumerate(policies))
         while pending or self.busy:
             while pending and self.free:
                 index, policy = pending.pop(0)
-                self.submit(Job(trial=index, policy=policy))
+                self.submit(Job(trial=index, policy=policy, context=context))
             for job, result in self.wait(timeout=0.5):
                 results[job.trial] = result
                 if done is not None:
-                    done(result)
+                    done(job.trial, result)
         return results  # type: ignore[return-value]
 
     def _replace(self, actor: Any) -> None:

@@ -142,3 +142,70 @@ def test_resume_is_refused_while_another_driver_runs_the_study(tmp_path):
         proc.communicate(timeout=60)
     assert proc.returncode == 130
     _check_study(study_dir)  # the refused resume touched nothing: each trial once
+
+
+def slow_digits():
+    """digits-cnn whose metric logs how many batches it scored (to PRUNESEARCH_TEST_LOG)
+    and, while PRUNESEARCH_TEST_SLOW is set, takes 0.3 s: a sensitivity phase to stop."""
+    import os
+
+    from orchestrator.batches import accuracy
+    from orchestrator.task import resolve_task
+
+    base = resolve_task("digits-cnn")
+
+    def metric(model, batches):
+        batches = list(batches)
+        with open(os.environ["PRUNESEARCH_TEST_LOG"], "a") as log:
+            log.write(f"{len(batches)}\n")
+        if os.environ.get("PRUNESEARCH_TEST_SLOW"):
+            time.sleep(0.3)
+        return accuracy(model, batches)
+
+    from dataclasses import replace
+
+    return replace(base, name="slow-digits", metric=metric)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_sensitivity_phase_keeps_its_probes_and_resumes(tmp_path):
+    import os
+    import threading
+
+    log = tmp_path / "metric.log"
+    env = {**os.environ, "PRUNESEARCH_CACHE": str(tmp_path / "cache"),
+           "PRUNESEARCH_TEST_LOG": str(log), "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    config = tmp_path / "c.yaml"
+    config.write_text("task: tests.test_resume:slow_digits\ntrials: 60\n"
+                      "fidelity: {enabled: false}\n")  # fmt: skip
+    args = (str(config), "--out", str(tmp_path), "--study", "s", "--workers", "2")
+    proc = _cli("run", *args, env={**env, "PRUNESEARCH_TEST_SLOW": "1"})
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stderr.read(1), "")),
+                              daemon=True)  # fmt: skip
+    reader.start()
+    deadline = time.monotonic() + 120
+    while "sensitivity: " not in "".join(seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(3)  # some probes done, not all (51 x 0.3 s on 2 workers)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    err = "".join(seen)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    probes_before = log.read_text().split().count("1")  # one-batch calls: the probes
+    assert 0 < probes_before < 51, err
+    (cached,) = (tmp_path / "cache" / "sensitivity").glob("*.parquet")
+    kept = len(pd.read_parquet(cached))  # every probe done is kept; the (at most 2) in
+    assert probes_before - 2 <= kept <= probes_before  # flight when Ctrl-C came are not
+    assert (tmp_path / "s" / "run.json").is_file() and (tmp_path / "s" / "study.db").is_file()
+
+    resumed = _cli("run", *args, "--resume", env=env)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    # the resumed study measured only the probes left: each kept one exactly once
+    assert log.read_text().split().count("1") == 51 + (probes_before - kept)
+    assert len(pd.read_parquet(cached)) == 51
+    trials, _ = _check_study(tmp_path / "s")
+    assert len(trials) == 60 and (trials["origin"] == "seed").any()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from orchestrator.config import make_config
 from orchestrator.prepare import build_space
@@ -54,15 +55,15 @@ class _Pool:
     def __init__(self, failing: str) -> None:
         self.failing, self.calls = failing, []
 
-    def map(self, policies, done=None):
+    def map(self, policies, done=None, context=None):
         results = []
-        for policy in policies:
+        for i, policy in enumerate(policies):
             moved = [k for k, v in policy.items() if v not in (32, 1.0)]
             failed = self.failing in moved and not self.calls
             results.append({"metric": None, "error": "RuntimeError: shapes differ"} if failed
                            else {"metric": 0.9, "error": None})  # fmt: skip
             if done is not None:
-                done(results[-1])
+                done(i, results[-1])
         self.calls.append(len(policies))
         return results
 
@@ -83,9 +84,58 @@ def test_failed_probes_are_reported_cached_around_and_measured_again(tmp_path, m
     assert f"{n_failing} of {len(probes(space))} probes failed" in err
     assert f"first: {failing}" in err and "shapes differ" in err
     # a later study: only the failed probes run again; the table is whole and in order
+    # (the reference value of each knob is the unchanged model: known, never probed)
     again = table_for("digits-cnn", space, {}, pool, 0.99)
-    assert pool.calls == [len(probes(space)), n_failing]
+    assert pool.calls == [len(probes(space)) - len(space.searchable), n_failing]
     assert again["metric"].notna().all()
     assert list(zip(again["knob"], again["value"], strict=True)) == [
         (k, float(v)) for k, v, _ in probes(space)]  # fmt: skip
     assert "failed" not in capsys.readouterr().err
+
+
+def test_the_schedule_fits_the_budget_and_probes_the_largest_knobs_first():
+    from orchestrator.sensitivity import schedule
+
+    space = _space()
+    full = schedule(space)  # no budget: every probe but the reference values, on all the data
+    assert full.share == 1.0 and len(full.probes) == full.total
+    assert full.total == len(probes(space)) - len(space.searchable)
+    assert schedule(space, budget=full.total).share == 1.0  # fits: unchanged
+    weight = {k.name: space.profile.layer(k.layers[0]).numel for k in space.searchable}
+    for budget, batches in [(10, 6), (3, 6), (5, None), (1, 3)]:
+        plan = schedule(space, budget=budget, batches=batches)
+        assert plan.evaluations <= budget  # the reference probe included
+        if batches:  # whole batches, at least one
+            assert plan.share * batches == round(plan.share * batches) >= 1
+        picked = {}
+        for knob, value, _ in plan.probes:
+            picked.setdefault(knob, []).append(value)
+        # round by round: a knob gets a second value only once every knob has one, the
+        # heaviest knobs first; each knob's first probe is its smallest value
+        by_weight = sorted(weight, key=lambda k: -weight[k])
+        assert list(picked) == [k for k in probes_order(plan) if k in picked]
+        assert set(picked) == set(by_weight[: len(picked)])
+        if len(picked) < len(weight):
+            assert all(len(v) == 1 for v in picked.values())
+        for knob, values in picked.items():
+            assert min(values) == min(space.by_name[knob].choices)
+
+
+def probes_order(plan):
+    return list(dict.fromkeys(k for k, _, _ in plan.probes))
+
+
+def test_a_partly_probed_knob_follows_its_kinds_prior_between_probes():
+    from orchestrator.proposals import LossModel
+    from search_spaces.kinds import kind_of
+
+    space = _space()
+    knob = next(k for k in space.searchable if k.kind == "bits")
+    # probed at its smallest value only (a 0.2 drop); the reference row is the base metric
+    table = pd.DataFrame([{"knob": knob.name, "value": 2.0, "metric": 0.79},
+                          {"knob": knob.name, "value": 32.0, "metric": 0.99}])  # fmt: skip
+    loss = LossModel.from_table(space, table, 0.99)
+    prior = kind_of(knob).prior_loss
+    for bits in (3, 4, 8):  # 4x less per bit, as the prior says, not a line from 2 to 32
+        assert loss(knob, bits) == pytest.approx(0.2 * prior(bits) / prior(2), rel=1e-3, abs=1e-5)
+    assert loss(knob, 2) == pytest.approx(0.2, abs=1e-5)
