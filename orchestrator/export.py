@@ -2,14 +2,14 @@
 
 `export_best` picks a trial (the best within a budget, or a named one), rebuilds exactly
 the model that trial scored (the driver's config, space, Rebuilder and recovery), stores
-each compressible layer in the encoding the cost model counted (so the file's payload is
-`size_bytes` to the byte), loads the bytes back and checks the loaded model's metric
-against the recorded one before writing anything. Files (docs/export.md):
+each compressible layer in the encoding the cost model counted (so the model file,
+header included, is `size_bytes` to the byte), loads the bytes back and checks the
+loaded model's metric against the recorded one before writing anything. Files (docs/export.md):
 
-- `model.safetensors`: tensors only, no pickles; packed layers as uint8 bit streams with
-  float32 scales, masks as bitmaps;
-- `manifest.json`: what the loader needs (encodings, shapes, channel counts, the task or
-  the architecture);
+- `model.safetensors`: tensors only, no pickles, back to back in one entry; packed layers
+  as uint8 bit streams with float32 scales, masks as bitmaps;
+- `manifest.json`: what the loader needs (where each tensor lies in the model file,
+  encodings, shapes, channel counts, the task or the architecture);
 - `policy.json`: what was exported and why (policy, per-layer table, predicted cost,
   recorded and verified metric, versions); no timestamps, so exports are byte-identical;
 - `model.onnx` (optional, the `onnx` extra): the loaded model, checked with onnxruntime.
@@ -46,17 +46,20 @@ from orchestrator.compress.codec import (
     encode,
     keep_packed,
     layer_masks,
+    model_file,
+    unpack_file,
 )
 from orchestrator.compress.structured import slice_model
 from orchestrator.config import SearchConfig, make_config
 from orchestrator.errors import ConfigError
 from orchestrator.runrecord import RunRecord, read_study
 from search_spaces import SearchSpace, SpaceError
-from search_spaces.cost import policy_cost
+from search_spaces.cost import FILE_FORMAT, file_bytes, policy_cost
 from search_spaces.kinds import BITS
 from search_spaces.policy import Policy
 
-FORMAT = "prunesearch-compressed/1"
+FORMAT = FILE_FORMAT  # 2: the tensors in one safetensors entry, the manifest's `stored` index
+FORMAT_1 = "prunesearch-compressed/1"  # an entry per tensor (before issue 14); still loads
 POLICY_FORMAT = "prunesearch-policy/1"
 MODEL_FILE, MANIFEST_FILE, POLICY_FILE, ONNX_FILE = (
     "model.safetensors", "manifest.json", "policy.json", "model.onnx")  # fmt: skip
@@ -132,12 +135,14 @@ def read_export(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
                           "directory 'prunesearch export' wrote")  # fmt: skip
     try:
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != FORMAT:
+        if manifest.get("format") not in (FORMAT, FORMAT_1):
             raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
         data = (where / manifest["model_file"]).read_bytes()
         if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
             raise ValueError(f"{manifest['model_file']} does not match the manifest's SHA-256")
         tensors = load(data)
+        if manifest["format"] == FORMAT:
+            tensors = unpack_file(tensors, manifest["stored"])
     except Exception as exc:
         raise ConfigError(f"export '{where}' is damaged: {type(exc).__name__}: {exc}; export "
                           "it again") from None  # fmt: skip
@@ -388,8 +393,6 @@ def _rebuild(config: SearchConfig, space: SearchSpace, task: Any, policy: Policy
 def export_trial(config: SearchConfig, run: RunRecord, row: Any, *,
                  budget: Budget | None = None) -> Exported:  # fmt: skip
     """Rebuild trial `row` of a study, encode it, load the bytes back and check them."""
-    from safetensors.torch import save
-
     from orchestrator.prepare import build_space
 
     task, base, space = build_space(config)
@@ -403,19 +406,20 @@ def export_trial(config: SearchConfig, run: RunRecord, row: Any, *,
     except (SpaceError, ValueError) as exc:
         raise ConfigError(f"trial {row.trial}'s recorded policy is damaged: {exc}") from None
     cost = policy_cost(space, policy)
-    if cost.size_bytes != row.size_bytes:
+    # before issue 14 a study recorded the payload alone: its file_bytes is today's size
+    if row.size_bytes != cost.size_bytes and file_bytes(int(row.size_bytes)) != cost.size_bytes:
         raise ConfigError(f"trial {row.trial} recorded {row.size_bytes} bytes but the cost model "
                           f"now says {cost.size_bytes}: task '{config.task}' changed")  # fmt: skip
     with _threads(int(config.workers.cpus_per_worker)):
         evaluator, scored, before = _rebuild(config, space, task, policy)
         encoded = encode(scored, before, space, policy, layer_masks(space, policy, base))
-        payload = sum(t.numel() * t.element_size() for t in encoded.tensors.values())
-        if payload != cost.size_bytes:
-            raise ExportError(f"internal: the export holds {payload} bytes of tensors, the cost "
-                              f"model counted {cost.size_bytes}")  # fmt: skip
-        model_bytes = save(encoded.tensors, metadata={"format": FORMAT})
-        manifest = _manifest(config, space, policy, task, scored, encoded, model_bytes)
-        loaded = _assemble(manifest, _load_bytes(model_bytes), base=base, space=space)
+        model_bytes, stored = model_file(encoded.tensors)
+        if len(model_bytes) != cost.size_bytes:
+            raise ExportError(f"internal: the model file takes {len(model_bytes)} bytes, the "
+                              f"cost model counted {cost.size_bytes}")  # fmt: skip
+        manifest = _manifest(config, space, policy, task, scored, encoded, model_bytes, stored)
+        tensors = unpack_file(_load_bytes(model_bytes), stored)
+        loaded = _assemble(manifest, tensors, base=base, space=space)
         _same_state(loaded, encoded.state)
         metric = float(task.metric(loaded.to(evaluator.device), evaluator.validation))
     loaded.cpu()
@@ -449,7 +453,8 @@ def _json_bytes(data: Any) -> bytes:
 
 
 def _manifest(config: SearchConfig, space: SearchSpace, policy: Policy, task: Any,
-              scored: nn.Module, encoded: Encoded, model_bytes: bytes) -> dict[str, Any]:  # fmt: skip
+              scored: nn.Module, encoded: Encoded, model_bytes: bytes,
+              stored: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
     payload = sum(t.numel() * t.element_size() for t in encoded.tensors.values())
     # what build_space needs to rebuild the task's model and plan (the loader's fallback)
     recorded = {k: v for k, v in config.to_dict().items() if k in LOADER_CONFIG_KEYS}
@@ -466,6 +471,7 @@ def _manifest(config: SearchConfig, space: SearchSpace, policy: Policy, task: An
         "channels": dict(sorted(space.channel_counts(policy).items())),
         "architecture": architecture(scored),
         "inputs": describe_inputs(task.example_inputs()),
+        "stored": stored,  # where each tensor lies in the model file's one entry
         **encoded.manifest,
     }
 

@@ -1,7 +1,9 @@
 """Pure cost model: size_bytes, macs and bops of a policy, from the profile alone.
 
-`size_bytes` is what the exported file holds. Each compressible layer is stored in the
-smallest of up to four exact encodings of the model that is scored:
+`size_bytes` is the exported model file's size to the byte (orchestrator.export,
+docs/export.md): the payload (every stored tensor's bytes) plus the file's header. Each
+compressible layer is stored in the smallest of up to four exact encodings of the model
+that is scored:
 
 | encoding      | values                                   | extra                       |
 |---------------|------------------------------------------|-----------------------------|
@@ -12,9 +14,15 @@ smallest of up to four exact encodings of the model that is scored:
 
 (packed only when bits < 32; a quantized layer stored as float holds its dequantized
 values, which are exactly what was scored). Choosing the smallest makes size monotone:
-fewer bits or lower keep never cost bytes, and a 32-bit, keep-1.0 policy is exactly the
-float model's state-dict size. Every other state-dict tensor (biases, BatchNorm
+fewer bits or lower keep never cost bytes, and a 32-bit, keep-1.0 policy's payload is
+exactly the float model's state-dict size. Every other state-dict tensor (biases, BatchNorm
 parameters and buffers) is counted at its stored dtype.
+
+The file is safetensors with one uint8 entry holding the whole payload (the manifest next
+to it says where each tensor lies), so its header is `file_header(payload)`: about 120
+bytes whatever the model, where one entry per tensor cost ~80 bytes each (27 KB on a
+137 KB mobilenet_v3_small; issue 14). The header grows with the payload's digit count
+only, so size stays monotone in bits and keep.
 
 `macs` counts the multiply-accumulates of the kept weights over one forward pass on the
 task's example inputs (sparse kernels skip pruned weights); `bops` = macs x weight bits
@@ -33,11 +41,13 @@ from search_spaces.structure import sliced_shape
 
 SCALE_BYTES = 4  # one float32 scale per output row of a quantized weight
 ACTIVATION_BITS = 32
+FILE_FORMAT = "prunesearch-compressed/2"  # the model file's metadata, the manifest's format
+FILE_ENTRY = "model"  # the model file's one safetensors entry: the payload, uint8
 
 
 @dataclass(frozen=True, kw_only=True)
 class Cost:
-    size_bytes: int
+    size_bytes: int  # the exported model file: payload + header (file_bytes)
     macs: int
     bops: int
     params: int = 0  # parameter elements of the rebuilt model (masked ones included)
@@ -45,6 +55,26 @@ class Cost:
     def as_dict(self) -> dict[str, int]:
         return {"size_bytes": self.size_bytes, "macs": self.macs, "bops": self.bops,
                 "params": self.params}  # fmt: skip
+
+
+def file_header(payload: int) -> bytes:
+    """The model file's header for `payload` bytes of tensors, byte for byte what
+    safetensors writes for one uint8 entry: the JSON index's length (8 bytes, little
+    endian), then the index, padded with spaces to a multiple of 8."""
+    index = (f'{{"__metadata__":{{"format":"{FILE_FORMAT}"}},"{FILE_ENTRY}":{{"dtype":"U8",'
+             f'"shape":[{payload}],"data_offsets":[0,{payload}]}}}}')  # fmt: skip
+    index += " " * (-len(index) % 8)
+    return len(index).to_bytes(8, "little") + index.encode()
+
+
+def header_bytes(payload: int) -> int:
+    """Bytes of `file_header(payload)`; never decreases as the payload grows."""
+    return len(file_header(payload))
+
+
+def file_bytes(payload: int) -> int:
+    """The model file's size for `payload` bytes of tensors; strictly increasing."""
+    return payload + header_bytes(payload)
 
 
 def encodings(*, numel: int, rows: int, dtype_bytes: int, bits: int, kept: int) -> dict[str, int]:
@@ -105,7 +135,7 @@ def cost_of_settings(space: SearchSpace, settings: Mapping[str, LayerSetting]) -
         macs += layer_mac
         bops += layer_mac * min(setting.bits, FLOAT_BITS) * ACTIVATION_BITS
     params = sum(math.prod(t.shape) for t in space.profile.tensors if t.parameter)
-    return Cost(size_bytes=size, macs=macs, bops=bops, params=params)
+    return Cost(size_bytes=file_bytes(size), macs=macs, bops=bops, params=params)
 
 
 def _structured_cost(space: SearchSpace, settings: Mapping[str, LayerSetting],
@@ -125,7 +155,7 @@ def _structured_cost(space: SearchSpace, settings: Mapping[str, LayerSetting],
         size += sliced_encoding(layer, shapes, bits)[1]
         macs += numel * layer.uses
         bops += numel * layer.uses * min(bits, FLOAT_BITS) * ACTIVATION_BITS
-    return Cost(size_bytes=size, macs=macs, bops=bops, params=params)
+    return Cost(size_bytes=file_bytes(size), macs=macs, bops=bops, params=params)
 
 
 def policy_encodings(space: SearchSpace,

@@ -1,7 +1,9 @@
 """Cost model: pure functions from (profile, policy) to size_bytes, macs and bops.
 
 Property tests run over random profiles built directly (no torch model) and over the
-real digits-cnn / digits-lstm spaces; known answers are computed by hand.
+real digits-cnn / digits-lstm spaces; known answers are computed by hand. size_bytes is
+the model file's size: the payload (the tensors) plus the file's header, whose exact
+bytes are checked against what safetensors itself writes.
 """
 
 from __future__ import annotations
@@ -28,8 +30,13 @@ from search_spaces import (
 )
 from search_spaces.cost import (
     ACTIVATION_BITS,
+    FILE_ENTRY,
+    FILE_FORMAT,
     SCALE_BYTES,
     cost_of_settings,
+    file_bytes,
+    file_header,
+    header_bytes,
     layer_bytes,
     policy_cost,
 )
@@ -176,8 +183,8 @@ def test_lower_keep_never_increases_size(layer, bits, high, low):
 def test_float_unpruned_size_is_the_profiles_float_bytes(profile):
     full = {layer.name: LayerSetting(bits=32, keep_count=layer.numel) for layer in profile.layers}
     cost = cost_of_settings(_space(profile), full)
-    assert cost.size_bytes == profile.float_bytes
-    assert cost.size_bytes == profile.other_bytes + sum(
+    assert cost.size_bytes == file_bytes(profile.float_bytes)
+    assert cost.size_bytes - header_bytes(profile.float_bytes) == profile.other_bytes + sum(
         w.numel * layer.dtype_bytes for layer in profile.layers for w in layer.weights
     )
     assert cost.macs == sum(layer.numel * layer.uses for layer in profile.layers)
@@ -260,7 +267,8 @@ def test_float_policy_costs_exactly_the_state_dict(task):
     model, profile, space = _digits(task)
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     cost = policy_cost(space, Policy.uniform(space, 32, 1.0))
-    assert cost.size_bytes == profile.float_bytes == state_bytes
+    assert profile.float_bytes == state_bytes
+    assert cost.size_bytes == file_bytes(state_bytes) == state_bytes + header_bytes(state_bytes)
 
 
 @pytest.mark.parametrize(
@@ -284,7 +292,7 @@ def test_uniform_baselines_shrink_with_bits(task):
     _, profile, space = _digits(task)
     sizes = [policy_cost(space, Policy.uniform(space, b)).size_bytes for b in (32, 8, 4, 2)]
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4
-    assert sizes[0] == profile.float_bytes
+    assert sizes[0] == file_bytes(profile.float_bytes)
 
 
 # ---------------------------------------------------------------- a case by hand
@@ -313,7 +321,7 @@ def test_one_linear_by_hand(bits, keep, size):
     assert [k.name for k in space.knobs] == ["bits:0", "keep:0"]
     cost = policy_cost(space, Policy.from_values(space, {"bits:0": bits, "keep:0": keep}))
     kept = round(keep * 640)
-    assert cost.size_bytes == size
+    assert cost.size_bytes == size + 128  # a payload of 3 to 6 digits: a 128-byte header
     assert cost.macs == kept  # one use per weight element for a batch of one
     assert cost.bops == kept * bits * ACTIVATION_BITS
 
@@ -321,5 +329,63 @@ def test_one_linear_by_hand(bits, keep, size):
 def test_as_dict_names_the_trial_columns():
     space = _one_linear()
     cost = policy_cost(space, Policy.uniform(space, 8))
-    assert cost.as_dict() == {"size_bytes": 640 + 40 + 40, "macs": 640, "bops": 640 * 8 * 32,
+    assert cost.as_dict() == {"size_bytes": 640 + 40 + 40 + 128, "macs": 640, "bops": 640 * 8 * 32,
                               "params": 640 + 10}  # fmt: skip
+
+
+# ---------------------------------------------------------------- the model file's header
+
+
+def _safetensors_file(payload: int) -> bytes:
+    """What safetensors itself writes for the model file's one uint8 entry."""
+    from safetensors.torch import save
+
+    return save({FILE_ENTRY: torch.zeros(payload, dtype=torch.uint8)},
+                metadata={"format": FILE_FORMAT})  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@example(payload=0)
+@example(payload=99)
+@example(payload=100)
+@example(payload=999_999)
+@example(payload=1_000_000)
+@given(payload=st.integers(0, 2_000_000))
+def test_header_is_byte_for_byte_what_safetensors_writes(payload):
+    """The cost model's header term is the real header: the file is exactly file_bytes."""
+    data = _safetensors_file(payload)
+    assert len(data) == file_bytes(payload) == payload + header_bytes(payload)
+    assert data[: header_bytes(payload)] == file_header(payload)
+
+
+@pytest.mark.parametrize(
+    ("payload", "header"),
+    # 8 length bytes + the 108-character index + 2 x the payload's digits, padded to 8
+    [(0, 120), (99, 120), (100, 128), (999_999, 128), (10**6, 136), (10**9, 136),
+     (10**10, 144)],
+)  # fmt: skip
+def test_header_bytes_by_hand(payload, header):
+    assert header_bytes(payload) == header
+
+
+@given(st.integers(0, 10**15), st.integers(0, 10**15))
+def test_header_never_shrinks_and_file_bytes_strictly_grow(a, b):
+    """What keeps size monotone in bits and keep: a smaller payload is a smaller file."""
+    low, high = min(a, b), max(a, b)
+    assert header_bytes(low) <= header_bytes(high) <= 152
+    assert header_bytes(low) % 8 == 0
+    if low < high:
+        assert file_bytes(low) < file_bytes(high)
+
+
+@FEW
+@given(data=st.data())
+def test_size_is_the_payload_plus_its_header(data):
+    """Every layer's encoding and every other tensor, plus the header of their total."""
+    profile = data.draw(profiles())
+    settings_ = data.draw(settings_for(profile))
+    payload = profile.other_bytes + sum(
+        layer_bytes(layer, settings_[layer.name]) for layer in profile.layers
+    )
+    cost = cost_of_settings(_space(profile), settings_)
+    assert cost.size_bytes == payload + header_bytes(payload)

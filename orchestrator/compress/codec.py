@@ -12,6 +12,12 @@ A layer's weight tensors (an LSTM has two) share one stream, one scale vector an
 bitmap, concatenated flat in the profile's order. Codes are those of quantize.py, whose
 dequantization is the scored (fake-quantized) weights bit for bit. Every other
 state-dict tensor is stored under its key at its dtype.
+
+The model file (`model_file`) holds all of these tensors' bytes back to back in one
+safetensors entry (uint8), widest dtype first so that each tensor lies aligned to its
+element size; the manifest's `stored` index says where each one lies. One entry keeps the
+header at cost.file_header's ~120 bytes, which the cost model counts exactly: an entry
+per tensor cost ~80 bytes each (issue 14). Format 1 files (an entry per tensor) still load.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from orchestrator.compress.prune import magnitude_masks
 from orchestrator.compress.quantize import dequantize, quantize
 from search_spaces import SearchSpace
 from search_spaces.config import FLOAT_BITS
-from search_spaces.cost import policy_encodings
+from search_spaces.cost import FILE_ENTRY, file_header, policy_encodings
 from search_spaces.kinds import BITS  # a manifest layer's `bits`: its bits kind's value
 
 # the stored parts of each encoding (dense-float: the weights' own state-dict keys)
@@ -188,6 +194,57 @@ def encode(model: nn.Module, before: Mapping[str, torch.Tensor], space: SearchSp
                     for k, v in state.items()],
     }  # fmt: skip
     return Encoded(tensors=tensors, manifest=manifest, state=state)
+
+
+# -- the model file ------------------------------------------------------------------------
+
+
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+
+
+def model_file(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[dict[str, Any]]]:
+    """The model file (cost.file_header, then every tensor's bytes: `file_bytes(payload)`
+    bytes in all) and its `stored` index for the manifest: each tensor's `key`, `dtype`,
+    `shape` and `data_offsets` (begin, end) within the file's one entry, in file order.
+    Widest dtype first (a stable sort), so each tensor's offset is a multiple of its
+    element size, as safetensors orders its own entries."""
+    stored: list[dict[str, Any]] = []
+    chunks: list[torch.Tensor] = []
+    offset = 0
+    for key, tensor in sorted(tensors.items(), key=lambda item: -item[1].element_size()):
+        raw = _raw(tensor)
+        stored.append({"key": key, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + raw.numel()]})  # fmt: skip
+        chunks.append(raw)
+        offset += raw.numel()
+    payload = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)
+    return file_header(offset) + payload.numpy().tobytes(), stored
+
+
+def unpack_file(entries: Mapping[str, torch.Tensor],
+                stored: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The stored tensors of a model file (`entries`: what safetensors loads from it) by
+    its manifest's `stored` index, which must tile the one entry exactly."""
+    blob = entries.get(FILE_ENTRY)
+    if len(entries) != 1 or blob is None or blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise ValueError(f"the model file must hold one 1-D uint8 entry '{FILE_ENTRY}', it "
+                         f"holds {sorted(entries)}")  # fmt: skip
+    tensors: dict[str, torch.Tensor] = {}
+    end = 0
+    for part in stored:
+        dtype = dtype_of(part["dtype"])
+        begin, stop = part["data_offsets"]
+        if begin != end or stop - begin != math.prod(part["shape"]) * dtype.itemsize:
+            raise ValueError(f"stored tensor {part['key']} lies at {begin}..{stop}, not right "
+                             f"after the previous one ({end}) at its shape's size")  # fmt: skip
+        # a copy: its own aligned storage, and the file's bytes can be freed
+        tensors[part["key"]] = blob[begin:stop].clone().view(dtype).reshape(part["shape"])
+        end = stop
+    if end != blob.numel():
+        raise ValueError(f"the stored tensors take {end} bytes, the model file holds "
+                         f"{blob.numel()}")  # fmt: skip
+    return tensors
 
 
 # -- decoding -----------------------------------------------------------------------------
