@@ -34,7 +34,7 @@ from torch import nn
 from orchestrator.atomic import atomic_write_json
 from orchestrator.batches import call_model
 from orchestrator.compress.structured import slice_model
-from search_spaces.layers import LAYERS, layer_type
+from search_spaces.layers import layer_type
 from search_spaces.structure import DimSlice, GroupPlan, PruningPlan
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -42,8 +42,12 @@ LOG = logging.getLogger("prunesearch")
 
 
 # what cutting a module's output or input channels touches: its layer type says
-# (search_spaces/layers); the roots of groups are the compressible types
-ROOTS = tuple(t for t, layer in LAYERS.items() if layer.compressible)
+# (search_spaces/layers); the roots of groups are the compressible layers
+
+
+def _is_root(module: Any) -> bool:
+    layer = layer_type(module) if isinstance(module, nn.Module) else None
+    return layer is not None and layer.compressible
 
 
 # -- planning -----------------------------------------------------------------------
@@ -359,7 +363,7 @@ def _plan_groups(model: nn.Module, example_inputs: Any, *, layer_names: list[str
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, forward_fn=call_model
         )
-        traced = list(_groups(graph, ROOTS, names, excluded))
+        traced = list(_groups(graph, names, excluded))
     groups, claimed = [], set()
     with torch.no_grad():
         reference = _output_shapes(call_model(model, example_inputs))
@@ -465,14 +469,14 @@ def _head_groups(model: nn.Module) -> list[GroupPlan]:
     return groups
 
 
-def _groups(graph: Any, roots: tuple[type, ...], names: dict[nn.Module, str],
+def _groups(graph: Any, names: dict[nn.Module, str],
             excluded: dict[str, str]):  # fmt: skip
     """(root name, group) for each root layer's output channels, as the graph's
     get_all_groups does, but one group failing to trace leaves out that group only."""
     visited: set[nn.Module] = set()
     deadline = time.monotonic() + PLAN_SECONDS
     for module in list(graph.module2node):
-        if not isinstance(module, roots) or module in visited:
+        if not _is_root(module) or module in visited:
             continue
         if time.monotonic() > deadline:
             excluded[names.get(module, "?")] = (f"not traced: planning stopped after "
@@ -480,6 +484,8 @@ def _groups(graph: Any, roots: tuple[type, ...], names: dict[nn.Module, str],
             continue
         pruner = graph.get_pruner_of_module(module)
         if pruner is None or pruner.get_out_channels(module) is None:
+            excluded[names.get(module, "?")] = (f"Torch-Pruning does not trace "
+                                                f"{type(module).__name__}'s channels")  # fmt: skip
             continue
         try:
             group = graph.get_pruning_group(

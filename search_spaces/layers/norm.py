@@ -63,5 +63,10 @@ class PReLU(LayerType):
 
 BATCH_NORM = register(BatchNorm())
 LAYER_NORM = register(LayerNorm())
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    RMS_NORM = register(type("RMSNorm", (LayerNorm,), {"types": (nn.RMSNorm,),
+                                                       "args": ("normalized_shape", "eps",
+                                                                "elementwise_affine"),
+                                                       "bias_arg": False})())  # fmt: skip
 GROUP_NORM = register(GroupNorm())
 PRELU = register(PReLU())
