@@ -13,7 +13,9 @@ import contextlib
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -308,7 +310,7 @@ def publish(prepared: Prepared) -> None:
 
 
 def _guidance(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool,
-              batches: int | None = None) -> Guidance:  # fmt: skip
+              batches: int | None = None, eval_seconds: float | None = None) -> Guidance:  # fmt: skip
     """Sensitivity table (cached; its probes within `sensitivity.share` of the trials), the
     loss model it gives, and the seeds: under a budget the knapsack's policies at the
     budget's edge (orchestrator.proposals), else the knapsack's sweep of size budgets,
@@ -316,11 +318,16 @@ def _guidance(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool,
     from orchestrator.sensitivity import describe, schedule, seed_policies, table_for, write_table
 
     config, space = prepared.config, prepared.space
-    plan = schedule(space, budget=config.sensitivity.share * config.trials, batches=batches)
+    budget = config.sensitivity.share * config.trials
+    plan = schedule(space, budget=budget, batches=batches)
+    # the budget in time: that many evaluations shared by the workers (a probe's rebuild
+    # costs it time however little data it scores)
+    seconds = None if eval_seconds is None else budget * eval_seconds / max(1, pool.size)
     if not quiet:
-        print(describe(plan, config.trials) + " (cached per task and space)", file=sys.stderr)
+        print(describe(plan, config.trials, seconds) + " (cached per task and space)",
+              file=sys.stderr)  # fmt: skip
     table = table_for(config.task, space, config.recovery.model_dump(), pool, base_metric,
-                      plan=plan, quiet=quiet)  # fmt: skip
+                      plan=plan, seconds=seconds, quiet=quiet)  # fmt: skip
     prepared.study_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(prepared.study_dir, 0o700)  # the study is the user's alone (as Driver.open)
     write_table(table, prepared.study_dir / "sensitivity.parquet")
@@ -331,6 +338,29 @@ def _guidance(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool,
     seeds = [params for params in seed_policies(space, table, base_metric)
              if pricing.excess(params) <= 0]  # fmt: skip
     return Guidance(seeds=tuple(seeds), loss=loss)
+
+
+class _Deferred:
+    hit = False
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[_Deferred]:
+    """Ctrl-C inside is remembered, not raised, so what it wraps completes (main thread
+    only: elsewhere signals are not this thread's to handle)."""
+    state = _Deferred()
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def remember(signum, frame):
+        state.hit = True
+
+    previous = signal.signal(signal.SIGINT, remember)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _started(prepared: Prepared) -> bool:
@@ -465,15 +495,18 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
         if config.seeding and not _started(prepared):
             try:  # a study resumed before any trial (stopped in this phase) measures the rest
                 guidance = _guidance(prepared, pool, base_metric, quiet=quiet,
-                                     batches=infos[0].get("validation_batches"))  # fmt: skip
+                                     batches=infos[0].get("validation_batches"),
+                                     eval_seconds=eval_seconds)  # fmt: skip
             except KeyboardInterrupt:  # the probes done are cached: the study is made resumable
                 interrupted = True
         elif config.seeding:  # resumed: the study's own table still steers repairs and moves
             guidance = _resumed_guidance(prepared, base_metric)
-        driver = open_driver(prepared, pool, sampler=sampler, quiet=quiet, fidelity=fidelity,
-                             guidance=guidance)  # fmt: skip
-        write_run_json(prepared, sampler=sampler, base_metric=base_metric, workers=infos,
-                       driver_id=driver.driver_id)  # fmt: skip
+        with _deferred_interrupt() as deferred:  # a study half opened is no study to resume
+            driver = open_driver(prepared, pool, sampler=sampler, quiet=quiet,
+                                 fidelity=fidelity, guidance=guidance)  # fmt: skip
+            write_run_json(prepared, sampler=sampler, base_metric=base_metric, workers=infos,
+                           driver_id=driver.driver_id)  # fmt: skip
+        interrupted = interrupted or deferred.hit
         try:
             if interrupted:
                 driver.interrupted = True

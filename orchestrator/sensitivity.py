@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,9 @@ REFERENCE_KNOB = "(reference)"  # the unchanged model, scored at the probes' sha
 class Schedule:
     """Which probes the sensitivity phase scores, on what share of the validation data."""
 
-    probes: tuple[tuple[str, float, Policy], ...]  # (knob, value, policy), reference excluded
+    # (knob, value, policy), the reference excluded, most telling first (so a phase cut
+    # short by its time limit loses the least)
+    probes: tuple[tuple[str, float, Policy], ...]
     share: float = 1.0  # of the validation batches per probe (the first ones)
     total: int = 0  # the probes of a full sweep (every probe value of every knob)
     budget: float | None = None  # evaluations allowed (whole-data equivalents)
@@ -118,8 +121,8 @@ def schedule(space: SearchSpace, *, budget: float | None = None,
         for knob in ranked:
             if len(picked) < count and level < len(order[knob.name]):
                 picked.append((knob.name, order[knob.name][level]))
-    chosen = set(picked)
-    found = tuple(p for p in probes(space) if (p[0], float(p[1])) in chosen)
+    policies = {(k, float(v)): p for k, v, p in probes(space)}
+    found = tuple((k, v, policies[(k, v)]) for k, v in picked)  # in the order to measure them
     return Schedule(probes=found, share=share, total=total, budget=budget)
 
 
@@ -150,14 +153,16 @@ class Interrupted(KeyboardInterrupt):
 
 def table_for(task_spec: str, space: SearchSpace, recovery: dict[str, Any], pool: Any,
               base_metric: float, *, plan: Schedule | None = None,
-              quiet: bool = True) -> pd.DataFrame:  # fmt: skip
+              seconds: float | None = None, quiet: bool = True) -> pd.DataFrame:  # fmt: skip
     """The sensitivity table of this task and space for the probes of `plan` (default:
     every probe on all the data): those cached are read, the rest measured with a progress
     bar (probes done / total) and cached. A probe that fails (its policy did not rebuild or
     score) is a row with its error and no metric: reported in one line (count and the
     first error) and left out of the loss model; the rest is cached, and a later study
     measures only the failed probes again (a lost worker is no lasting failure). Ctrl-C
-    caches the probes done and raises `Interrupted`."""
+    caches the probes done and raises `Interrupted`. After `seconds` no more probes start
+    (a probe costs its rebuild too, however little data it scores): those not measured
+    are measured by a later study of the same task, space and share, if it has time."""
     from orchestrator.cache import cache_dir
 
     plan = plan or schedule(space)
@@ -165,7 +170,7 @@ def table_for(task_spec: str, space: SearchSpace, recovery: dict[str, Any], pool
     path = cache_dir() / "sensitivity" / f"{key}.parquet"
     known = cached_table(path)
     try:
-        raw = measure(space, pool, plan, known=known, quiet=quiet)
+        raw = measure(space, pool, plan, known=known, quiet=quiet, seconds=seconds)
     except Interrupted as stop:
         write_table(stop.table, path)
         raise
@@ -176,15 +181,17 @@ def table_for(task_spec: str, space: SearchSpace, recovery: dict[str, Any], pool
     return table
 
 
-def describe(plan: Schedule, trials: int) -> str:
+def describe(plan: Schedule, trials: int, seconds: float | None = None) -> str:
     """One line: what the sensitivity phase scores, and why not more."""
+    limit = f"; at most {seconds:.0f} s" if seconds is not None else ""
     if len(plan.probes) == plan.total and plan.share >= 1:
-        return f"sensitivity: {plan.total} probes (every knob value), all the validation data"
+        return (f"sensitivity: {plan.total} probes (every knob value), all the validation "
+                f"data{limit}")  # fmt: skip
     share = f"{plan.share:.0%}" if plan.share < 1 else "all"
     return (f"sensitivity: {len(plan.probes)} of {plan.total} probes on {share} of the "
             f"validation data ({plan.evaluations:.1f} evaluations; budget "
-            f"{plan.budget:g} = sensitivity.share of {trials} trials); knobs not probed are "
-            "priced by their kind's prior")  # fmt: skip
+            f"{plan.budget:g} = sensitivity.share of {trials} trials{limit}); knobs not "
+            "probed are priced by their kind's prior")  # fmt: skip
 
 
 def report_failures(table: pd.DataFrame) -> None:
@@ -197,15 +204,15 @@ def report_failures(table: pd.DataFrame) -> None:
               file=sys.stderr)  # fmt: skip
 
 
-def measure(space: SearchSpace, pool: Any, plan: Schedule, *,
-            known: pd.DataFrame | None = None, quiet: bool = True) -> pd.DataFrame:  # fmt: skip
+def measure(space: SearchSpace, pool: Any, plan: Schedule, *, known: pd.DataFrame | None = None,
+            quiet: bool = True, seconds: float | None = None) -> pd.DataFrame:  # fmt: skip
     """Score the plan's probes on the worker pool (but those `known` scored), and on part of
     the data the unchanged model too; the raw rows as scored (what is cached)."""
     from tqdm import tqdm
 
     every = [*plan.probes]
-    if plan.share < 1:
-        every.append((REFERENCE_KNOB, 0.0, Policy.from_values(space, reference(space))))
+    if plan.share < 1:  # first: every other probe's drop is measured from it
+        every.insert(0, (REFERENCE_KNOB, 0.0, Policy.from_values(space, reference(space))))
     rows = [] if known is None else known[known["metric"].notna()].to_dict("records")
     scored = {(r["knob"], r["value"]) for r in rows}
     todo = [(k, float(v), p) for k, v, p in every if (k, float(v)) not in scored]
@@ -218,8 +225,9 @@ def measure(space: SearchSpace, pool: Any, plan: Schedule, *,
 
     with tqdm(total=len(todo), desc="sensitivity", unit="probe", disable=quiet,
               file=sys.stderr, dynamic_ncols=True) as bar:  # fmt: skip
+        deadline = None if seconds is None else time.monotonic() + seconds
         try:
-            pool.map([dict(policy) for _, _, policy in todo], done, context)
+            pool.map([dict(policy) for _, _, policy in todo], done, context, deadline)
         except KeyboardInterrupt:
             raise Interrupted(_raw(space, todo, results, rows, plan)) from None
     return _raw(space, todo, results, rows, plan)

@@ -89,10 +89,11 @@ def open_study(url: str, name: str, directions: list[str], *, resume: bool,
                    and _fail_interrupted(storage, trial._trial_id)]  # fmt: skip
         trials = study.get_trials(deepcopy=True)
         finished = [t for t in trials if t.state.is_finished()]
-        # a study stopped before its first trial (in the sensitivity phase), with no other
-        # driver on it: this one queues the baselines and seeds, as its creator would have
+        # a study resumed (not joined) before its first trial (stopped in the sensitivity
+        # phase): this driver queues the baselines and seeds, as its creator would have
+        first = resume and not join and not trials and not live
         return OpenedStudy(study_id=study._study_id, finished=sorted(finished, key=_number),
-                           requeue=requeue, created=not trials and not live, live=live)  # fmt: skip
+                           requeue=requeue, created=first, live=live)  # fmt: skip
     finally:
         close_storage(storage)
 

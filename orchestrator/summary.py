@@ -9,6 +9,7 @@ import pandas as pd
 from orchestrator.budget import format_bytes
 from orchestrator.storage import redact
 from search_spaces import SearchSpace
+from search_spaces.cost import file_bytes
 from search_spaces.kinds import KEEP
 
 
@@ -49,7 +50,7 @@ def print_space(space: SearchSpace) -> None:
 
     smallest = policy_cost(space, Policy.from_values(space, space.extreme_values("min")))
     print(f"\n{len(space.searchable)} searchable knobs; pruning: {space.pruning}; "
-          f"float model {format_bytes(profile.float_bytes)}, smallest in space "
+          f"float model {format_bytes(file_bytes(profile.float_bytes))}, smallest in space "
           f"{format_bytes(smallest.size_bytes)}")  # fmt: skip
 
 

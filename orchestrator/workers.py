@@ -308,13 +308,17 @@ class WorkerPool:
 
     def map(self, policies: list[dict[str, Any]],
             done: Callable[[int, dict[str, Any]], None] | None = None,
-            context: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+            context: dict[str, Any] | None = None,
+            deadline: float | None = None) -> list[dict[str, Any] | None]:  # fmt: skip
         """Evaluate many policies on every worker, in any order; results in input order.
         `done(index, result)` is called as each one finishes (progress, and what an
-        interrupted caller keeps); `context`: the evaluator's keyword arguments."""
+        interrupted caller keeps); `context`: the evaluator's keyword arguments. Past
+        `deadline` (time.monotonic()) nothing more is started: those results are None."""
         results: list[dict[str, Any] | None] = [None] * len(policies)
         pending = list(enumerate(policies))
         while pending or self.busy:
+            if deadline is not None and time.monotonic() > deadline:
+                pending = []
             while pending and self.free:
                 index, policy = pending.pop(0)
                 self.submit(Job(trial=index, policy=policy, context=context))

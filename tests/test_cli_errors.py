@@ -299,11 +299,19 @@ import torch
 from torch import nn
 from orchestrator import Task
 
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(8, 8, num_layers=2, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
 def make_task():
     torch.manual_seed(0)
-    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
-    model = lambda: nn.Sequential(nn.Linear(8, 8), nn.PReLU(8), nn.Linear(8, 4)).eval()
-    return Task(name="prelu", model=model, example_inputs=lambda: x[:2],
+    x, y = torch.randn(32, 5, 8), torch.randint(0, 4, (32,))
+    return Task(name="lstm2", model=lambda: Net().eval(), example_inputs=lambda: x[:2],
                 calibration=lambda: [(x, y)], validation=lambda: [(x, y)])
 """)  # fmt: skip
     try:
@@ -311,6 +319,7 @@ def make_task():
     finally:
         sys.modules.pop(name, None)
     out = capsys.readouterr().out
-    assert "pruning: unstructured" in out and "keep:0" in out  # masks, per layer
-    assert "not pruned: group of 0: member 1 (PReLU) cannot be sliced" in out
-    assert "not pruned: group of 2: cutting it changes the model's output shape" in out
+    assert "pruning: unstructured" in out and "keep:rnn" in out  # masks, per layer
+    assert ("not pruned: group of rnn: member rnn: only single-layer, one-direction LSTM/GRU "
+            "without projection are sliced") in out  # fmt: skip
+    assert "not pruned: group of head: cutting it changes the model's output shape" in out

@@ -328,6 +328,7 @@ def test_a_user_task_module_resolves_with_its_factory_and_token_batches(tmp_path
 # -- a real search ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_short_search_on_gpt2_tiny(ray_cluster, tmp_path, monkeypatch):
     from orchestrator.search import run_search
 

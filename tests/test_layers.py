@@ -14,7 +14,7 @@ from orchestrator.compress.plan import plan_groups
 from orchestrator.compress.rebuild import Rebuilder
 from orchestrator.compress.structured import slice_model
 from search_spaces import SpaceConfig, derive_space, profile_model
-from search_spaces.cost import policy_cost
+from search_spaces.cost import file_bytes, policy_cost
 from search_spaces.layers import LayerType, register, unregister
 from search_spaces.layers.base import rows, set_attrs, uses_per_output_channel
 from search_spaces.policy import Policy
@@ -66,9 +66,9 @@ def test_a_registered_layer_type_is_profiled_searched_and_priced(dense_type):
     assert [k.name for k in space.knobs] == ["bits:0", "keep:0", "bits:2", "keep:2"]
     assert [layer.uses for layer in space.profile.layers] == [5, 5]  # one row per example
     float_size = policy_cost(space, Policy.uniform(space, 32)).size_bytes
-    assert float_size == (16 * 12 + 12 * 4) * 4
+    assert float_size == file_bytes((16 * 12 + 12 * 4) * 4)
     four = policy_cost(space, Policy.uniform(space, 4)).size_bytes
-    assert four == (16 * 12 + 12 * 4) // 2 + (12 + 4) * 4  # packed codes + a scale per row
+    assert four == file_bytes((16 * 12 + 12 * 4) // 2 + (12 + 4) * 4)  # codes + a scale per row
 
 
 def test_a_registered_layer_type_is_quantized_and_cut(dense_type):

@@ -187,7 +187,8 @@ def test_ctrl_c_in_the_sensitivity_phase_keeps_its_probes_and_resumes(tmp_path):
     deadline = time.monotonic() + 120
     while "sensitivity: " not in "".join(seen) and time.monotonic() < deadline:
         time.sleep(0.1)
-    time.sleep(3)  # some probes done, not all (51 x 0.3 s on 2 workers)
+    time.sleep(1.2)  # some probes done, not all (51 x 0.3 s on 2 workers; its time limit
+    # is 15 evaluations of about 0.35 s shared by 2 workers)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
     reader.join(timeout=10)
@@ -204,8 +205,10 @@ def test_ctrl_c_in_the_sensitivity_phase_keeps_its_probes_and_resumes(tmp_path):
     resumed = _cli("run", *args, "--resume", env=env)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    # the resumed study measured only the probes left: each kept one exactly once
-    assert log.read_text().split().count("1") == 51 + (probes_before - kept)
-    assert len(pd.read_parquet(cached)) == 51
+    # the resumed study measured only probes left (as many as its time allowed): no probe
+    # twice, the in-flight ones lost at Ctrl-C aside
+    after = len(pd.read_parquet(cached))
+    assert kept < after <= 51
+    assert log.read_text().split().count("1") == after + (probes_before - kept)
     trials, _ = _check_study(tmp_path / "s")
     assert len(trials) == 60 and (trials["origin"] == "seed").any()

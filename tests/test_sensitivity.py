@@ -55,7 +55,7 @@ class _Pool:
     def __init__(self, failing: str) -> None:
         self.failing, self.calls = failing, []
 
-    def map(self, policies, done=None, context=None):
+    def map(self, policies, done=None, context=None, deadline=None):
         results = []
         for i, policy in enumerate(policies):
             moved = [k for k, v in policy.items() if v not in (32, 1.0)]
