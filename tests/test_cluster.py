@@ -364,7 +364,13 @@ def test_drivers_joining_one_postgres_study_share_it_and_a_dead_ones_trials_are_
         _wait(lambda: len(_owners(direct, "shared")) >= 2
               and min(_owners(direct, "shared").values()) >= 10, 180,
               "both drivers record trials", second)  # fmt: skip
-        time.sleep(8)  # a few of the recorders' 2-s reads of each other's trials
+        # each driver learns the other's trials as it turns (the recorders read every 2 s):
+        # wait until both have gone on recording a while, not a fixed time (a driver slowed
+        # by a loaded machine once had not turned yet after 8 s)
+        seen = _owners(direct, "shared")
+        _wait(lambda: all(_owners(direct, "shared").get(o, 0) >= n + 10 for o, n in seen.items()),
+              180, "both drivers go on recording", second)  # fmt: skip
+        time.sleep(4)
     finally:
         for proc in (first, second):
             proc.send_signal(signal.SIGINT)
