@@ -178,12 +178,18 @@ def table_for(task_spec: str, space: SearchSpace, recovery: dict[str, Any], pool
         write_table(raw, path)
     table = finish_table(space, raw, plan, base_metric)
     report_failures(table)
+    planned = {(k, float(v)) for k, v, _ in plan.probes}
+    measured = sum((k, float(v)) in planned for k, v in zip(table["knob"], table["value"], strict=True))
+    if not quiet and measured < len(plan.probes):
+        print(f"sensitivity: {measured} of {len(plan.probes)} probes measured within the time "
+              "limit; the rest are priced by the kinds' priors (a later study of this task and "
+              "space measures more)", file=sys.stderr)  # fmt: skip
     return table
 
 
 def describe(plan: Schedule, trials: int, seconds: float | None = None) -> str:
     """One line: what the sensitivity phase scores, and why not more."""
-    limit = f"; at most {seconds:.0f} s" if seconds is not None else ""
+    limit = f"; at most {seconds:.1f} s" if seconds is not None else ""
     if len(plan.probes) == plan.total and plan.share >= 1:
         return (f"sensitivity: {plan.total} probes (every knob value), all the validation "
                 f"data{limit}")  # fmt: skip
