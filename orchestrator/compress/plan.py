@@ -240,8 +240,7 @@ def _group_plan(group: Any, names: dict[Any, str], root_name: str,
         prefix = f"{name}." if name and module is not None else name
         width = size // groups
         for tensor, dim, gates in cuts:
-            full = (module.get_parameter(tensor) if tensor in dict(module.named_parameters(recurse=False))
-                    else getattr(module, tensor)) if module is not None else None  # fmt: skip
+            full = getattr(module, tensor) if module is not None else None
             step = (full.shape[dim] if full is not None else size) // gates
             index = []
             for unit in units:
@@ -294,7 +293,7 @@ def plan_groups(model: nn.Module, example_inputs: Any, *, layer_names: list[str]
             atomic_write_json(path, plan.to_dict())
         except OSError as exc:  # a read-only cache costs the next run a new plan, no more
             LOG.warning("planning: could not cache the plan in %s (%s)", path.parent, exc)
-    return plan
+    return _ordered(model, plan, importance)
 
 
 def _ordered(model: nn.Module, plan: PruningPlan, importance: str) -> PruningPlan:
@@ -357,7 +356,6 @@ def _plan_groups(model: nn.Module, example_inputs: Any, *, layer_names: list[str
     names: dict[Any, str] = {m: n for n, m in model.named_modules()}
     names.update({p: n for n, p in model.named_parameters()})  # unwrapped ones are members
     excluded: dict[str, str] = {}
-    modules = dict(model.named_modules())
     broken: set[int] = set()
     with _gru_traced_as_lstm(), _tolerant_index_mapping(broken), _bounded_tracing():
         graph = tp.DependencyGraph().build_dependency(
@@ -388,8 +386,8 @@ def _plan_groups(model: nn.Module, example_inputs: Any, *, layer_names: list[str
             continue
         claimed |= owned
         excluded.pop(root_name, None)
-        order = channel_order(model.state_dict(), plan, importance, modules)
-        groups.append(dataclasses.replace(plan, order=order))
+        # channels in their own order here: plan_groups orders them by importance
+        groups.append(dataclasses.replace(plan, order=tuple(range(plan.channels))))
     groups = _check_together(model, groups, example_inputs, reference, excluded)
     return PruningPlan(groups=tuple(groups), excluded=excluded, importance=importance)
 
