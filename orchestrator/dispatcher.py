@@ -75,7 +75,7 @@ class Dispatcher:
         (its result serves both)."""
         policy_hash = candidate.policy.hash
         if policy_hash in self.inflight:
-            self.inflight[policy_hash].duplicates.append(candidate.trial)
+            self.inflight[policy_hash].duplicates.append(candidate)
             return
         self.inflight[policy_hash] = candidate
         self.ready.append(candidate)

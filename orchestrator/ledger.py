@@ -138,8 +138,9 @@ class Ledger:
         row = self.tell(candidate, candidate.trial, state, result)
         if state == "COMPLETE":
             self._remember(row)
-        for trial in candidate.duplicates:
-            self.tell(candidate, trial, state, {**result, "cached_from": row["trial"], **NO_WORK})
+        for duplicate in candidate.duplicates:
+            self.tell(duplicate, duplicate.trial, state,
+                      {**result, "cached_from": row["trial"], **NO_WORK})  # fmt: skip
 
     def tell(self, candidate: Candidate, trial: Trial, state: str, result: Mapping) -> Row:
         budget = self.budget

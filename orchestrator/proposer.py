@@ -36,7 +36,8 @@ class Candidate:
     cost: Cost
     feasible: bool
     origin: str  # sampler | baseline (uniform) | seed (knapsack) | repair | local | requeued
-    duplicates: list[Trial] = field(default_factory=list)  # asks of it while in flight
+    # asks of the same policy while this one is in flight (each keeps its own origin)
+    duplicates: list["Candidate"] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -305,7 +305,7 @@ def test_the_dispatcher_sends_a_context_to_all_but_baselines_and_holds_duplicate
     base, seed, again = candidate(0, 8, "baseline"), candidate(1, 4, "seed"), candidate(2, 4, "seed")  # fmt: skip
     for c in (base, seed, again):
         dispatcher.take(c)
-    assert seed.duplicates == [again.trial] and dispatcher.holds(seed.policy.hash)
+    assert seed.duplicates == [again] and dispatcher.holds(seed.policy.hash)
     assert dispatcher.feed() is False  # both workers busy, nothing left ready
     assert pool.jobs[0].context is None  # a baseline is scored in full
     assert pool.jobs[1].context == {"size": seed.cost.size_bytes, "front": [(10, 0.5)],
@@ -313,3 +313,17 @@ def test_the_dispatcher_sends_a_context_to_all_but_baselines_and_holds_duplicate
     (job, result), *_ = dispatcher.collect(timeout=0)
     assert dispatcher.finish(job, result)[1:] == ("COMPLETE", {**result, "attempt": 1})
     assert not dispatcher.holds(base.policy.hash) and dispatcher.eval_estimate == 0.0
+
+
+def test_an_ask_of_a_policy_in_flight_is_recorded_with_its_own_origin(front):
+    seed = uniform_values(front.space, 4)
+    driver, recorder = _driver(front, FakePool(2))
+    driver.proposer.queue = [(seed, "seed"), (dict(seed), "local")]
+    driver.run()
+    rows = _rows(recorder)
+    same = rows[rows["policy_hash"] == _hash(front, seed)]
+    # the local move rode along with the seed (asked while it was in flight): one
+    # evaluation, two trials, each recorded with the origin it was asked with
+    assert list(same["trial"]) == [0, 1] and list(same["origin"]) == ["seed", "local"]
+    assert same["cached_from"].tolist()[1] == 0
+    assert 1 not in [job.trial for job in driver.dispatcher.pool.jobs]
