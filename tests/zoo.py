@@ -89,10 +89,10 @@ class ConcatBlock(nn.Module):
 
 
 class RNNClassifier(nn.Module):
-    def __init__(self, kind: type[nn.Module]) -> None:
+    def __init__(self, kind: type[nn.Module], layers: int = 1) -> None:
         super().__init__()
         self.embed = nn.Linear(8, 12)
-        self.rnn = kind(12, 16, batch_first=True)
+        self.rnn = kind(12, 16, num_layers=layers, batch_first=True)
         self.head = nn.Linear(16, 10)
 
     def forward(self, x):
@@ -120,6 +120,8 @@ ZOO = {
     "concat-block": (ConcatBlock, IMAGE),
     "lstm": (lambda: RNNClassifier(nn.LSTM), SEQUENCE),
     "gru": (lambda: RNNClassifier(nn.GRU), SEQUENCE),
+    "lstm-2": (lambda: RNNClassifier(nn.LSTM, 2), SEQUENCE),
+    "gru-2": (lambda: RNNClassifier(nn.GRU, 2), SEQUENCE),
     "transformer": (TinyTransformer, SEQUENCE),
 }
 

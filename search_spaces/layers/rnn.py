@@ -26,18 +26,26 @@ class Recurrent(LayerType):
         return seq.numel() // width
 
     def cut_out(self, module: nn.Module):
-        g = self.gates
-        out = [("weight_ih_l0", 0, g), ("weight_hh_l0", 0, g), ("weight_hh_l0", 1, 1)]
-        if module.bias:
-            out += [("bias_ih_l0", 0, g), ("bias_hh_l0", 0, g)]
+        # nn.LSTM/GRU hold one hidden_size for every layer: hidden unit i is cut in each
+        # layer (its gate rows and recurrence column) and in the next layer's inputs
+        g, out = self.gates, []
+        for layer in range(module.num_layers):
+            ih, hh = f"weight_ih_l{layer}", f"weight_hh_l{layer}"
+            out += [(ih, 0, g), (hh, 0, g), (hh, 1, 1)]
+            if module.bias:
+                out += [(f"bias_ih_l{layer}", 0, g), (f"bias_hh_l{layer}", 0, g)]
+            if layer:
+                out.append((ih, 1, 1))
         return out
 
     def cut_in(self, module: nn.Module):
         return [("weight_ih_l0", 1, 1)]
 
     def unsupported(self, module: nn.Module) -> str | None:
-        if module.num_layers > 1 or module.bidirectional or getattr(module, "proj_size", 0):
-            return "only single-layer, one-direction LSTM/GRU without projection are sliced"
+        # a bidirectional output holds each unit twice (forward and reverse halves), which
+        # Torch-Pruning's trace counts once; a projection decouples output from hidden units
+        if module.bidirectional or getattr(module, "proj_size", 0):
+            return "bidirectional LSTM/GRU and LSTM with proj_size are not sliced"
         return None
 
     def fix(self, module: nn.Module, old: dict[str, Any]) -> None:
