@@ -97,7 +97,7 @@ def test_every_coupling_case_forms_groups():
     assert {"branch1", "merge"} <= concat["branch1"] and {"branch3", "merge"} <= concat["branch3"]
     plain = groups["plain-cnn"]  # flatten -> Linear: 16 channels x 16 positions
     assert {"features.3", "features.4", "head.1"} <= plain["features.3"]
-    for rnn in ("lstm", "gru", "lstm-2", "gru-2"):  # hidden units: gates, recurrence, head
+    for rnn in ("lstm", "gru", "lstm-2", "gru-2", "bilstm-2", "bigru"):  # units: gates, head
         assert {"rnn", "head"} <= groups[rnn]["rnn"]
     assert {"embed", "rnn"} <= groups["lstm"]["embed"]  # the LSTM's inputs too
     assert {"encoder.linear1", "encoder.linear2"} <= groups["transformer"]["encoder.linear1"]

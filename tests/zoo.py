@@ -89,11 +89,11 @@ class ConcatBlock(nn.Module):
 
 
 class RNNClassifier(nn.Module):
-    def __init__(self, kind: type[nn.Module], layers: int = 1) -> None:
+    def __init__(self, kind: type[nn.Module], layers: int = 1, bidirectional: bool = False) -> None:
         super().__init__()
         self.embed = nn.Linear(8, 12)
-        self.rnn = kind(12, 16, num_layers=layers, batch_first=True)
-        self.head = nn.Linear(16, 10)
+        self.rnn = kind(12, 16, num_layers=layers, bidirectional=bidirectional, batch_first=True)
+        self.head = nn.Linear(16 * (1 + bidirectional), 10)
 
     def forward(self, x):
         out, _ = self.rnn(torch.relu(self.embed(x)))
@@ -122,6 +122,8 @@ ZOO = {
     "gru": (lambda: RNNClassifier(nn.GRU), SEQUENCE),
     "lstm-2": (lambda: RNNClassifier(nn.LSTM, 2), SEQUENCE),
     "gru-2": (lambda: RNNClassifier(nn.GRU, 2), SEQUENCE),
+    "bilstm-2": (lambda: RNNClassifier(nn.LSTM, 2, bidirectional=True), SEQUENCE),
+    "bigru": (lambda: RNNClassifier(nn.GRU, bidirectional=True), SEQUENCE),
     "transformer": (TinyTransformer, SEQUENCE),
 }
 

@@ -62,11 +62,16 @@ def _gru_traced_as_lstm():
     import torch_pruning as tp
 
     saved = tp.ops.TORCH_LSTM
+    pruner = type(tp.pruner.function.PrunerBox[tp.ops.OPTYPE.LSTM])
+    counted = pruner.get_out_channels
     tp.ops.TORCH_LSTM = (nn.LSTM, nn.GRU)
+    # its output width: both directions' units (Torch-Pruning counts one direction)
+    pruner.get_out_channels = lambda self, rnn: rnn.hidden_size * (1 + rnn.bidirectional)
     try:
         yield
     finally:
         tp.ops.TORCH_LSTM = saved
+        pruner.get_out_channels = counted
 
 
 @contextlib.contextmanager
@@ -222,7 +227,7 @@ def _group_plan(group: Any, names: dict[Any, str], root_name: str,
                 raise _Unsliceable(f"member {name}: {reason}")
             role = _handler_role(dep)
             cuts = _member_cuts(module, name, role)
-            groups = layer.channel_groups(module) if layer is not None else 1
+            groups = layer.channel_groups(module, role) if layer is not None else 1
             size = _channel_count(module, role, cuts)
         per_channel: dict[int, list[int]] = {}
         for idx, root in zip(item.idxs, item.root_idxs, strict=True):
@@ -262,6 +267,8 @@ def _channel_count(module: nn.Module, role: str, cuts: list) -> int:
     """How many channels the member has on the cut side (a grouped conv: all groups')."""
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.out_channels if role == "out" else module.in_channels
+    if isinstance(module, nn.RNNBase) and role == "out":  # each direction's hidden units
+        return module.hidden_size * (2 if module.bidirectional else 1)
     for tensor, dim, gates in cuts:
         return getattr(module, tensor).shape[dim] // gates
     return 0

@@ -47,9 +47,10 @@ class LayerType:
         """Tensors cutting its input channels slices; None: it cannot be sliced."""
         return None
 
-    def channel_groups(self, module: nn.Module) -> int:
-        """Into how many equal groups its channels fall, each of which must keep the same
-        count (a grouped conv's groups, GroupNorm's): a cut takes one position from each."""
+    def channel_groups(self, module: nn.Module, role: str = "out") -> int:
+        """Into how many equal groups its channels on the `role` side ("out" or "in") fall,
+        each of which must keep the same count (a grouped conv's groups, GroupNorm's, a
+        bidirectional RNN's two directions): a cut takes one position from each."""
         return 1
 
     def unsupported(self, module: nn.Module) -> str | None:

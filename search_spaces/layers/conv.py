@@ -26,7 +26,7 @@ class Conv(LayerType):
         # a cut takes the same position in every group (channel_groups)
         return [] if _depthwise(module) else [("weight", 1, 1)]
 
-    def channel_groups(self, module: nn.Module) -> int:
+    def channel_groups(self, module: nn.Module, role: str = "out") -> int:
         return 1 if _depthwise(module) else module.groups
 
     def unsupported(self, module: nn.Module) -> str | None:

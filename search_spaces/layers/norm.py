@@ -38,7 +38,7 @@ class GroupNorm(LayerType):
     cut_out = staticmethod(rows("weight", "bias"))
     cut_in = staticmethod(rows("weight", "bias"))
 
-    def channel_groups(self, module: nn.Module) -> int:
+    def channel_groups(self, module: nn.Module, role: str = "out") -> int:
         return module.num_groups  # every group keeps the same count: the groups stay aligned
 
     def fix(self, module: nn.Module, old: dict[str, Any]) -> None:

@@ -26,26 +26,30 @@ class Recurrent(LayerType):
         return seq.numel() // width
 
     def cut_out(self, module: nn.Module):
-        # nn.LSTM/GRU hold one hidden_size for every layer: hidden unit i is cut in each
-        # layer (its gate rows and recurrence column) and in the next layer's inputs
+        # nn.LSTM/GRU hold one hidden_size for every layer and direction: hidden unit i is
+        # cut in each (its gate rows and recurrence column) and in the next layer's inputs
+        # (both directions' halves there: position i and hidden_size + i)
         g, out = self.gates, []
         for layer in range(module.num_layers):
-            ih, hh = f"weight_ih_l{layer}", f"weight_hh_l{layer}"
-            out += [(ih, 0, g), (hh, 0, g), (hh, 1, 1)]
-            if module.bias:
-                out += [(f"bias_ih_l{layer}", 0, g), (f"bias_hh_l{layer}", 0, g)]
-            if layer:
-                out.append((ih, 1, 1))
+            for suffix in _directions(module):
+                ih, hh = f"weight_ih_l{layer}{suffix}", f"weight_hh_l{layer}{suffix}"
+                out += [(ih, 0, g), (hh, 0, g), (hh, 1, 1)]
+                if module.bias:
+                    out += [(f"bias_ih_l{layer}{suffix}", 0, g), (f"bias_hh_l{layer}{suffix}", 0, g)]
+                if layer:
+                    out.append((ih, 1, 1))
         return out
 
     def cut_in(self, module: nn.Module):
-        return [("weight_ih_l0", 1, 1)]
+        return [(f"weight_ih_l0{suffix}", 1, 1) for suffix in _directions(module)]
+
+    def channel_groups(self, module: nn.Module, role: str = "out") -> int:
+        # a bidirectional output holds each unit twice (forward half, reverse half)
+        return 2 if module.bidirectional and role == "out" else 1
 
     def unsupported(self, module: nn.Module) -> str | None:
-        # a bidirectional output holds each unit twice (forward and reverse halves), which
-        # Torch-Pruning's trace counts once; a projection decouples output from hidden units
-        if module.bidirectional or getattr(module, "proj_size", 0):
-            return "bidirectional LSTM/GRU and LSTM with proj_size are not sliced"
+        if getattr(module, "proj_size", 0):  # a projection decouples output and hidden units
+            return "LSTM with proj_size is not sliced"
         return None
 
     def fix(self, module: nn.Module, old: dict[str, Any]) -> None:
@@ -53,6 +57,10 @@ class Recurrent(LayerType):
                   input_size=module.weight_ih_l0.shape[1])  # fmt: skip
         if module.weight_hh_l0.is_cuda:  # cuDNN keeps the weights in one flat buffer: refill it
             module._init_flat_weights()  # (elsewhere the module holds the same Parameters)
+
+
+def _directions(module: nn.Module) -> tuple[str, ...]:
+    return ("", "_reverse") if module.bidirectional else ("",)
 
 
 class LSTM(Recurrent):
