@@ -111,3 +111,5 @@ def test_two_layer_bidirectional_rnn_end_to_end(spec, ray_cluster, tmp_path):
     assert "bits:rnn" in {k["name"] for k in space["knobs"]}
     (rnn,) = [layer for layer in space["profile"]["layers"] if layer["name"] == "rnn"]
     assert len(rnn["weights"]) == 8  # ih and hh of 2 layers x 2 directions
+    # and its hidden units are cut in every layer and direction by one group
+    assert "rnn" in {g["name"] for g in space["groups"]} and "rnn" not in space["unpruned"]
