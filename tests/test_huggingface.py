@@ -88,9 +88,14 @@ def test_gpt2s_conv1d_projections_are_layers_and_its_tied_head_has_its_own_weigh
     assert {"bits:lm_head", "bits:transformer.wte"} <= set(space.by_name)
     macs = sum(layer.numel * layer.uses for layer in space.profile.layers)
     assert policy_cost(space, Policy.uniform(space, 32, 1.0)).macs == macs
-    # Torch-Pruning does not trace Conv1D: pruning auto falls back to masks, saying why
-    assert space.pruning == "unstructured"
-    assert set(space.unpruned) == {"transformer.wte", "lm_head"}
+    # Conv1D is a node of Torch-Pruning's graph (its channel counts from our layer type):
+    # the MLPs and the hidden width are cut as with conv1d_as_linear; the packed q/k/v and
+    # the outputs are left out, saying why
+    assert space.pruning == "structured"
+    groups = {g.name: g for g in space.plan.groups}
+    assert groups["transformer.h.0.mlp.c_fc"].channels == 128  # n_inner
+    assert any(g.channels == 64 and "transformer.wte" in g.members for g in groups.values())
+    assert {"transformer.h.0.attn.c_attn", "lm_head"} <= set(space.unpruned)
 
 
 def test_structured_groups_of_bert_and_llama_and_what_is_left_out(tiny):

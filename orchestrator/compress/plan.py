@@ -147,6 +147,40 @@ def _bounded_tracing():
         graph_module.index_mapping.update_index_mapping = update
 
 
+def _foreign_layers(model: nn.Module) -> dict[type, Any]:
+    """Layer types known to us but not to Torch-Pruning (registered by class name, e.g.
+    transformers' Conv1D), as nodes of its graph: it reads only their channel counts from
+    these pruners (our handlers slice the tensors), and without them their weights would
+    be traced as bare parameters, whose groups cannot be cut."""
+    import torch_pruning as tp
+
+    class Counts(tp.pruner.function.BasePruningFunc):
+        # never called (our handlers slice); their names give a member's role
+        def prune_out_channels(self, layer: nn.Module, idxs: list) -> nn.Module:
+            raise NotImplementedError("prunesearch slices the tensors itself")
+
+        def prune_in_channels(self, layer: nn.Module, idxs: list) -> nn.Module:
+            raise NotImplementedError("prunesearch slices the tensors itself")
+
+        def get_out_channels(self, layer: nn.Module) -> int:
+            return _first_cut_size(layer, layer_type(layer).cut_out(layer))
+
+        def get_in_channels(self, layer: nn.Module) -> int:
+            return _first_cut_size(layer, layer_type(layer).cut_in(layer))
+
+    known = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
+             nn.Embedding, nn.RNNBase, nn.GroupNorm, nn.PReLU, nn.MultiheadAttention)  # fmt: skip
+    foreign = {type(m) for m in model.modules()
+               if not isinstance(m, known) and (layer := layer_type(m)) is not None
+               and layer.compressible and layer.cut_out(m) and layer.cut_in(m)}  # fmt: skip
+    return {t: Counts() for t in foreign}
+
+
+def _first_cut_size(module: nn.Module, cuts: list) -> int:
+    tensor, dim, gates = cuts[0]
+    return getattr(module, tensor).shape[dim] // gates
+
+
 def _handler_role(dep: Any) -> str:
     return "out" if "out" in getattr(dep.handler, "__name__", str(dep.handler)) else "in"
 
@@ -366,7 +400,8 @@ def _plan_groups(model: nn.Module, example_inputs: Any, *, layer_names: list[str
     broken: set[int] = set()
     with _gru_traced_as_lstm(), _tolerant_index_mapping(broken), _bounded_tracing():
         graph = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, forward_fn=call_model
+            model, example_inputs=example_inputs, forward_fn=call_model,
+            customized_pruners=_foreign_layers(model),
         )
         traced = list(_groups(graph, names, excluded))
     groups, claimed = [], set()
