@@ -168,10 +168,9 @@ def _foreign_layers(model: nn.Module) -> dict[type, Any]:
         def get_in_channels(self, layer: nn.Module) -> int:
             return _first_cut_size(layer, layer_type(layer).cut_in(layer))
 
-    known = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
-             nn.Embedding, nn.RNNBase, nn.GroupNorm, nn.PReLU, nn.MultiheadAttention)  # fmt: skip
+    unknown = tp.ops.OPTYPE.ELEMENTWISE  # what Torch-Pruning calls a module it does not know
     foreign = {type(m) for m in model.modules()
-               if not isinstance(m, known) and (layer := layer_type(m)) is not None
+               if tp.ops.module2type(m) == unknown and (layer := layer_type(m)) is not None
                and layer.compressible and layer.cut_out(m) and layer.cut_in(m)}  # fmt: skip
     return {t: Counts() for t in foreign}
 
