@@ -37,7 +37,7 @@ class Candidate:
     feasible: bool
     origin: str  # sampler | baseline (uniform) | seed (knapsack) | repair | local | requeued
     # asks of the same policy while this one is in flight (each keeps its own origin)
-    duplicates: list["Candidate"] = field(default_factory=list)
+    duplicates: list[Candidate] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -179,7 +179,9 @@ def table_for(task_spec: str, space: SearchSpace, recovery: dict[str, Any], pool
     table = finish_table(space, raw, plan, base_metric)
     report_failures(table)
     planned = {(k, float(v)) for k, v, _ in plan.probes}
-    measured = sum((k, float(v)) in planned for k, v in zip(table["knob"], table["value"], strict=True))
+    measured = sum(
+        (k, float(v)) in planned for k, v in zip(table["knob"], table["value"], strict=True)
+    )
     if not quiet and measured < len(plan.probes):
         print(f"sensitivity: {measured} of {len(plan.probes)} probes measured within the time "
               "limit; the rest are priced by the kinds' priors (a later study of this task and "
@@ -263,7 +265,9 @@ def finish_table(space: SearchSpace, raw: pd.DataFrame, plan: Schedule,
     table = raw[raw["knob"] != REFERENCE_KNOB].copy()
     if plan.share < 1:
         ref = raw.loc[raw["knob"] == REFERENCE_KNOB, "metric"].dropna()
-        table["metric"] = table["metric"] + (base_metric - ref.iloc[0] if len(ref) else float("nan"))
+        table["metric"] = table["metric"] + (
+            base_metric - ref.iloc[0] if len(ref) else float("nan")
+        )
     wanted = {(k, float(v)) for k, v, _ in plan.probes}
     table = table[[(k, v) in wanted for k, v in zip(table["knob"], table["value"], strict=True)]]
     base = reference(space)

@@ -77,7 +77,9 @@ def _end_to_end(spec: str, tmp_path, name: str) -> None:
     result = run_search(config)
     assert result.error is None
     trials = load_results(result.study_dir)
-    assert not (trials["state"] == "FAIL").any(), trials[trials["state"] == "FAIL"]["error"].tolist()
+    assert not (trials["state"] == "FAIL").any(), trials[trials["state"] == "FAIL"][
+        "error"
+    ].tolist()
     done = trials[trials["state"] == "COMPLETE"]
     assert len(done) >= 4
     task = resolve_task(spec)

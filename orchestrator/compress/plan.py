@@ -58,7 +58,8 @@ def _gru_traced_as_lstm():
     """Torch-Pruning traces LSTM outputs (a tuple) specially but not GRU's, and its
     generic path fails on GRU's output; both expose input and hidden channels the same
     way, so while the graph is built a GRU is typed as an LSTM. Only channel counts are
-    read from its pruner; our own handlers slice the tensors (3 gates, not 4)."""
+    read from its pruner (the output's: both directions of a bidirectional one); our own
+    handlers slice the tensors (3 gates, not 4)."""
     import torch_pruning as tp
 
     saved = tp.ops.TORCH_LSTM
@@ -399,7 +400,9 @@ def _plan_groups(model: nn.Module, example_inputs: Any, *, layer_names: list[str
     broken: set[int] = set()
     with _gru_traced_as_lstm(), _tolerant_index_mapping(broken), _bounded_tracing():
         graph = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, forward_fn=call_model,
+            model,
+            example_inputs=example_inputs,
+            forward_fn=call_model,
             customized_pruners=_foreign_layers(model),
         )
         traced = list(_groups(graph, names, excluded))

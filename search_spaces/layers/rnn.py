@@ -35,7 +35,10 @@ class Recurrent(LayerType):
                 ih, hh = f"weight_ih_l{layer}{suffix}", f"weight_hh_l{layer}{suffix}"
                 out += [(ih, 0, g), (hh, 0, g), (hh, 1, 1)]
                 if module.bias:
-                    out += [(f"bias_ih_l{layer}{suffix}", 0, g), (f"bias_hh_l{layer}{suffix}", 0, g)]
+                    out += [
+                        (f"bias_ih_l{layer}{suffix}", 0, g),
+                        (f"bias_hh_l{layer}{suffix}", 0, g),
+                    ]
                 if layer:
                     out.append((ih, 1, 1))
         return out
