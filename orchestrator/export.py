@@ -17,6 +17,7 @@ loaded model's metric against the recorded one before writing anything. Files (d
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import hashlib
@@ -176,6 +177,10 @@ def _assemble(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], 
         raise ConfigError(f"the export is damaged: {type(exc).__name__}: {exc}; export it "
                           "again") from None  # fmt: skip
     model = _model_of(manifest, base=base, space=space)
+    # the export keeps tensors only; modules whose loaders read the version torch records
+    # with a state dict (torchvision's MNASNet) get the versions of the model being filled
+    state = collections.OrderedDict(state)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
