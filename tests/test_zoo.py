@@ -5,8 +5,8 @@ through space -> a few-trial search on real Ray -> export -> reload.
 Asserted per architecture: no trial FAILs; the cost model's params equal the rebuilt
 model's; the exported file is the predicted size within 1%; the reloaded model scores
 the recorded metric. One architecture runs in the fast suite, the RNNs in the slow one; the
-other 20 architectures are `zoo` (`pytest -m zoo`: up to several minutes each on 2 cores,
-maxvit_t at 224x224 the longest), left out of CI's slow run for its time limit.
+other 20 architectures are `zoo` (`pytest -m zoo`: 16 min on 2 cores, 7-60 s each but
+maxvit_t at 224x224, 8 min), left out of CI's slow run for its time limit.
 benchmarks/models.py prints the wider table (planning, rebuilds, cost) for all of them.
 """
 
