@@ -66,8 +66,8 @@ def _gru_traced_as_lstm():
     pruner = type(tp.pruner.function.PrunerBox[tp.ops.OPTYPE.LSTM])
     counted = pruner.get_out_channels
     tp.ops.TORCH_LSTM = (nn.LSTM, nn.GRU)
-    # its output width: both directions' units (Torch-Pruning counts one direction)
-    pruner.get_out_channels = lambda self, rnn: rnn.hidden_size * (1 + rnn.bidirectional)
+    # Torch-Pruning counts one direction of a bidirectional output
+    pruner.get_out_channels = lambda self, rnn: _rnn_width(rnn)
     try:
         yield
     finally:
@@ -146,6 +146,11 @@ def _bounded_tracing():
     finally:
         Group.add_dep = add_dep
         graph_module.index_mapping.update_index_mapping = update
+
+
+def _rnn_width(rnn: nn.RNNBase) -> int:
+    """An LSTM/GRU's output width: each direction's hidden units."""
+    return rnn.hidden_size * (2 if rnn.bidirectional else 1)
 
 
 def _foreign_layers(model: nn.Module) -> dict[type, Any]:
@@ -301,8 +306,8 @@ def _channel_count(module: nn.Module, role: str, cuts: list) -> int:
     """How many channels the member has on the cut side (a grouped conv: all groups')."""
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.out_channels if role == "out" else module.in_channels
-    if isinstance(module, nn.RNNBase) and role == "out":  # each direction's hidden units
-        return module.hidden_size * (2 if module.bidirectional else 1)
+    if isinstance(module, nn.RNNBase) and role == "out":
+        return _rnn_width(module)
     for tensor, dim, gates in cuts:
         return getattr(module, tensor).shape[dim] // gates
     return 0
