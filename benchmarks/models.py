@@ -140,8 +140,12 @@ def main() -> None:
     parser.add_argument("--policies", type=int, default=6, help="random policies per model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=600)
-    parser.add_argument("--memory-gb", type=float, default=8,
-                        help="address-space limit of each architecture's process")
+    parser.add_argument(
+        "--memory-gb",
+        type=float,
+        default=8,
+        help="address-space limit of each architecture's process",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write every row here (JSON lines)")
     args = parser.parse_args()

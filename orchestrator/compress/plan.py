@@ -200,7 +200,9 @@ def _member_cuts(module: nn.Module, name: str, role: str) -> list:
         None if layer is None else layer.cut_out(module) if role == "out" else layer.cut_in(module)
     )
     if cuts is None:
-        raise _Unsliceable(f"member {name or 'model'} ({type(module).__name__}) cannot be sliced")
+        why = f": {layer.uncut_why}" if layer is not None and layer.uncut_why else ""
+        raise _Unsliceable(f"member {name or 'model'} ({type(module).__name__}) cannot be "
+                           f"sliced{why}")  # fmt: skip
     return cuts
 
 
@@ -483,37 +485,69 @@ HEAD_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def _head_groups(model: nn.Module) -> list[GroupPlan]:
-    """Whole attention heads, where the model allows: a module with an integer `num_heads`
-    and separate q/k/v/out Linear projections (the Hugging Face layout) that reads
-    `self.num_heads` in its forward. Head h owns rows h*d..(h+1)*d-1 of q, k and v and
-    the same columns of out_proj. (nn.MultiheadAttention packs q, k, v and ties heads
-    to the model width: its heads are not cut.)"""
+    """Whole attention heads, where the model allows: nn.MultiheadAttention (packed or
+    separate q/k/v weights), and a module with an integer `num_heads` and separate
+    q/k/v/out Linear projections (the Hugging Face layout) that reads `self.num_heads` in
+    its forward. Head h owns rows h*d..(h+1)*d-1 of q, k and v and the same columns of
+    out_proj."""
     groups = []
     for name, module in model.named_modules():
-        heads = getattr(module, "num_heads", None)
-        projections = [getattr(module, p, None) for p in HEAD_PROJECTIONS]
-        if not isinstance(heads, int) or not all(isinstance(p, nn.Linear) for p in projections):
-            continue
-        q, k, v, out = projections
-        width = q.out_features
-        if (
-            heads < 2
-            or width % heads
-            or not k.out_features == v.out_features == out.in_features == width
-        ):
-            continue  # grouped-query layouts and odd widths are left alone
-        d = width // heads
-        index = tuple(tuple(range(h * d, (h + 1) * d)) for h in range(heads))
         prefix = f"{name}." if name else ""
-        slices = [DimSlice(key=f"{prefix}{p}.{t}", dim=0, index=index)
-                  for p in HEAD_PROJECTIONS[:3] for t in ("weight", "bias")
-                  if getattr(getattr(module, p), t) is not None]  # fmt: skip
-        slices.append(DimSlice(key=f"{prefix}out_proj.weight", dim=1, index=index))
-        groups.append(GroupPlan(name=f"{prefix}q_proj", channels=heads, unit="heads",
-                                members=tuple(prefix + p for p in HEAD_PROJECTIONS),
+        found = (_torch_heads(module, prefix) if isinstance(module, nn.MultiheadAttention)
+                 else _projection_heads(module, prefix))  # fmt: skip
+        if found is None:
+            continue
+        root, heads, members, slices = found
+        groups.append(GroupPlan(name=root, channels=heads, unit="heads", members=members,
                                 order=tuple(range(heads)), slices=tuple(slices),
                                 count_attr=f"{prefix}num_heads"))  # fmt: skip
     return groups
+
+
+def _head_index(heads: int, d: int, parts: int = 1, stride: int = 0) -> tuple:
+    """Per head, its d indices in each of `parts` blocks `stride` apart (packed q/k/v)."""
+    return tuple(tuple(p * stride + h * d + i for p in range(parts) for i in range(d))
+                 for h in range(heads))  # fmt: skip
+
+
+def _torch_heads(module: nn.MultiheadAttention, prefix: str) -> tuple | None:
+    layer = layer_type(module)
+    if module.num_heads < 2 or layer is None or layer.unsupported(module):
+        return None  # left to the traced groups, which say why it is not cut
+    heads, d, width = module.num_heads, module.head_dim, module.embed_dim
+    index = _head_index(heads, d)
+    if module.in_proj_weight is not None:
+        slices = [
+            DimSlice(key=f"{prefix}in_proj_weight", dim=0, index=_head_index(heads, d, 3, width))
+        ]
+    else:
+        slices = [DimSlice(key=f"{prefix}{p}_proj_weight", dim=0, index=index) for p in "qkv"]
+    if module.in_proj_bias is not None:
+        slices.append(DimSlice(key=f"{prefix}in_proj_bias", dim=0,
+                               index=_head_index(heads, d, 3, width)))  # fmt: skip
+    slices.append(DimSlice(key=f"{prefix}out_proj.weight", dim=1, index=index))
+    return prefix.rstrip("."), heads, (prefix.rstrip("."), f"{prefix}out_proj"), slices
+
+
+def _projection_heads(module: nn.Module, prefix: str) -> tuple | None:
+    heads = getattr(module, "num_heads", None)
+    projections = [getattr(module, p, None) for p in HEAD_PROJECTIONS]
+    if not isinstance(heads, int) or not all(isinstance(p, nn.Linear) for p in projections):
+        return None
+    q, k, v, out = projections
+    width = q.out_features
+    if (
+        heads < 2
+        or width % heads
+        or not k.out_features == v.out_features == out.in_features == width
+    ):
+        return None  # grouped-query layouts and odd widths are left alone
+    index = _head_index(heads, width // heads)
+    slices = [DimSlice(key=f"{prefix}{p}.{t}", dim=0, index=index)
+              for p in HEAD_PROJECTIONS[:3] for t in ("weight", "bias")
+              if getattr(getattr(module, p), t) is not None]  # fmt: skip
+    slices.append(DimSlice(key=f"{prefix}out_proj.weight", dim=1, index=index))
+    return f"{prefix}q_proj", heads, tuple(prefix + p for p in HEAD_PROJECTIONS), slices
 
 
 def _groups(graph: Any, names: dict[nn.Module, str],
@@ -583,7 +617,7 @@ def channel_order(state: Mapping[str, torch.Tensor], plan: GroupPlan, importance
     use_bn = importance == "bn_scale" and any(s.key in bn_keys for s in plan.slices)
     power = 2 if importance == "l2" else 1
     for s in plan.slices:
-        if not s.key.split(".")[-1].startswith("weight"):
+        if "weight" not in s.key.rpartition(".")[2]:  # weight, weight_ih_l0, in_proj_weight
             continue  # biases and running statistics say little about importance
         if use_bn != (s.key in bn_keys):
             continue

@@ -30,6 +30,7 @@ class LayerType:
     # children whose weights its forward uses functionally (no hook of theirs fires):
     # they get its uses per weight element (nn.MultiheadAttention's out_proj)
     drives: tuple[str, ...] = ()
+    uncut_why = ""  # why cut_out / cut_in give None, said with a group it would block
 
     def weights(self, module: nn.Module) -> list[str]:
         """Names of its compressible weight tensors (quantized, pruned, priced)."""
