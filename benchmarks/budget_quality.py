@@ -266,10 +266,12 @@ def stretch(runs: list[Run], budgets: list[Budgeted], trials: list[int]) -> list
 
 
 def run_budget_mode(*, tasks: list[str], trials: list[int], seeds: list[int], bits: list[int],
-                    ablate: bool = False) -> int:  # fmt: skip
+                    ablate: bool = False, only: str | None = None) -> int:  # fmt: skip
     """`ablate`: also prunesearch without seeding (the quantization-noise prior, no seeds)
-    and without local moves, to see what each part buys."""
+    and without local moves, to see what each part buys. `only`: the systems whose name
+    starts with it (e.g. "prunesearch")."""
     systems = SEARCHES + (tuple(ABLATIONS) if ablate else ())
+    systems = tuple(s for s in systems if only is None or s.startswith(only))
     sys.path.insert(0, str(ROOT))  # task specs name `benchmarks.pretrained`
     os.chdir(ROOT)  # workers import task modules from the working directory
     warnings.filterwarnings("ignore")

@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", default="3,4", help="budget mode: budgets at these uniform sizes")
     ap.add_argument("--ablate", action="store_true",
                     help="budget mode: also prunesearch without seeding and without local moves")  # fmt: skip
+    ap.add_argument("--only", default=None,
+                    help="budget mode: only the systems whose name starts with this")  # fmt: skip
     args = ap.parse_args(argv)
     if args.mode == "budget":
         from budget_quality import run_budget_mode  # benchmarks/budget_quality.py
@@ -253,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             seeds=[int(x) for x in args.seeds.split(",")],
             bits=[int(x) for x in args.bits.split(",")],
             ablate=args.ablate,
+            only=args.only,
         )
     args.tasks = args.tasks or "digits-cnn,digits-resnet"
     args.trials = args.trials or "100"
