@@ -7,10 +7,12 @@ starts Ray nor writes a file, so bad input never costs a worker or touches a stu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from orchestrator.cache import cache_dir
 from orchestrator.compress.plan import plan_groups
 from orchestrator.config import SearchConfig
 from orchestrator.errors import ConfigError
+from orchestrator.noise import bits_noise
 from orchestrator.remote import Mirror, check_uri, is_uri, staging_dir
 from orchestrator.runrecord import FILE, damaged, latest_study, read_record
 from orchestrator.task import Task, resolve_task
@@ -44,6 +47,8 @@ class Prepared:
     resume: bool  # the study exists: continue it (--resume, or --join of a started one)
     join: bool = False  # share the study with other drivers (--join)
     mirror: Mirror | None = None  # `out` is a URI: study_dir is its local staging copy
+    # per bits knob and choice, the base weights' quantization noise (orchestrator.noise)
+    noise: Mapping[str, Mapping[int, float]] = dataclasses.field(default_factory=dict)
 
     @property
     def location(self) -> str:
@@ -343,7 +348,7 @@ def prepare(config: SearchConfig, *, resume: bool = False, join: bool = False) -
     """`join`: run the study alongside the other drivers sharing it, starting it if no
     driver has yet (with its run.json: continuing it, checked as a resume is)."""
     check_devices(config)
-    task, _, space = build_space(config)
+    task, model, space = build_space(config)
     budget = config.parsed_budget
     check_budget(space, budget)
     study, study_dir, mirror = resolve_study(config, task, resume=resume, join=join)
@@ -362,4 +367,4 @@ def prepare(config: SearchConfig, *, resume: bool = False, join: bool = False) -
     base = policy_cost(space, Policy.uniform(space, 32, 1.0))
     return Prepared(config=config, task=task, space=space, budget=budget,
                     base_cost=base, study=study, study_dir=study_dir, resume=resume,
-                    join=join, mirror=mirror)  # fmt: skip
+                    join=join, mirror=mirror, noise=bits_noise(model, space))  # fmt: skip

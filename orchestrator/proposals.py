@@ -30,6 +30,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -135,29 +136,81 @@ class LossModel:
         )
 
     @classmethod
-    def from_table(cls, space: SearchSpace, table: pd.DataFrame, base_metric: float) -> LossModel:
+    def from_table(cls, space: SearchSpace, table: pd.DataFrame, base_metric: float, *,
+                   noise: Mapping[str, Mapping[Any, float]] | None = None) -> LossModel:  # fmt: skip
         """Each knob's measured drops, interpolated between probed values and made
-        monotone (a lower choice never loses less); knobs with no probe keep the prior."""
+        monotone (a lower choice never loses less); knobs with no probe keep the prior.
+
+        With `noise` (orchestrator.noise: per bits knob and choice, the quantization noise
+        its weights take), a bits knob whose probes were few or scored on part of the data
+        loses its fitted sensitivity times its noise at every choice, and a bits knob not
+        probed the typical (median) sensitivity of the others times its noise."""
+        measured = {k.name: _drops(table, k, base_metric) for k in space.searchable}
+        fitted = _fitted(space, table, measured, noise or {})
         losses = {}
         for knob in space.searchable:
-            rows = table[(table["knob"] == knob.name) & table["metric"].notna()]
-            measured = {float(r.value): max(0.0, base_metric - float(r.metric))
-                        for r in rows.itertuples()}  # fmt: skip
-            if not measured:
-                losses[knob.name] = {c: kind_of(knob).prior_loss(c) for c in knob.choices}
-                continue
-            # a knob probed at few values (a sensitivity budget): between them its drops
-            # follow the kind's prior shape (4x per bit, linear in keep), not a straight line
-            kind = kind_of(knob)
-            partial = len(measured) < len(kind.probe_values(knob))
-            coord = (lambda x, k=kind: -k.prior_loss(x)) if partial else (lambda x: x)
-            raw = {c: _interpolate(measured, float(c), coord) for c in knob.choices}
-            worst, table_ = 0.0, {}
-            for c in sorted(knob.choices, reverse=True):  # from the largest choice down
-                worst = max(worst, raw[c])
-                table_[c] = worst + 1e-6 * kind_of(knob).prior_loss(c)  # the prior breaks ties
-            losses[knob.name] = table_
+            kind, points = kind_of(knob), measured[knob.name]
+            if knob.name in fitted:
+                raw = fitted[knob.name]
+            elif not points:
+                raw = {c: kind.prior_loss(c) for c in knob.choices}
+            else:
+                # a knob probed at few values (a sensitivity budget): between them its drops
+                # follow the kind's prior shape (4x per bit, linear in keep), not a straight line
+                partial = len(points) < len(kind.probe_values(knob))
+                coord = (lambda x, k=kind: -k.prior_loss(x)) if partial else (lambda x: x)
+                raw = {c: _interpolate(points, float(c), coord) for c in knob.choices}
+            losses[knob.name] = _monotone(knob, raw)
         return cls(losses)
+
+
+def _drops(table: pd.DataFrame, knob: Knob, base_metric: float) -> dict[float, float]:
+    rows = table[(table["knob"] == knob.name) & table["metric"].notna()]
+    return {float(r.value): max(0.0, base_metric - float(r.metric)) for r in rows.itertuples()}
+
+
+def _fitted(space: SearchSpace, table: pd.DataFrame, measured: Mapping[str, dict[float, float]],
+            noise: Mapping[str, Mapping[Any, float]]) -> dict[str, dict[Any, float]]:  # fmt: skip
+    """Drops as sensitivity x noise for the bits knobs with noise whose probes do not
+    settle their drops: few probe values, or probes on part of the data (whose small drops
+    are lost in sampling error; least squares through the origin lets the largest, the
+    lowest bits, set the sensitivity), or no probe (the median sensitivity of the rest)."""
+    share = table["share"] if "share" in table else pd.Series(1.0, index=table.index)
+    low_fidelity = set(table.loc[share.fillna(1.0) < 1, "knob"])
+    slopes, wanted = {}, []
+    for knob in space.searchable:
+        curve = noise.get(knob.name)
+        if curve is None:
+            continue
+        points = {v: d for v, d in measured[knob.name].items() if curve.get(_choice(knob, v))}
+        partial = len(measured[knob.name]) < len(kind_of(knob).probe_values(knob))
+        if points:
+            ns = {v: curve[_choice(knob, v)] for v in points}
+            slopes[knob.name] = max(0.0, sum(points[v] * ns[v] for v in points)
+                                    / sum(n * n for n in ns.values()))  # fmt: skip
+        if not points or partial or knob.name in low_fidelity:
+            wanted.append(knob)
+    typical = statistics.median(slopes.values()) if slopes else None
+    fitted = {}
+    for knob in wanted:
+        slope = slopes.get(knob.name, typical)
+        if slope is not None:
+            fitted[knob.name] = {c: slope * noise[knob.name][c] for c in knob.choices}
+    return fitted
+
+
+def _choice(knob: Knob, value: float) -> Any:
+    """The knob's choice equal to a table value (tables hold floats)."""
+    return next((c for c in knob.choices if float(c) == value), value)
+
+
+def _monotone(knob: Knob, raw: Mapping[Any, float]) -> dict[Any, float]:
+    """From the largest choice down, a lower choice never loses less; the prior breaks ties."""
+    worst, table = 0.0, {}
+    for c in sorted(knob.choices, reverse=True):
+        worst = max(worst, raw[c])
+        table[c] = worst + 1e-6 * kind_of(knob).prior_loss(c)
+    return table
 
 
 def _interpolate(points: Mapping[float, float], x: float,

@@ -331,7 +331,7 @@ def _guidance(prepared: Prepared, pool: Any, base_metric: float, *, quiet: bool,
     prepared.study_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(prepared.study_dir, 0o700)  # the study is the user's alone (as Driver.open)
     write_table(table, prepared.study_dir / "sensitivity.parquet")
-    loss = LossModel.from_table(space, table, base_metric)
+    loss = LossModel.from_table(space, table, base_metric, noise=prepared.noise)
     pricing = Pricing(space, prepared.budget)
     if prepared.budget.limits:
         return Guidance(seeds=tuple(budget_seeds(Mover(pricing, loss))), loss=loss)
@@ -376,7 +376,8 @@ def _resumed_guidance(prepared: Prepared, base_metric: float) -> Guidance:
     table = cached_table(prepared.study_dir / "sensitivity.parquet")
     if table is None:
         return Guidance()
-    return Guidance(loss=LossModel.from_table(prepared.space, table, base_metric))
+    return Guidance(loss=LossModel.from_table(prepared.space, table, base_metric,
+                                              noise=prepared.noise))  # fmt: skip
 
 
 def _ray_init(config: SearchConfig) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import statistics
 
 import pandas as pd
 import pytest
@@ -24,6 +25,7 @@ from orchestrator.proposals import (
     knapsack_seed,
     uniform_values,
 )
+from orchestrator.sensitivity import probe_values
 from search_spaces.config import FLOAT_BITS
 
 
@@ -200,7 +202,7 @@ def test_a_resumed_study_steers_with_its_own_sensitivity_table(space, tmp_path):
     from orchestrator.search import _resumed_guidance
     from orchestrator.sensitivity import write_table
 
-    prepared = SimpleNamespace(study_dir=tmp_path, space=space)
+    prepared = SimpleNamespace(study_dir=tmp_path, space=space, noise={})
     assert _resumed_guidance(prepared, 0.9).loss is None  # no table: the prior
     knob = next(k for k in space.searchable if k.kind == "bits")
     rows = [{"knob": knob.name, "value": float(c), "metric": 0.9 - 0.01 * i}
@@ -245,3 +247,80 @@ def test_local_share_never_falls_below_one_ask_in_sparsest(improvements, patienc
             share.improved()
         since = 0 if share.turn() else since + 1
         assert since < sparsest and 2 <= share.every <= sparsest
+
+
+def test_quantization_noise_falls_with_every_bit_and_is_zero_in_float():
+    from orchestrator.noise import bits_noise
+
+    _, model, space = build_space(make_config({"task": "digits-cnn"}))
+    noise = bits_noise(model, space)
+    assert set(noise) == {k.name for k in space.searchable if k.kind == "bits"}
+    for knob in (k for k in space.searchable if k.kind == "bits"):
+        curve = [noise[knob.name][c] for c in sorted(knob.choices)]
+        assert curve[-1] == 0.0 and all(a > b for a, b in zip(curve, curve[1:], strict=False))
+        assert 0 < curve[0] < 1  # relative error energy of the lowest bits
+
+
+def test_row_sampling_estimates_the_noise_of_a_large_weight():
+    import torch
+
+    from orchestrator.noise import ROWS, _sample, relative_noise
+
+    torch.manual_seed(0)
+    weight = torch.randn(8 * ROWS, 64) * torch.linspace(0.1, 2.0, 8 * ROWS)[:, None]
+    small = torch.randn(ROWS // 2, 64)
+    exact = relative_noise([(weight, 1.0), (small, 1.0)], [3, 4, 32])
+    sampled = relative_noise([_sample(weight), _sample(small)], [3, 4, 32])
+    for b in (3, 4):
+        assert sampled[b] == pytest.approx(exact[b], rel=0.05)
+    assert sampled[32] == 0.0
+
+
+def _bits_knobs(space):
+    return [k for k in space.searchable if k.kind == "bits" and len(k.choices) >= 4]
+
+
+def test_low_fidelity_probes_are_carried_to_every_choice_by_the_noise(space):
+    """Probes on part of the data: each bits knob's drops become one fitted sensitivity
+    times its noise (its lowest bits, with the largest drop, set it), so a noisy small drop
+    at more bits cannot price that choice above a lower one; a knob never probed takes the
+    median sensitivity of the others."""
+    knobs = _bits_knobs(space)
+    probed, unprobed = knobs[:-1], knobs[-1]
+    noise = {k.name: {c: (0.0 if c >= FLOAT_BITS else 4.0 ** (2 - c) * (i + 1))
+                      for c in k.choices} for i, k in enumerate(knobs)}  # fmt: skip
+    rows = []
+    for i, knob in enumerate(probed):
+        low, mid = sorted(knob.choices)[:2]
+        slope = 0.1 * (i + 1)  # drop = slope x noise at the lowest bits
+        rows += [{"knob": knob.name, "value": low, "metric": 0.9 - slope * noise[knob.name][low],
+                  "share": 0.25},
+                 {"knob": knob.name, "value": mid, "metric": 0.9 - 0.05, "share": 0.25}]  # fmt: skip
+    loss = LossModel.from_table(space, pd.DataFrame(rows), base_metric=0.9, noise=noise)
+    slopes = []
+    for i, knob in enumerate(probed):
+        low, mid = sorted(knob.choices)[:2]
+        fitted = (0.9 - rows[2 * i]["metric"]) * noise[knob.name][low] + 0.05 * noise[knob.name][
+            mid
+        ]
+        slope = fitted / (noise[knob.name][low] ** 2 + noise[knob.name][mid] ** 2)
+        slopes.append(slope)
+        for c in knob.choices:
+            assert loss(knob, c) == pytest.approx(slope * noise[knob.name][c], abs=1e-5)
+    typical = statistics.median(slopes)
+    for c in unprobed.choices:
+        assert loss(unprobed, c) == pytest.approx(typical * noise[unprobed.name][c], abs=1e-5)
+    # without the noise, the same table: measured drops as they are (the old model)
+    plain = LossModel.from_table(space, pd.DataFrame(rows), base_metric=0.9)
+    low, mid = sorted(probed[0].choices)[:2]
+    assert plain(probed[0], mid) == pytest.approx(0.05, abs=1e-3)
+
+
+def test_a_full_sweep_on_all_the_data_keeps_its_measured_drops(space):
+    knob = _bits_knobs(space)[0]
+    noise = {knob.name: {c: (0.0 if c >= FLOAT_BITS else 4.0 ** (2 - c)) for c in knob.choices}}
+    rows = [{"knob": knob.name, "value": v, "metric": 0.9 - 0.01 * (FLOAT_BITS - v) / FLOAT_BITS,
+             "share": 1.0} for v in probe_values(knob)]  # fmt: skip
+    loss = LossModel.from_table(space, pd.DataFrame(rows), base_metric=0.9, noise=noise)
+    for v in probe_values(knob):
+        assert loss(knob, v) == pytest.approx(0.01 * (FLOAT_BITS - v) / FLOAT_BITS, abs=1e-5)
