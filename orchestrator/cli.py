@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from orchestrator.errors import ConfigError, JobError, ResultsError, WorkerStartError
+from orchestrator.errors import ConfigError, JobError, RayLostError, ResultsError, WorkerStartError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -203,18 +203,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"study {prepared.study} in {prepared.location} ({len(prepared.space.searchable)} "
               f"knobs, {config.trials} trials)", file=sys.stderr)  # fmt: skip
-    result = run_prepared(prepared, quiet=args.quiet, sys_path=sys_path)
+    try:
+        result = run_prepared(prepared, quiet=args.quiet, sys_path=sys_path)
+    except RayLostError as lost:
+        print(f"prunesearch: error: {_one_line(lost)}; {_left_behind(args, prepared)}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     if not args.quiet:
         print_summary(result, prepared)
     if result.error:
         print(f"prunesearch: {result.error}", file=sys.stderr)
         return 1
     if result.interrupted:
-        print(f"interrupted: finished trials are recorded; continue with: prunesearch run "
-              f"{args.config or ''} --out {config.out} --study {prepared.study} --resume"
-              .replace("  ", " "), file=sys.stderr)  # fmt: skip
+        print(f"interrupted: finished trials are recorded; continue with: "
+              f"{_resume_command(args, prepared)}", file=sys.stderr)  # fmt: skip
         return EXIT_INTERRUPTED
     return 0
+
+
+def _resume_command(args: argparse.Namespace, prepared: Any) -> str:
+    return (f"prunesearch run {args.config or ''} --out {prepared.config.out} --study "
+            f"{prepared.study} --resume").replace("  ", " ")  # fmt: skip
+
+
+def _left_behind(args: argparse.Namespace, prepared: Any) -> str:
+    """What a run that lost its Ray leaves: its recorded trials and how to go on (a study
+    not yet opened, lost while its workers started, is simply run again)."""
+    from orchestrator.results import read_trials
+    from orchestrator.runrecord import FILE
+
+    if not (prepared.study_dir / FILE).is_file():
+        return "no trial had started; run the same command again"
+    recorded = len(read_trials(prepared.study_dir))
+    return (f"{recorded} trial{'' if recorded == 1 else 's'} recorded in {prepared.location}; "
+            f"resume with: {_resume_command(args, prepared)}")  # fmt: skip
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -273,10 +295,14 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     config = _load(args, **{"workers.count": args.workers})
     check_devices(config)
     _, _, space = build_space(config)
-    with worker_pool(config, space, sys_path=sys_path) as (pool, _):
-        base = pool.base_metric()
-        table = table_for(config.task, space, config.recovery.model_dump(), pool, base,
-                          quiet=False)  # fmt: skip
+    try:
+        with worker_pool(config, space, sys_path=sys_path) as (pool, _):
+            base = pool.base_metric()
+            table = table_for(config.task, space, config.recovery.model_dump(), pool, base,
+                              quiet=False)  # fmt: skip
+    except RayLostError as lost:
+        raise RayLostError(f"{lost}; the probes measured are cached: run the command "
+                           "again") from None  # fmt: skip
     print_sensitivity(table, base_metric=base)
     return 0
 
@@ -435,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (WorkerStartError, JobError, ResultsError) as exc:
+    except (WorkerStartError, JobError, ResultsError, RayLostError) as exc:
         print(f"prunesearch: error: {_one_line(exc)}", file=sys.stderr)
         return 1
 

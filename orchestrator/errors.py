@@ -27,3 +27,8 @@ class JobError(RuntimeError):
 class ResultsError(RuntimeError):
     """Results could not be recorded or uploaded (one line, exit 1; the message says
     where the finished trials are)."""
+
+
+class RayLostError(RuntimeError):
+    """The Ray a run uses went away (its raylet or GCS died): one line saying what was
+    lost, exit 1; the run's finished trials are durable and the study resumable."""

@@ -30,7 +30,7 @@ import pandas as pd
 from orchestrator.budget import Budget
 from orchestrator.config import SearchConfig
 from orchestrator.dispatcher import Dispatcher
-from orchestrator.errors import ResultsError, WorkerStartError
+from orchestrator.errors import RayLostError, ResultsError, WorkerStartError
 from orchestrator.fidelity import FidelitySettings
 from orchestrator.ledger import Ledger, loaded_rows
 from orchestrator.prepare import Prepared, prepare
@@ -147,6 +147,7 @@ class Driver:
         self.proposer, self.dispatcher, self.ledger = proposer, dispatcher, ledger
         self.target, self.quiet, self.stats, self.driver_id = target, quiet, stats, driver_id
         self.interrupted = False
+        self.lost: str | None = None  # what of Ray was lost, if it was (RayLostError)
         self.shown = ledger.finished  # the finished trials the progress bar counts
 
     @property
@@ -166,6 +167,8 @@ class Driver:
                 bar.update_status(self.dispatcher.busy, self.dispatcher.size, self.ledger.best())
             except KeyboardInterrupt:
                 self.interrupted = True
+            except RayLostError as lost:  # as Ctrl-C: what finished is made durable below
+                self.lost = str(lost)
             self._advance(bar)
         self.stats.loop_seconds = time.perf_counter() - start
         self.ledger.close()
@@ -219,6 +222,7 @@ class Driver:
         return {"finished_at": _now(), "finished_trials": self.ledger.finished,
                 "interrupted": self.interrupted, **self.proposer.figures(),
                 **self.dispatcher.figures(), "driver": self.stats.as_dict(),
+                **({"error": self.lost} if self.lost else {}),
                 "driver_id": self.driver_id, "adopted_trials": self.ledger.adopted}  # fmt: skip
 
 
@@ -451,6 +455,7 @@ def worker_pool(config: SearchConfig, space: SearchSpace, *, evaluator_factory: 
     import ray
 
     from orchestrator.evaluate import RecoverySettings
+    from orchestrator.liveness import watch_current_ray
     from orchestrator.workers import PoolSettings, TaskEvaluatorFactory, WorkerPool
 
     started_ray = _ray_init(config)
@@ -468,7 +473,7 @@ def worker_pool(config: SearchConfig, space: SearchSpace, *, evaluator_factory: 
             timeout=config.timeout,
             target=(lambda: target_workers(w, ray.cluster_resources())) if elastic else None,
         )  # fmt: skip
-        pool = WorkerPool(factory, settings)
+        pool = WorkerPool(factory, settings, watch=watch_current_ray())
         infos = pool.start()
         yield pool, infos
     finally:
@@ -476,6 +481,8 @@ def worker_pool(config: SearchConfig, space: SearchSpace, *, evaluator_factory: 
             pool.shutdown()
         if started_ray:
             ray.shutdown()
+        if pool is not None and pool.watch.lost:
+            pool.watch.reap()
 
 
 def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: Any = None,
@@ -492,7 +499,7 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
             sampler = auto_sampler(len(prepared.space.searchable), config.trials, pool.size,
                                    eval_seconds)  # fmt: skip
         fidelity = fidelity_settings(prepared, custom_evaluator=evaluator_factory is not None)
-        guidance, interrupted = Guidance(), False
+        guidance, interrupted, lost = Guidance(), False, None
         if config.seeding and not _started(prepared):
             try:  # a study resumed before any trial (stopped in this phase) measures the rest
                 guidance = _guidance(prepared, pool, base_metric, quiet=quiet,
@@ -500,6 +507,8 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
                                      eval_seconds=eval_seconds)  # fmt: skip
             except KeyboardInterrupt:  # the probes done are cached: the study is made resumable
                 interrupted = True
+            except RayLostError as exc:  # the same, then the error
+                lost = str(exc)
         elif config.seeding:  # resumed: the study's own table still steers repairs and moves
             guidance = _resumed_guidance(prepared, base_metric)
         with _deferred_interrupt() as deferred:  # a study half opened is no study to resume
@@ -509,13 +518,15 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
                            driver_id=driver.driver_id)  # fmt: skip
         interrupted = interrupted or deferred.hit
         try:
-            if interrupted:
-                driver.interrupted = True
+            if interrupted or lost:
+                driver.interrupted, driver.lost = interrupted, lost
                 driver.ledger.close()
             else:
                 driver.run()
         finally:
             finish_run_json(prepared, driver.summary())
+        if driver.lost:  # every finished trial is durable (the ledger closed): say so, exit 1
+            raise RayLostError(driver.lost)
     trials = read_trials(prepared.study_dir)
     return SearchResult(study=prepared.study, study_dir=prepared.study_dir, trials=trials,
                         front=compute_front(trials), base_metric=base_metric,

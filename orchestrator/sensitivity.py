@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from orchestrator import knapsack
 from orchestrator.atomic import atomic_write_bytes
+from orchestrator.errors import RayLostError
 from search_spaces import Knob, SearchSpace
 from search_spaces.cost import policy_cost
 from search_spaces.kinds import kind_of, reference_values
@@ -151,6 +152,15 @@ class Interrupted(KeyboardInterrupt):
         self.table = table
 
 
+class Lost(RayLostError):
+    """Ray went away during the sensitivity phase: `table` holds the probes scored so far
+    (cached as on Ctrl-C)."""
+
+    def __init__(self, message: str, table: pd.DataFrame) -> None:
+        super().__init__(message)
+        self.table = table
+
+
 def table_for(task_spec: str, space: SearchSpace, recovery: dict[str, Any], pool: Any,
               base_metric: float, *, plan: Schedule | None = None,
               seconds: float | None = None, quiet: bool = True) -> pd.DataFrame:  # fmt: skip
@@ -171,7 +181,7 @@ def table_for(task_spec: str, space: SearchSpace, recovery: dict[str, Any], pool
     known = cached_table(path)
     try:
         raw = measure(space, pool, plan, known=known, quiet=quiet, seconds=seconds)
-    except Interrupted as stop:
+    except (Interrupted, Lost) as stop:
         write_table(stop.table, path)
         raise
     if known is None or not raw.equals(known):  # a table read back as it was: left alone
@@ -238,6 +248,8 @@ def measure(space: SearchSpace, pool: Any, plan: Schedule, *, known: pd.DataFram
             pool.map([dict(policy) for _, _, policy in todo], done, context, deadline)
         except KeyboardInterrupt:
             raise Interrupted(_raw(space, todo, results, rows, plan)) from None
+        except RayLostError as lost:
+            raise Lost(str(lost), _raw(space, todo, results, rows, plan)) from None
     return _raw(space, todo, results, rows, plan)
 
 

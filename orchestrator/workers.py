@@ -3,7 +3,8 @@
 The only Ray-core module of the engine. Dispatch is asynchronous: `ray.wait` returns the
 first finished evaluation and its worker takes the next candidate at once. A worker that
 dies (process killed, node lost) is replaced and its candidate re-dispatched up to
-`retries` times; an error raised by the evaluation itself is returned, not retried.
+`retries` times; an error raised by the evaluation itself is returned, not retried. While
+it waits, its `RayWatch` checks that Ray itself is still there (orchestrator.liveness).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ray.exceptions import RayError
 
 from orchestrator.errors import WorkerStartError
 from orchestrator.evaluate import Evaluator, RecoverySettings, pick_device
+from orchestrator.liveness import RayWatch
 from search_spaces import SearchSpace
 
 EvaluatorFactory = Callable[
@@ -144,8 +146,10 @@ class WorkerPool:
     ones when ready, so a worker waiting for a node never holds a candidate). Candidates
     of dead workers wait in a retry queue for the next free worker."""
 
-    def __init__(self, factory: EvaluatorFactory, settings: PoolSettings) -> None:
+    def __init__(self, factory: EvaluatorFactory, settings: PoolSettings, *,
+                 watch: RayWatch | None = None) -> None:  # fmt: skip
         self.factory, self.settings = factory, settings
+        self.watch = watch or RayWatch()
         self._remote = ray.remote(num_cpus=settings.cpus_per_worker,
                                   num_gpus=settings.gpus_per_worker)(_Worker)  # fmt: skip
         self._idle: list[Any] = []
@@ -162,12 +166,19 @@ class WorkerPool:
         """Start the workers and wait until each has loaded the task (errors surface here)."""
         self._idle = [self._new_actor() for _ in range(self.settings.count)]
         try:
-            self.infos = ray.get([a.info.remote() for a in self._idle])
+            self.infos = self._get([a.info.remote() for a in self._idle])
         except RayError as exc:
             raise WorkerStartError(f"a worker failed to load the task: {_cause(exc)}") from exc
         for actor, info in zip(self._idle, self.infos, strict=True):
             self._remember(actor, info)
         return self.infos
+
+    def _get(self, refs: list[Any]) -> list[Any]:
+        """ray.get, asking the watch between short waits: workers that wait for a node
+        of a lost Ray would otherwise be waited for forever."""
+        while len(ray.wait(refs, num_returns=len(refs), timeout=1.0)[0]) < len(refs):
+            self.watch.check()
+        return ray.get(refs)
 
     def _remember(self, actor: Any, info: dict[str, Any]) -> None:
         """Where an actor runs, for the rows of candidates it cannot report itself (it died
@@ -189,7 +200,7 @@ class WorkerPool:
         """The task's metric on the unchanged model: a task whose metric fails even there
         is one clear error before any trial, not a traceback."""
         try:
-            return ray.get(self._idle[0].base_metric.remote())
+            return self._get([self._idle[0].base_metric.remote()])[0]
         except RayError as exc:
             raise WorkerStartError(f"the task's metric failed on the unchanged model: "
                                    f"{_cause(exc)}") from exc  # fmt: skip
@@ -220,6 +231,7 @@ class WorkerPool:
         """Finished jobs with their results. Workers that died are replaced and their jobs
         re-dispatched (or returned failed once out of retries); jobs past the timeout are
         returned failed and their workers replaced; new nodes get new workers."""
+        self.watch.check()  # every few seconds: a lost Ray finishes nothing, ever
         self._grow()
         refs = list(self._running) + list(self._starting)
         done: list[tuple[Job, dict[str, Any]]] = []
@@ -336,6 +348,9 @@ class WorkerPool:
         self.replaced += 1
 
     def shutdown(self) -> None:
+        if self.watch.lost:  # the actors went with their Ray; asking it to kill them hangs
+            self._idle, self._running, self._starting = [], {}, {}
+            return
         actors = self._idle + [a for a, _ in self._running.values()] + list(self._starting.values())
         for actor in actors:
             ray.kill(actor, no_restart=True)
