@@ -55,6 +55,16 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    "default: start a local one (key: address)")  # fmt: skip
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"'{text}' is no number of seconds (e.g. 300)")
+    return value
+
+
 def _job_server_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray job server, e.g. http://HEAD:8265 (default: "
                    "$RAY_ADDRESS)")  # fmt: skip
@@ -89,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--resume", action="store_true", help="continue the study --study")
     sb.add_argument("--join", action="store_true", help="one more driver for the study --study "
                     "(run --join: every driver shares it; needs a shared storage)")  # fmt: skip
+    sb.add_argument("--wait", type=_seconds, default=None, metavar="SECONDS",
+                    help="how long a cluster that is starting may take to accept the job "
+                    "(its job server and job agent up; default: 300)")  # fmt: skip
     _job_args(sub.add_parser("status", help="state of a submitted job"))
     lg = sub.add_parser("logs", help="output of a submitted job")
     _job_args(lg)
@@ -323,8 +336,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if out is None and "://" not in config.out and not Path(config.out).is_absolute():
         flags["out"] = jobs.results_path(config.out)  # else it lands in the job's temp dir
     study = config.study or default_study_name(config.task)
+    wait = jobs.WAIT_SECONDS if args.wait is None else args.wait
     job = jobs.submit(path, config, study, flags, address=args.address, resume=args.resume,
-                      join=args.join)  # fmt: skip
+                      join=args.join, wait=wait)  # fmt: skip
     print(job)
     print(f"study {study}: results in {flags['out'] or config.out}/{study}; follow with "
           f"prunesearch logs {job} --follow", file=sys.stderr)  # fmt: skip

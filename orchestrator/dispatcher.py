@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from orchestrator.errors import RayLostError
 from orchestrator.fidelity import FidelitySettings
 from orchestrator.proposer import Candidate
 from orchestrator.timing import DriverStats
@@ -34,7 +35,7 @@ class Pool(Protocol):
     @property
     def busy(self) -> int: ...  # candidates in flight, retries included
     def submit(self, job: Job) -> None: ...
-    def wait(self, timeout: float) -> list[tuple[Job, Result]]: ...
+    def wait(self, timeout: float) -> list[tuple[Job, Result]]: ...  # RayLostError: for good
 
 
 def state_of(result: Result) -> str:
@@ -111,7 +112,10 @@ class Dispatcher:
         more = done
         while more:
             self.feed()
-            more = self.pool.wait(timeout=0)
+            try:
+                more = self.pool.wait(timeout=0)
+            except RayLostError:  # those collected are told first; the next wait raises again
+                break
             done += more
         return done
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,7 +26,31 @@ from orchestrator.errors import ConfigError, JobError
 EXCLUDES = ["runs/", ".venv/", "venv/", ".git/", "__pycache__/", "*.parquet", "*.db",
             "*.db-wal", "*.db-shm", "*.pt", "*.safetensors", "*.onnx"]  # fmt: skip
 ADDRESS_ENV = "RAY_ADDRESS"
-AGENT_WAIT_SECONDS = 60
+# `submit --wait`: a cluster just started (`ray start --head`), on a loaded machine, may
+# take minutes before its job server and job agent take jobs (issue 16: a 60-s silent wait
+# was too short there)
+WAIT_SECONDS = 300.0
+POLL_SECONDS = 1.0
+# on the head node, in Ray's default temp dir
+SERVER_LOG = "/tmp/ray/session_latest/logs/dashboard.log"
+AGENT_LOG = "/tmp/ray/session_latest/logs/dashboard_agent.log"
+
+
+class Waiting:
+    """A bounded wait for parts of a cluster that is starting: says once per part that it
+    waits (one line on stderr), and whether time is left."""
+
+    def __init__(self, url: str, seconds: float) -> None:
+        self.url, self.seconds = url, seconds
+        self.deadline = time.monotonic() + seconds
+        self.said: set[str] = set()
+
+    def more(self, what: str) -> bool:
+        if what not in self.said:
+            self.said.add(what)
+            print(f"waiting for {what} at {self.url} (up to {self.seconds:g} s: --wait)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return time.monotonic() < self.deadline
 
 
 def job_address(address: str | None) -> str:
@@ -47,17 +72,28 @@ def _token_mode() -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
-def client(address: str | None) -> Any:
+def client(address: str | None, *, waiting: Waiting | None = None) -> Any:
+    """The job server's client; a server that does not answer yet is waited for while
+    `waiting` allows (a cluster starting), any other error is one clear line at once."""
     url = job_address(address)
     _token_mode()  # before Ray is imported: it reads its auth settings then
     from ray.job_submission import JobSubmissionClient
 
-    try:
-        return JobSubmissionClient(url)
-    except Exception as exc:  # ConnectionError, RuntimeError, ValueError: one clear line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot reach the Ray job server at {url} ({first}); check --address "
-                          f"or {ADDRESS_ENV}, and that the cluster runs (ray start --head)") from None  # fmt: skip
+    while True:
+        try:
+            return JobSubmissionClient(url)
+        except ConnectionError:  # nothing answers (yet)
+            if waiting is not None and waiting.seconds > 0 and waiting.more("Ray's job server"):
+                time.sleep(POLL_SECONDS)
+                continue
+            waited = f" within {waiting.seconds:g} s" if waiting and waiting.seconds else ""
+            raise ConfigError(f"cannot reach the Ray job server at {url}{waited}; check --address "
+                              f"or {ADDRESS_ENV}, and that the cluster runs: `ray status` and the "
+                              f"job server's log on the head node ({SERVER_LOG})") from None  # fmt: skip
+        except Exception as exc:  # RuntimeError, ValueError: one clear line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"cannot use the Ray job server at {url} ({first}); check "
+                              f"--address or {ADDRESS_ENV}") from None  # fmt: skip
 
 
 def entrypoint(config_name: str, study: str, flags: dict[str, Any], *, resume: bool,
@@ -82,16 +118,17 @@ def results_path(out: str) -> str:
 
 
 def submit(config_path: Path, config: SearchConfig, study: str, flags: dict[str, Any], *,
-           address: str | None, resume: bool, join: bool = False) -> str:  # fmt: skip
+           address: str | None, resume: bool, join: bool = False,
+           wait: float = WAIT_SECONDS) -> str:  # fmt: skip
     """Submit the search (`config` is the validated config with `flags` applied); returns
-    the job id."""
-    c = client(address)
+    the job id. A cluster that is starting is waited for up to `wait` seconds in all."""
+    waiting = Waiting(job_address(address), wait)
+    c = client(address, waiting=waiting)
     runtime_env: dict[str, Any] = {"working_dir": str(config_path.parent), "excludes": EXCLUDES}
     if config.pip:
         runtime_env["pip"] = list(config.pip)
     # the random part: drivers of one study (--join) may be submitted in the same second
     job_id = f"prunesearch-{study}-{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    deadline = time.monotonic() + AGENT_WAIT_SECONDS
     while True:
         try:
             return c.submit_job(
@@ -100,11 +137,18 @@ def submit(config_path: Path, config: SearchConfig, study: str, flags: dict[str,
                 metadata={"prunesearch_study": study, "out": str(flags.get("out") or config.out)},
             )  # fmt: skip
         except RuntimeError as exc:
-            # a cluster that just started has no job agent yet: wait for it a little
-            if "No available agent" in str(exc) and time.monotonic() < deadline:
-                time.sleep(1)
-                continue
-            raise JobError(f"the job server refused the job: {_last_line(exc)}") from None
+            if "No available agent" not in str(exc):
+                raise JobError(f"the job server refused the job: {_last_line(exc)}") from None
+            # a cluster that just started has no job agent yet: wait for it
+            if not waiting.more("Ray's job agent"):
+                raise JobError(_no_agent(waiting.url, wait)) from None
+            time.sleep(POLL_SECONDS)
+
+
+def _no_agent(url: str, wait: float) -> str:
+    return (f"Ray's job agent at {url} did not take the job within {wait:g} s (No available "
+            f"agent to submit job); check the cluster with `ray status` and the agent's log "
+            f"on the head node ({AGENT_LOG}), or wait longer with --wait SECONDS")  # fmt: skip
 
 
 def _last_line(exc: Exception) -> str:

@@ -163,8 +163,8 @@ def test_bad_submissions_are_one_line_and_start_nothing(tmp_path, monkeypatch):
     env = {k: v for k, v in _env().items() if k != "RAY_ADDRESS"}
     cases = [
         (["submit", str(config)], "no Ray job server address"),
-        (["submit", str(config), "--address", f"http://127.0.0.1:{_free_port()}"],
-         "cannot reach the Ray job server"),
+        (["submit", str(config), "--address", f"http://127.0.0.1:{_free_port()}", "--wait",
+          "0"], "cannot reach the Ray job server"),  # waiting: tests/test_liveness.py
         (["submit", str(config), "--address", "http://127.0.0.1:1", "--resume"], "--study"),
         (["submit", str(config), "--address", "http://127.0.0.1:1", "--join"],
          "submit --join needs --study NAME"),
