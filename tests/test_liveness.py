@@ -10,6 +10,7 @@ Ray's job REST API). Slow: real local runs whose raylet, GCS or Ray agent is SIG
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -285,6 +286,37 @@ def _ray_processes(ray_tmp: str) -> dict[str, psutil.Process]:
             "all": [*found.values(), *raylet.children(recursive=True)]}  # fmt: skip
 
 
+def _killed_mid_run(proc: subprocess.Popen, study_dir: Path, ray_tmp: str,
+                    victim: str) -> dict[str, psutil.Process]:  # fmt: skip
+    """Once the run has recorded trials, SIGKILL its `victim`; its Ray processes."""
+    deadline = time.monotonic() + 240
+    while not _parts(study_dir):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no trial was recorded in time"
+        time.sleep(0.2)
+    ray = _ray_processes(ray_tmp)
+    ray[victim].send_signal(signal.SIGKILL)
+    return ray
+
+
+def _end(proc: subprocess.Popen, ray_tmp: str) -> None:
+    """A run that did not stop (the bug), and its own Ray: SIGKILL, by pid, nobody else's."""
+    if proc.poll() is not None:
+        return
+    session = os.path.realpath(os.path.join(ray_tmp, "ray", "session_latest"))
+    ours = [p for p in psutil.process_iter(["cmdline"])
+            if any(session in arg for arg in p.info["cmdline"] or [])]  # fmt: skip
+    proc.kill()
+    proc.communicate()
+    _kill([q for p in ours for q in [*p.children(recursive=True), p]])
+
+
+def _kill(procs: list[psutil.Process]) -> None:
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
 def _parts(study_dir: Path) -> list[Path]:
     return list((study_dir / "trials").glob("part-*.parquet"))
 
@@ -312,16 +344,13 @@ def test_a_run_whose_ray_dies_stops_with_one_line_and_resumes(tmp_path, ray_tmp,
     proc = subprocess.Popen([*run, "run", str(config), "--out", str(out), "--study", "s",
                              "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not _parts(study_dir):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no trial was recorded in time"
-        time.sleep(0.2)
-    ray = _ray_processes(ray_tmp)
-    killed = ray[victim]
-    killed.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=90)  # "stops within about 30 s", with a margin for load
+    try:
+        ray = _killed_mid_run(proc, study_dir, ray_tmp, victim)
+        _, err = proc.communicate(timeout=90)  # "stops within about 30 s", a margin for load
+    finally:  # a run that waits forever (the bug) is ended here, with its Ray
+        _end(proc, ray_tmp)
     assert proc.returncode == 1, err[-3000:]
+    killed = ray[victim]
 
     errors = [line for line in err.splitlines() if line.startswith("prunesearch: error:")]
     assert len(errors) == 1, err[-3000:]
@@ -335,6 +364,7 @@ def test_a_run_whose_ray_dies_stops_with_one_line_and_resumes(tmp_path, ray_tmp,
     assert line["out"] == str(study_dir)
     # the lost Ray left nothing behind (its agents outlive a lost GCS unless ended)
     _, alive = psutil.wait_procs(ray["all"], timeout=10)
+    _kill(alive)
     assert not alive, [(p.pid, p.name()) for p in alive]
 
     target = len(trials) + 6
