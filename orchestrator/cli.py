@@ -235,8 +235,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _resume_command(args: argparse.Namespace, prepared: Any) -> str:
+    """The command that continues this run's study (on the Ray it joined, if it did)."""
+    address = f" --address {args.address}" if args.address else ""
     return (f"prunesearch run {args.config or ''} --out {prepared.config.out} --study "
-            f"{prepared.study} --resume").replace("  ", " ")  # fmt: skip
+            f"{prepared.study}{address} --resume").replace("  ", " ")  # fmt: skip
 
 
 def _left_behind(args: argparse.Namespace, prepared: Any) -> str:

@@ -28,7 +28,7 @@ from orchestrator.errors import RayLostError
 
 CHECK_SECONDS = 5.0  # between checks, only while the driver waits for results
 PING_SECONDS = 3.0  # one GCS read may take this long
-GCS_GRACE_SECONDS = 15.0  # unanswered this long: the GCS is lost (well within ~30 s)
+GCS_GRACE_SECONDS = 10.0  # unanswered this long: the GCS is lost (a run stops within ~30 s)
 LOCAL_PROCESSES = {"gcs_server": "GCS", "raylet": "raylet"}  # Ray's name -> ours
 
 Probe = Callable[[], "str | None"]  # why Ray is lost, or None while it is there

@@ -376,3 +376,78 @@ def test_a_run_whose_ray_dies_stops_with_one_line_and_resumes(tmp_path, ray_tmp,
     assert len(after) == target
     kept = after.set_index("trial").loc[trials["trial"]]
     pd.testing.assert_series_equal(kept["state"], trials.set_index("trial")["state"])
+
+
+@pytest.fixture
+def joined_head(ray_tmp):
+    """`ray start --head` on 127.0.0.1 with its own temp dir and free ports (no dashboard);
+    its GCS address. Its processes are ended after the test, by pid."""
+    ports = iter(_free_port() for _ in range(9))
+    port = next(ports)
+    cmd = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+           "--include-dashboard=false", "--num-cpus=2", f"--temp-dir={ray_tmp}/ray",
+           "--disable-usage-stats", f"--dashboard-agent-listen-port={next(ports)}",
+           f"--dashboard-agent-grpc-port={next(ports)}", f"--metrics-export-port={next(ports)}",
+           f"--runtime-env-agent-port={next(ports)}", f"--ray-client-server-port={next(ports)}",
+           f"--node-manager-port={next(ports)}", f"--object-manager-port={next(ports)}"]  # fmt: skip
+    ray_bin = shutil.which("ray", path=f"{Path(sys.executable).parent}{os.pathsep}"
+                                        f"{os.environ.get('PATH', '')}")  # fmt: skip
+    if ray_bin is None:
+        pytest.skip("the `ray` command is not installed beside this Python")
+    env = _joined_env()
+    done = subprocess.run([ray_bin, *cmd[1:]], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    try:
+        assert done.returncode == 0, done.stderr[-2000:]
+        yield f"127.0.0.1:{port}"
+    finally:
+        _kill([q for p in _session_processes(ray_tmp) for q in [*p.children(recursive=True), p]])
+
+
+def _joined_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    if (Path.home() / ".ray" / "auth_token").is_file():  # Ray >= 2.52 clusters demand it
+        env.setdefault("RAY_AUTH_MODE", "token")
+    return env
+
+
+def _session_processes(ray_tmp: str) -> list[psutil.Process]:
+    session = os.path.realpath(os.path.join(ray_tmp, "ray", "session_latest"))
+    return [p for p in psutil.process_iter(["cmdline"])
+            if any(session in arg for arg in p.info["cmdline"] or [])]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.parametrize("victim", ["raylet", "gcs"])
+def test_a_run_on_a_cluster_whose_head_dies_stops_with_one_line(tmp_path, ray_tmp, joined_head,
+                                                                 victim):  # fmt: skip
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump({"task": "digits-cnn", "trials": 5000, "seeding": False,
+                                      "workers": {"count": 2}, "sampler": "random",
+                                      "fidelity": {"enabled": False},
+                                      "recovery": {"finetune_steps": 30}}))  # fmt: skip
+    out, study_dir = tmp_path / "out", tmp_path / "out" / "s"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(config), "--out",
+                             str(out), "--study", "s", "--quiet", "--address", joined_head],
+                            env=_joined_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    head: dict = {"all": []}
+    try:
+        head = _killed_mid_run(proc, study_dir, ray_tmp, victim)
+        _, err = proc.communicate(timeout=90)  # "stops within about 30 s", a margin for load
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        _kill(head["all"])  # the head's agents, orphaned by a killed raylet
+    assert proc.returncode == 1, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("prunesearch: error:")]
+    assert len(errors) == 1, err[-3000:]
+    lost = {"raylet": "Ray's local raylet is gone (nothing listens on ",
+            "gcs": "has not answered for "}[victim]  # fmt: skip
+    assert lost in errors[0]
+    rows = re.search(r"; (\d+) trials? recorded in (\S+); resume with: prunesearch run .* "
+                     rf"--address {joined_head} --resume$", errors[0])  # fmt: skip
+    assert rows, errors[0]
+    assert len(_check_study(study_dir)) == int(rows[1]) >= 1
