@@ -128,6 +128,29 @@ def test_a_driver_whose_ray_is_lost_stops_with_every_finished_trial_recorded(tmp
     assert not driver.interrupted
 
 
+def test_workers_loading_on_a_lost_ray_are_not_waited_for(ray_cluster, tmp_path):
+    """A worker pool starting (or evaluating) on a Ray that is gone: the watch's loss
+    surfaces from start() within seconds, however long the workers would take."""
+    from orchestrator.workers import PoolSettings, WorkerPool
+
+    class Slow:  # the task loads for a minute: longer than the test may wait
+        def __init__(self, device):
+            time.sleep(60)
+
+    lost: list[str] = []
+    watch = RayWatch(probes=[lambda: lost[0] if lost else None], every=0)
+    pool = WorkerPool(lambda device: Slow(device), PoolSettings(count=1), watch=watch)
+    threading.Timer(1.0, lambda: lost.append("Ray's raylet (pid 7) is gone")).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(RayLostError, match=r"raylet \(pid 7\) is gone"):
+            pool.start()
+        assert time.monotonic() - started < 30  # not the minute the workers would take
+    finally:
+        pool.watch = RayWatch()  # Ray is in fact alive here: its actors are ended
+        pool.shutdown()
+
+
 # -- submit --wait ----------------------------------------------------------------------------
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
