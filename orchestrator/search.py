@@ -429,7 +429,8 @@ def _without_monitors() -> Iterator[None]:
     are left out: a fixed local node has nothing to autoscale, and with log_to_driver off
     nobody reads what the log monitor tails. ray.init has no switch for either, so for
     this call Ray's own parameters say so (as ray.cluster_utils does for its nodes):
-    two Python processes fewer, about 3 s less to start here (benchmarks/ray_start.py)."""
+    two Python processes and ~160 MB fewer, 1.5-2 s less to start on this 2-CPU machine
+    (benchmarks/ray_start.py)."""
     from ray._private.parameter import RayParams
 
     original = RayParams.__init__

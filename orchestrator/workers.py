@@ -1,6 +1,7 @@
 """Worker pool: Ray actors that load the task once and evaluate many policies.
 
-The only Ray-core module of the engine. Dispatch is asynchronous: `ray.wait` returns the
+The only Ray-core module of the engine (with orchestrator.liveness, which asks whether
+Ray itself is still there). Dispatch is asynchronous: `ray.wait` returns the
 first finished evaluation and its worker takes the next candidate at once. A worker that
 dies (process killed, node lost) is replaced and its candidate re-dispatched up to
 `retries` times; an error raised by the evaluation itself is returned, not retried. While
