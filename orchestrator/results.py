@@ -3,7 +3,9 @@
 Every flush writes one new `trials/part-*.parquet` (temporary name, fsync, `os.replace`)
 and rewrites `pareto.parquet` the same way, so a crash never leaves a torn file and
 `pd.read_parquet("<out>/<study>/trials")` always reads. Temporary names start with '.',
-which pyarrow, pandas, DuckDB and Polars skip.
+which pyarrow, pandas, DuckDB and Polars skip. The recorder merges small parts into larger
+ones (orchestrator/compaction.py), and every reader here lists them through
+`compaction.open_view`, which sees each trial once even while a merge runs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator import compaction
 from orchestrator.atomic import atomic_write_bytes
 
 STATES = ("COMPLETE", "FAIL", "PRUNED", "INFEASIBLE")
@@ -106,10 +109,7 @@ def compute_front(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_trials(study_dir: Path) -> pd.DataFrame:
-    parts = sorted((study_dir / "trials").glob("part-*.parquet"))
-    if not parts:
-        return SCHEMA.empty_table().to_pandas()
-    return pq.read_table(study_dir / "trials", schema=SCHEMA).to_pandas()
+    return compaction.read_view(Path(study_dir) / "trials", SCHEMA).to_pandas()
 
 
 class ResultSink:
@@ -117,7 +117,8 @@ class ResultSink:
 
     Several sinks may share a study directory (drivers of a shared study, or a resume
     rebuilding lost rows): each writes its own parts, and reads the others' new parts
-    before it rewrites the front, so `pareto.parquet` covers every driver's trials."""
+    before it rewrites the front, so `pareto.parquet` covers every driver's trials.
+    Parts merged away by `compact` (any sink's) are followed: see `_absorb_new_parts`."""
 
     def __init__(self, study_dir: Path) -> None:
         self.dir = Path(study_dir)
@@ -125,6 +126,7 @@ class ResultSink:
         self.table = SCHEMA.empty_table()
         self.recorded: set[int] = set()
         self._known: set[str] = set()  # part files in self.table
+        self._mine: set[str] = set()  # parts this sink wrote or merged
         self._absorb_new_parts()
         self.pending: list[dict[str, Any]] = []
 
@@ -146,6 +148,7 @@ class ResultSink:
         name = f"part-{len(self._known):06d}-{uuid.uuid4().hex[:8]}.parquet"
         _atomic_write_table(self.dir / "trials" / name, new)
         self._known.add(name)
+        self._mine.add(name)
         self.pending.clear()
         self.table = pa.concat_tables([self.table, new])
         front = compute_front(self.table.to_pandas())
@@ -153,16 +156,35 @@ class ResultSink:
                             pa.Table.from_pandas(front, schema=SCHEMA, preserve_index=False))  # fmt: skip
 
     def _absorb_new_parts(self) -> set[int]:
-        """Read the parts other writers added (whole files: they appear by rename);
-        returns their trial numbers."""
-        new = sorted(p.name for p in (self.dir / "trials").glob("part-*.parquet")
-                     if p.name not in self._known)  # fmt: skip
-        tables = [pq.read_table(self.dir / "trials" / name, schema=SCHEMA) for name in new]
+        """Read the parts other writers added (whole files: they appear by rename); returns
+        their trial numbers. Where a part this sink holds was merged away, it reads the
+        whole directory again (rarely: once per merge that another writer made), since
+        the merged file holds rows it has beside rows it lacks."""
+        names, files = compaction.open_view(self.dir / "trials", frozenset(self._known))
+        try:
+            tables = [pq.read_table(f, schema=SCHEMA) for f in files.values()]
+        finally:
+            for f in files.values():
+                f.close()
+        if not self._known <= set(names):
+            self.table, self._known = SCHEMA.empty_table(), set()
         self.table = pa.concat_tables([self.table, *tables])
-        self._known.update(new)
+        self._known = set(names)
+        self._mine &= self._known
         trials = {t for table in tables for t in table.column("trial").to_pylist()}
         self.recorded |= trials
         return trials
+
+    def compact(self, *, own: bool = False) -> list[compaction.Merge]:
+        """Merge small parts (those this sink wrote, with `own`: drivers on different
+        machines sharing a bucket cannot lock each other out); see orchestrator/compaction.py."""
+        only = frozenset(self._mine) if own else None
+        steps = compaction.compact(self.dir / "trials", schema=SCHEMA, only=only)
+        for step in steps:
+            if step.merged is not None and self._known >= set(step.removed):
+                self._known = self._known - set(step.removed) | {step.merged}
+                self._mine.add(step.merged)
+        return steps
 
     def frame(self) -> pd.DataFrame:
         rows = self.table.to_pandas()
