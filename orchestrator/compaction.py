@@ -166,19 +166,21 @@ def read_view(trials: Path, schema: pa.Schema) -> pa.Table:
 # ---------------------------------------------------------------- merging
 
 
-def compact(trials: Path, *, schema: pa.Schema, only: frozenset[str] | None = None) -> list[Merge]:
+def compact(
+    trials: Path, *, schema: pa.Schema, only: frozenset[str] | None = None
+) -> Iterator[Merge]:
     """Remove a crashed merge's leftovers, then merge while some power of FANOUT holds
-    FANOUT parts (of `only`, where given). Returns the steps done, in order; nothing
-    where another process is merging."""
+    FANOUT parts (of `only`, where given). Yields each step once it is done (so a caller
+    hears of those before a failure); nothing where another process is merging."""
     if not _work(trials, only):  # the common case: no lock file, no listing under lock
-        return []
+        return
     with _flock(trials / MERGE_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB, create=True) as held:
         if not held:
-            return []
-        steps = [step] if (step := _clean(trials)) else []
+            return
+        if step := _clean(trials):
+            yield step
         while group := _next_group(trials, only):
-            steps.append(_merge(trials, group, schema))
-        return steps
+            yield _merge(trials, group, schema)
 
 
 def _work(trials: Path, only: frozenset[str] | None) -> bool:

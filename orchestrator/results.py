@@ -11,7 +11,7 @@ ones (orchestrator/compaction.py), and every reader here lists them through
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -175,16 +175,18 @@ class ResultSink:
         self.recorded |= trials
         return trials
 
-    def compact(self, *, own: bool = False) -> list[compaction.Merge]:
+    def compact(self, *, own: bool = False) -> Iterator[compaction.Merge]:
         """Merge small parts (those this sink wrote, with `own`: drivers on different
-        machines sharing a bucket cannot lock each other out); see orchestrator/compaction.py."""
+        machines sharing a bucket cannot lock each other out), yielding each step done;
+        see orchestrator/compaction.py."""
         only = frozenset(self._mine) if own else None
-        steps = compaction.compact(self.dir / "trials", schema=SCHEMA, only=only)
-        for step in steps:
+        for step in compaction.compact(self.dir / "trials", schema=SCHEMA, only=only):
             if step.merged is not None and self._known >= set(step.removed):
                 self._known = self._known - set(step.removed) | {step.merged}
                 self._mine.add(step.merged)
-        return steps
+                # one chunk per flush would pile up too over a long study
+                self.table = self.table.combine_chunks()
+            yield step
 
     def frame(self) -> pd.DataFrame:
         rows = self.table.to_pandas()
