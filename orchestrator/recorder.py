@@ -4,8 +4,9 @@ driver's handle on it (`Recorder`). Why a process: orchestrator/store.py.
 
 Reads the driver's messages from stdin until end-of-file, writes each trial to the
 durable Optuna study and its row to Parquet (flushed every FLUSH_SECONDS and at the end),
-and uploads the new files to REMOTE after each flush (a failed upload is retried at the
-next; the last must succeed). In a shared study it also sends the trials other drivers
+merges small Parquet parts after each (orchestrator/compaction.py), and uploads the new
+files to REMOTE after each flush (a failed upload is retried at the next; the last must
+succeed). In a shared study it also sends the trials other drivers
 finished up its stdout, every SYNC_SECONDS, as length-prefixed pickled lists. Imports no
 torch and no Ray: it starts in about a second.
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from optuna.trial import FrozenTrial
 
 from orchestrator.errors import ResultsError
@@ -85,15 +87,19 @@ class Housekeeping:
 
 
 def _flush(sink: ResultSink, mirror: Mirror | None, *, shared: bool, last: bool) -> None:
-    """Write the pending rows, then upload them (a URI study). Other machines' drivers of
-    a shared study upload their parts: fetched first, so the front covers them too."""
+    """Write the pending rows, merge small parts, then upload (a URI study): the merged
+    files first, then delete the parts they replace. Other machines' drivers of a shared
+    study upload their parts: fetched first, so the front covers them too."""
     if mirror is None:
         sink.flush()
+        _compact(sink, None, own=False)
         return
     try:
         if shared:
             mirror.pull("trials")
         sink.flush()
+        # Drivers on other machines cannot take our locks: each merges only its own parts.
+        _compact(sink, mirror, own=shared)
         mirror.push()
     except OSError as exc:
         if last:
@@ -101,6 +107,17 @@ def _flush(sink: ResultSink, mirror: Mirror | None, *, shared: bool, last: bool)
                              f"in {mirror.local}") from None  # fmt: skip
         print(f"prunesearch recorder: upload to {mirror.uri} failed, retrying: {exc}",
               file=sys.stderr)  # fmt: skip
+
+
+def _compact(sink: ResultSink, mirror: Mirror | None, *, own: bool) -> None:
+    """Merge small parts; a failure (a full disk, a damaged foreign part) costs only more
+    files: the parts are intact, and recording goes on."""
+    try:
+        for step in sink.compact(own=own):
+            if mirror is not None:
+                mirror.forget([f"trials/{name}" for name in step.removed])
+    except (OSError, pa.ArrowException) as exc:
+        print(f"prunesearch recorder: merging parts failed, will retry: {exc}", file=sys.stderr)
 
 
 def _send(fd: int, trials: list) -> bool:

@@ -5,8 +5,11 @@ so the study is staged on the driver's disk and mirrored to the URI through pyar
 filesystems: after every Parquet flush, and whenever run.json or the sensitivity table
 change, each new or changed file is uploaded whole. An object PUT is atomic, so the
 store never holds a torn file either, and parts are immutable, so each is uploaded
-once. A resume, a `--join` and `front`/`export`/`report` of a URI first download the
-study into a fresh staging directory and work there.
+once. Parts merged away by compaction are deleted from the store after the merged file
+is uploaded, so the store never lacks a row (orchestrator/compaction.py). A resume, a
+`--join` and `front`/`export`/`report` of a URI first download the study into a fresh
+staging directory and work there; a download that meets an object deleted by a merge
+starts again, so the copy is one state of the store.
 
 Credentials are the cloud's usual ones, never config keys: for S3 the AWS environment,
 profile or instance role (pyarrow honours `AWS_ENDPOINT_URL` for S3-compatible stores
@@ -74,12 +77,15 @@ def check_uri(uri: str, flag: str = "--out") -> None:
 
 class Mirror:
     """A local directory mirrored to a URI: `pull` downloads, `push` uploads what changed
-    since this process last pushed (never deletes; hidden files stay local)."""
+    since this process last pushed, then deletes what `forget` was told (hidden files
+    stay local)."""
 
     def __init__(self, uri: str, local: Path) -> None:
         self.uri, self.local = uri.rstrip("/"), Path(local)
         self.fs, self.path = open_fs(self.uri)
         self._pushed: dict[str, tuple[int, int]] = {}  # relative name -> (size, mtime_ns)
+        self._doomed: list[str] = []  # relative names to delete after the next upload
+        self.vanished = 0  # objects the last pull listed but could not download
 
     def empty(self) -> bool:
         import pyarrow.fs as pafs
@@ -111,18 +117,28 @@ class Mirror:
         base = f"{self.path}/{under}".rstrip("/")
         infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True,
                                                         allow_not_found=True))  # fmt: skip
-        fetched = []
+        fetched, self.vanished = [], 0
         for info in infos:
             name = info.path[len(self.path) + 1 :]
             target = self.local / name
             if info.type != pafs.FileType.File or target.exists():
                 continue
+            data = _read(self.fs, info.path)
+            if data is None:  # deleted since listed: a merge's source (its merged file is up)
+                self.vanished += 1
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            with self.fs.open_input_stream(info.path) as f:
-                atomic_write_bytes(target, f.read())
+            atomic_write_bytes(target, data)
             self._pushed[name] = _stamp(target)  # the store has it already
             fetched.append(name)
         return fetched
+
+    def forget(self, names: list[str]) -> None:
+        """Delete these (relative names, gone here) from the store at the end of the next
+        push: after the files that hold their rows are uploaded."""
+        for name in names:
+            self._pushed.pop(name, None)
+        self._doomed += names
 
     def push(self) -> int:
         """Upload new and changed files; returns how many."""
@@ -138,6 +154,10 @@ class Mirror:
                 f.write(path.read_bytes())
             self._pushed[name] = stamp
             sent += 1
+        while self._doomed:  # in order: a merged file goes only after its leftovers
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_file(f"{self.path}/{self._doomed[0]}")
+            self._doomed.pop(0)
         return sent
 
 
@@ -151,8 +171,27 @@ def _read(fs, path: str) -> bytes | None:
 
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except OSError:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None  # deleted between the two calls
+        raise
+
+
+def _pulled(uri: str, local: Path, tries: int = 20) -> Mirror:
+    """A Mirror of `uri` whose files are all in `local`, downloaded from one listing: where
+    one vanished (a merge removed it after uploading the merged file), we start again,
+    since mixing files of two listings could hold a row twice."""
+    for _ in range(tries):
+        mirror = Mirror(uri, local)
+        mirror.pull()
+        if not mirror.vanished:
+            return mirror
+        shutil.rmtree(local)
+        local.mkdir()
+    raise OSError(f"{uri} kept changing while it was downloaded; try again")
 
 
 def shown(path: Path, local: Path, where: str | Path) -> str:
@@ -184,9 +223,7 @@ def local_copy(where: str | Path, *, pull: bool = True) -> Iterator[Path]:
     local = staging_dir("copy")
     local.mkdir(parents=True)
     try:
-        mirror = Mirror(str(where), local)
-        if pull:
-            mirror.pull()
+        mirror = _pulled(str(where), local) if pull else Mirror(str(where), local)
         yield local
         mirror.push()
     except ConfigError as exc:  # name the URI the user gave, not the temporary copy
