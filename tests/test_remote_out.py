@@ -183,3 +183,90 @@ def test_recorders_of_drivers_on_different_machines_see_each_others_parts(s3, tm
     assert sorted(front["trial"]) == [1, 2]  # A's last front includes B's trial
     trials = pq.read_table(f"{bucket}/shared/s/trials", filesystem=fs).to_pandas()
     assert sorted(trials["trial"]) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- compaction in a bucket
+
+
+def _trial_row(trial: int) -> dict:
+    return {"study": "s", "trial": trial, "state": "COMPLETE", "metric": 0.5,
+            "size_bytes": trial, "feasible": True, "policy": "{}", "policy_hash": f"p{trial}"}  # fmt: skip
+
+
+def _bucket_parts(fs, prefix: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(f"{prefix}/trials", allow_not_found=True))
+    return sorted(info.base_name for info in infos if info.base_name.startswith("part-"))
+
+
+def test_merges_reach_the_bucket_and_its_readers_get_each_trial_once(s3, tmp_path):
+    """The recorder's flushes merge parts, upload the merged file, then delete the parts
+    it replaces: the bucket holds a bounded number of files, and `load_results` of the
+    URI, in a loop while this goes on, gets the trials recorded so far, once each."""
+    import threading
+
+    from orchestrator.compaction import FANOUT, _level
+    from orchestrator.recorder import _flush
+    from orchestrator.remote import Mirror
+    from orchestrator.results import ResultSink
+
+    out, fs, bucket = s3
+    local = tmp_path / "s"
+    local.mkdir()
+    (local / "run.json").write_text("{}")
+    sink, mirror = ResultSink(local), Mirror(f"{out}/s", local)
+    flushed, reads, errors, stop = [0], [0], [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            before = flushed[0]
+            try:
+                got = load_results(f"{out}/s")["trial"]
+                assert got.is_unique and set(range(before)) <= set(got) <= set(range(flushed[0]))
+            except Exception as exc:  # reported in the test's thread
+                errors.append(exc)
+                return
+            reads[0] += 1
+
+    thread = threading.Thread(target=reader)
+    for flush in range(120):
+        for trial in range(2 * flush, 2 * flush + 2):
+            sink.add(_trial_row(trial))
+        _flush(sink, mirror, shared=False, last=flush == 119)
+        flushed[0] = 2 * flush + 2
+        if flush == 0:
+            thread.start()
+    stop.set()
+    thread.join()
+    assert not errors, errors[0]
+    assert reads[0] >= 3
+    parts = _bucket_parts(fs, f"{bucket}/s")
+    assert parts == sorted(p.name for p in (local / "trials").glob("part-*.parquet"))
+    assert any(name.startswith("part-merged-") for name in parts)
+    assert len(parts) <= (FANOUT - 1) * (_level(240) + 1)
+    trials = pq.read_table(f"{bucket}/s/trials", filesystem=fs).to_pandas()  # a plain reader
+    assert sorted(trials["trial"]) == list(range(240))
+    assert list(load_results(f"{out}/s")["trial"]) == list(range(240))
+
+
+def test_drivers_on_two_machines_merge_their_own_parts_in_one_bucket(s3, tmp_path):
+    from orchestrator.recorder import _flush
+    from orchestrator.remote import Mirror
+    from orchestrator.results import ResultSink
+
+    out, fs, bucket = s3
+    machines = []
+    for name in ("a", "b"):
+        local = tmp_path / name / "s"
+        local.mkdir(parents=True)
+        machines.append((ResultSink(local), Mirror(f"{out}/shared/s", local)))
+    for flush in range(40):
+        for index, (sink, mirror) in enumerate(machines):
+            sink.add(_trial_row(2 * flush + index))
+            _flush(sink, mirror, shared=True, last=flush == 39)
+    for sink, mirror in machines:
+        _flush(sink, mirror, shared=True, last=True)  # fetch the other's last parts
+        assert list(sink.frame()["trial"]) == list(range(80))
+    trials = pq.read_table(f"{bucket}/shared/s/trials", filesystem=fs).to_pandas()
+    assert sorted(trials["trial"]) == list(range(80))
+    parts = _bucket_parts(fs, f"{bucket}/shared/s")
+    assert len(parts) < 40 and sum(name.startswith("part-merged-") for name in parts) >= 2
