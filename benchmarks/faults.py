@@ -120,9 +120,10 @@ def _start(config: Path, out: Path, study: str, *flags: str) -> subprocess.Popen
 
 
 def _rows(study_dir: Path) -> int:
-    import pyarrow.parquet as pq
+    """Rows recorded so far, read as load_results does: the recorder merges parts meanwhile."""
+    from orchestrator.results import read_trials
 
-    return sum(pq.read_metadata(p).num_rows for p in (study_dir / "trials").glob("part-*.parquet"))
+    return len(read_trials(study_dir))
 
 
 def _wait_rows(proc: subprocess.Popen, study_dir: Path, rows: int, timeout: float = 600) -> None:
