@@ -277,6 +277,8 @@ def check_parts(study_dir: Path, flag: str = "--resume") -> None:
     for part in sorted((study_dir / "trials").glob("part-*.parquet")):
         try:
             pq.read_metadata(part)
+        except FileNotFoundError:  # merged away meanwhile by a live driver's recorder (--join)
+            continue
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
             text = " ".join(str(exc).split()) or type(exc).__name__
             raise ConfigError(f"{flag}: '{part}' is damaged ({text}); move it out of the "
