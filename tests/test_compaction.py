@@ -330,3 +330,46 @@ def test_merged_file_metadata_names_its_sources(tmp_path):
         pq.read_schema(tmp_path / "trials" / merged).metadata[compaction.COVERS_KEY]
     )
     assert len(covers) == FANOUT and set(sources) < set(covers)  # the seven, and the eighth
+
+
+# ---------------------------------------------------------------- (e) a mirrored out
+
+
+class _FailingDeletes:
+    """A pyarrow filesystem whose deletes fail while `failing` (a store that is down)."""
+
+    def __init__(self, fs) -> None:
+        self.fs, self.failing = fs, True
+
+    def delete_file(self, path: str) -> None:
+        if self.failing:
+            raise OSError("store unreachable")
+        self.fs.delete_file(path)
+
+    def __getattr__(self, name: str):
+        return getattr(self.fs, name)
+
+
+def test_a_mirror_deletes_merged_parts_after_uploading_and_retries(tmp_path):
+    """The store gets the merged file before losing the parts it replaces; a delete that
+    fails is retried at the next flush, and the store never lacks a row meanwhile."""
+    from orchestrator.recorder import _flush
+    from orchestrator.remote import Mirror
+
+    local, store = tmp_path / "local", tmp_path / "store"
+    local.mkdir()
+    (store / "trials").mkdir(parents=True)  # a local "store" has directories: make them
+    sink, mirror = ResultSink(local), Mirror(f"file://{store}", local)
+    mirror.fs = _FailingDeletes(mirror.fs)
+    for trial in range(FANOUT):
+        sink.add(_row(trial))
+        _flush(sink, mirror, shared=False, last=False)
+    (merged,) = _parts(local)  # merged here, right after the eighth flush wrote its part
+    # the merged file uploaded beside the seven parts uploaded before (not deleted yet)
+    assert merged in _parts(store) and len(_parts(store)) == FANOUT
+    assert sorted(read_trials(store)["trial"]) == list(range(FANOUT))  # nothing twice for us
+    mirror.fs.failing = False
+    sink.add(_row(FANOUT))
+    _flush(sink, mirror, shared=False, last=True)
+    assert _parts(store) == _parts(local) and len(_parts(store)) == 2
+    assert sorted(_plain(store)) == list(range(FANOUT + 1))
