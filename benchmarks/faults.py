@@ -120,10 +120,18 @@ def _start(config: Path, out: Path, study: str, *flags: str) -> subprocess.Popen
 
 
 def _rows(study_dir: Path) -> int:
-    """Rows recorded so far, read as load_results does: the recorder merges parts meanwhile."""
-    from orchestrator.results import read_trials
+    """Rows recorded so far, from the footers of the parts load_results would read (the
+    recorder merges parts meanwhile: a plain listing could count some twice)."""
+    import pyarrow.parquet as pq
 
-    return len(read_trials(study_dir))
+    from orchestrator.compaction import open_view
+
+    _, files = open_view(study_dir / "trials")
+    try:
+        return sum(pq.read_metadata(f).num_rows for f in files.values())
+    finally:
+        for f in files.values():
+            f.close()
 
 
 def _wait_rows(proc: subprocess.Popen, study_dir: Path, rows: int, timeout: float = 600) -> None:
