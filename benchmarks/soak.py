@@ -191,17 +191,17 @@ def by_thousand(study_dir: Path) -> list[float]:
 
 
 def recorded_by_thousand(runs: list[Run], trials: int) -> list[float | None]:
-    """Rows/s recorded in Parquet in each thousand (the watcher's samples); None for one
-    that spans the driver kill (the wait and the restart are not the recorder's rate)."""
+    """Rows/s recorded in Parquet in each thousand (the watcher's samples, from the first
+    row a run records in it: the restart after the driver kill is not the recorder's)."""
     rates: list[float | None] = []
     for low in range(0, trials, 1000):
         high = min(low + 1000, trials)
         rate = None
-        for run in (r for r in runs if r.recorded and r.recorded[0][1] <= low):
-            t_low = next((t for t, rows in run.recorded if rows > low), None)
-            t_high = next((t for t, rows in run.recorded if rows >= high), None)
-            if t_low is not None and t_high is not None and t_high > t_low:
-                rate = (high - low) / (t_high - t_low)
+        for run in runs:  # from the first sample past `low` to the first at `high`
+            a = next(((t, rows) for t, rows in run.recorded if rows > low), None)
+            b = next(((t, rows) for t, rows in run.recorded if rows >= high), None)
+            if a is not None and b is not None and b[0] > a[0]:
+                rate = (b[1] - a[1]) / (b[0] - a[0])
         rates.append(rate)
     return rates
 
@@ -217,7 +217,11 @@ def pandas_seconds(study_dir: Path) -> float:
     return statistics.median(times)
 
 
-def soak(tmp: Path, trials: int) -> tuple[list[list[str]], list[str]]:
+def soak(
+    tmp: Path, trials: int, *, samples: Path | None = None
+) -> tuple[list[list[str]], list[str]]:
+    import json
+
     import pandas as pd
 
     out, study = tmp / "out", "soak"
@@ -233,6 +237,10 @@ def soak(tmp: Path, trials: int) -> tuple[list[list[str]], list[str]]:
     before = pd.read_parquet(study_dir / "trials")
     watch(_start(out, study, trials, "--resume"), out, second, kills=kills, stop_at=None)
     wall = time.perf_counter() - start
+    if samples is not None:
+        samples.write_text(
+            json.dumps([{"recorded": r.recorded, "rss": r.rss} for r in (first, second)])
+        )
     outcome = check(study_dir, Outcome("soak", "", trials), before=before, killed_at=killed_at)
     rates, recorded = by_thousand(study_dir), recorded_by_thousand([first, second], trials)
     parts = len(list((study_dir / "trials").glob("part-*.parquet")))
@@ -298,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         return drive(argv[1], argv[2], int(argv[3]), resume="--resume" in argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=10_000, help="trials (10,000)")
+    parser.add_argument("--samples", type=Path, help="write the watcher's samples here (JSON)")
     args = parser.parse_args(argv)
     if args.trials < 3000:
         parser.error(
@@ -305,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             "away from the driver kill at half of them)"
         )
     with tempfile.TemporaryDirectory(prefix="prunesearch-soak-") as tmp:
-        rows, verdicts = soak(Path(tmp), args.trials)
+        rows, verdicts = soak(Path(tmp), args.trials, samples=args.samples)
     print(f"soak: digits-cnn space, trivial evaluator, {args.trials} trials, {WORKERS} workers, "
           f"random sampler, seed {SEED}, {os.cpu_count()} CPUs")  # fmt: skip
     print(table(rows))

@@ -29,13 +29,14 @@ unlinks after one rename:
 Mergers exclude each other with `trials/.merge.lock` (flock, non-blocking: a busy lock
 means another process is merging this round). flock locks die with their process, so a
 killed merger leaves no stale lock; its temporary file is hidden and removed next time.
+flock is POSIX: where there is none (Windows) nothing is merged. On NFS it needs a client
+that maps flock to NFS locks (Linux does, since 2.6.12).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import functools
 import json
 import os
@@ -50,10 +51,16 @@ import pyarrow.parquet as pq
 
 from orchestrator.atomic import write_temp
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so no merging there; readers list the parts plainly
+    fcntl = None
+
 FANOUT = 8
 MERGED_PREFIX = "part-merged-"
 COVERS_KEY = b"prunesearch.covers"
 VIEW_LOCK, MERGE_LOCK = ".view.lock", ".merge.lock"
+_SH, _EX, _NB = (fcntl.LOCK_SH, fcntl.LOCK_EX, fcntl.LOCK_NB) if fcntl else (0, 0, 0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +107,9 @@ def visible(trials: Path) -> tuple[list[str], list[str]]:
 def _flock(path: Path, mode: int, *, create: bool) -> Iterator[bool]:
     """Hold flock `mode` on `path`; yields False where the lock is not held (LOCK_NB and
     busy, or no lock file and not `create`)."""
+    if fcntl is None:
+        yield False
+        return
     try:
         fd = os.open(path, (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY, 0o644)
     except FileNotFoundError:
@@ -124,7 +134,7 @@ def open_view(trials: Path, known: frozenset[str] = frozenset()) -> View:
     a known one was merged away), taken under the shared view lock: a consistent state,
     before or after any merge. The caller closes the files."""
     for _ in range(10):
-        with _flock(trials / VIEW_LOCK, fcntl.LOCK_SH, create=False) as locked:
+        with _flock(trials / VIEW_LOCK, _SH, create=False) as locked:
             try:
                 names, files = _open(trials, known)
             except FileNotFoundError:  # merged away between listing and opening (no lock)
@@ -172,9 +182,9 @@ def compact(
     """Remove a crashed merge's leftovers, then merge while some power of FANOUT holds
     FANOUT parts (of `only`, where given). Yields each step once it is done (so a caller
     hears of those before a failure); nothing where another process is merging."""
-    if not _work(trials, only):  # the common case: no lock file, no listing under lock
+    if fcntl is None or not _work(trials, only):  # common: no lock file, no listing under lock
         return
-    with _flock(trials / MERGE_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB, create=True) as held:
+    with _flock(trials / MERGE_LOCK, _EX | _NB, create=True) as held:
         if not held:
             return
         if step := _clean(trials):
@@ -219,7 +229,7 @@ def _clean(trials: Path) -> Merge | None:
     leftovers = visible(trials)[1]
     if not leftovers:
         return None
-    with _flock(trials / VIEW_LOCK, fcntl.LOCK_EX, create=True):
+    with _flock(trials / VIEW_LOCK, _EX, create=True):
         for name in leftovers:
             (trials / name).unlink(missing_ok=True)
     return Merge(merged=None, removed=tuple(leftovers))
@@ -240,7 +250,7 @@ def _publish(trials: Path, temp: Path, name: str, group: tuple[str, ...]) -> Non
     """Rename the merged file in, then remove its sources, under the exclusive view lock.
     The directory is fsynced between the two, so no crash keeps the removals and loses
     the rename."""
-    with _flock(trials / VIEW_LOCK, fcntl.LOCK_EX, create=True):
+    with _flock(trials / VIEW_LOCK, _EX, create=True):
         os.replace(temp, trials / name)
         _fsync_dir(trials)
         for source in group:
