@@ -145,13 +145,14 @@ def watch(proc, out: Path, run: Run, *, kills: list[int], stop_at: int | None) -
 
     study_dir = out / "soak"
     driver = psutil.Process(proc.pid)
-    recorder, started, recorded_before = None, evaluated(out), _rows(study_dir)
+    recorder, started = None, evaluated(out)
     while proc.poll() is None:
         rows, done = _rows(study_dir), evaluated(out)
         run.recorded.append((time.monotonic(), rows))
         recorder = recorder or next((c for c in _descendants(proc.pid)
                                      if "orchestrator.recorder" in _cmd(c)), None)  # fmt: skip
-        if rows > recorded_before and recorder is not None:  # this run records: all loaded
+        # RSS from 100 evaluations into this run's loop: the recorder has imported by then
+        if done >= started + 100 and recorder is not None:
             for name, p in (("driver", driver), ("recorder", recorder)):
                 if (mb := _mb(p)) is not None:
                     run.rss[name].append(mb)
@@ -191,13 +192,13 @@ def by_thousand(study_dir: Path) -> list[float]:
 
 
 def recorded_by_thousand(runs: list[Run], trials: int) -> list[float | None]:
-    """Rows/s recorded in Parquet in each thousand (the watcher's samples, from the first
-    row a run records in it: the restart after the driver kill is not the recorder's)."""
+    """Rows/s recorded in Parquet in each thousand, from the watcher's samples inside it;
+    None for the thousand the driver kill splits (the restart is not the recorder's rate)."""
     rates: list[float | None] = []
     for low in range(0, trials, 1000):
         high = min(low + 1000, trials)
         rate = None
-        for run in runs:  # from the first sample past `low` to the first at `high`
+        for run in (r for r in runs if r.recorded and r.recorded[0][1] <= low):
             a = next(((t, rows) for t, rows in run.recorded if rows > low), None)
             b = next(((t, rows) for t, rows in run.recorded if rows >= high), None)
             if a is not None and b is not None and b[0] > a[0]:
