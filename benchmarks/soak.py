@@ -95,6 +95,7 @@ class Run:
 
     rss: dict[str, list[float]] = field(default_factory=lambda: {"driver": [], "recorder": []})
     recorded: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, rows)
+    active: int | None = None  # the first sample 100 evaluations into its loop
 
 
 def _mb(proc) -> float | None:
@@ -153,6 +154,7 @@ def watch(proc, out: Path, run: Run, *, kills: list[int], stop_at: int | None) -
                                      if "orchestrator.recorder" in _cmd(c)), None)  # fmt: skip
         # RSS from 100 evaluations into this run's loop: the recorder has imported by then
         if done >= started + 100 and recorder is not None:
+            run.active = len(run.recorded) - 1 if run.active is None else run.active
             for name, p in (("driver", driver), ("recorder", recorder)):
                 if (mb := _mb(p)) is not None:
                     run.rss[name].append(mb)
@@ -191,20 +193,35 @@ def by_thousand(study_dir: Path) -> list[float]:
     return rates
 
 
-def recorded_by_thousand(runs: list[Run], trials: int) -> list[float | None]:
-    """Rows/s recorded in Parquet in each thousand, from the watcher's samples inside it;
-    None for the thousand the driver kill splits (the restart is not the recorder's rate)."""
-    rates: list[float | None] = []
-    for low in range(0, trials, 1000):
-        high = min(low + 1000, trials)
-        rate = None
-        for run in (r for r in runs if r.recorded and r.recorded[0][1] <= low):
-            a = next(((t, rows) for t, rows in run.recorded if rows > low), None)
-            b = next(((t, rows) for t, rows in run.recorded if rows >= high), None)
-            if a is not None and b is not None and b[0] > a[0]:
-                rate = (b[1] - a[1]) / (b[0] - a[0])
-        rates.append(rate)
+def recording(run: Run) -> list[tuple[float, int]]:
+    """The run's samples from its recorder's first flush inside the loop on (a resumed
+    driver writes its interrupted trials itself first, and Ray starts: not the rate)."""
+    samples = run.recorded[run.active :] if run.active is not None else []
+    for i in range(1, len(samples)):
+        if samples[i][1] > samples[i - 1][1]:
+            return samples[i - 1 :]
+    return []
+
+
+def thousands(samples: list[tuple[float, int]]) -> list[float]:
+    """Rows/s recorded over each successive 1,000 rows of the samples."""
+    rates = []
+    if samples:
+        t0, r0 = samples[0]
+        for t, rows in samples:
+            if rows >= r0 + 1000:
+                rates.append((rows - r0) / (t - t0))
+                t0, r0 = t, rows
     return rates
+
+
+def last_thousand(samples: list[tuple[float, int]]) -> float | None:
+    """Rows/s recorded over the last 1,000 rows of the samples."""
+    if not samples:
+        return None
+    t1, r1 = samples[-1]
+    before = [(t, rows) for t, rows in samples if rows <= r1 - 1000]
+    return (r1 - before[-1][1]) / (t1 - before[-1][0]) if before else None
 
 
 def pandas_seconds(study_dir: Path) -> float:
@@ -243,16 +260,19 @@ def soak(
             json.dumps([{"recorded": r.recorded, "rss": r.rss} for r in (first, second)])
         )
     outcome = check(study_dir, Outcome("soak", "", trials), before=before, killed_at=killed_at)
-    rates, recorded = by_thousand(study_dir), recorded_by_thousand([first, second], trials)
+    rates = by_thousand(study_dir)
+    recorded = [thousands(recording(run)) for run in (first, second)]
+    first_rate = (recorded[0] or recorded[1] or [None])[0]
+    last_rate = last_thousand(recording(second))
     parts = len(list((study_dir / "trials").glob("part-*.parquet")))
-    if recorded[0] is None or recorded[-1] is None:
+    if first_rate is None or last_rate is None:
         raise SystemExit(f"no rate for the first or last thousand: {recorded}")
-    change = recorded[-1] / recorded[0] - 1
+    change = last_rate / first_rate - 1
     growth = max(r.rss["driver"][-1] - r.rss["driver"][0] for r in (first, second))
     rows = [
         ["trials finished / requested", f"{outcome.finished} / {trials}", "all"],
-        ["trials/s recorded, first thousand", f"{recorded[0]:.1f}", ""],
-        ["trials/s recorded, last thousand", f"{recorded[-1]:.1f} ({change:+.0%})",
+        ["trials/s recorded, first thousand", f"{first_rate:.1f}", ""],
+        ["trials/s recorded, last thousand", f"{last_rate:.1f} ({change:+.0%})",
          f"within {THROUGHPUT_TOLERANCE:.0%} of the first"],
         ["trials/s evaluated by the driver, first / last thousand (finished_at)",
          f"{rates[0]:.0f} / {rates[-1]:.0f}", ""],
@@ -279,8 +299,8 @@ def soak(
         _verdict(parts <= MAX_PARTS, f"{parts} part files (target <= {MAX_PARTS})"),
         _verdict(not (outcome.lost or outcome.duplicated or outcome.torn)
                  and outcome.finished == trials, "nothing lost, duplicated or torn"),
-        "trials/s recorded by thousand: "
-        + ", ".join("-" if r is None else f"{r:.0f}" for r in recorded),
+        "trials/s recorded by thousand, first run | resumed run: "
+        + " | ".join(", ".join(f"{r:.0f}" for r in rs) for rs in recorded),
         f"trials/s evaluated by thousand (finished_at): {', '.join(f'{r:.0f}' for r in rates)}",
     ]  # fmt: skip
     return rows, verdicts
