@@ -198,6 +198,7 @@ def _bucket_parts(fs, prefix: str) -> list[str]:
     return sorted(info.base_name for info in infos if info.base_name.startswith("part-"))
 
 
+@pytest.mark.slow  # 8-16 s: CI's slow run
 def test_merges_reach_the_bucket_and_its_readers_get_each_trial_once(s3, tmp_path):
     """The recorder's flushes merge parts, upload the merged file, then delete the parts
     it replaces: the bucket holds a bounded number of files, and `load_results` of the
@@ -248,6 +249,7 @@ def test_merges_reach_the_bucket_and_its_readers_get_each_trial_once(s3, tmp_pat
     assert list(load_results(f"{out}/s")["trial"]) == list(range(240))
 
 
+@pytest.mark.slow  # 8-16 s: CI's slow run
 def test_drivers_on_two_machines_merge_their_own_parts_in_one_bucket(s3, tmp_path):
     from orchestrator.recorder import _flush
     from orchestrator.remote import Mirror
