@@ -515,18 +515,16 @@ def _torch_heads(module: nn.MultiheadAttention, prefix: str) -> tuple | None:
     if module.num_heads < 2 or layer is None or layer.unsupported(module):
         return None  # left to the traced groups, which say why it is not cut
     heads, d, width = module.num_heads, module.head_dim, module.embed_dim
-    index = _head_index(heads, d)
+    index, packed = _head_index(heads, d), _head_index(heads, d, 3, width)  # q, k, v at 0, E, 2E
     if module.in_proj_weight is not None:
-        slices = [
-            DimSlice(key=f"{prefix}in_proj_weight", dim=0, index=_head_index(heads, d, 3, width))
-        ]
+        slices = [DimSlice(key=f"{prefix}in_proj_weight", dim=0, index=packed)]
     else:
         slices = [DimSlice(key=f"{prefix}{p}_proj_weight", dim=0, index=index) for p in "qkv"]
     if module.in_proj_bias is not None:
-        slices.append(DimSlice(key=f"{prefix}in_proj_bias", dim=0,
-                               index=_head_index(heads, d, 3, width)))  # fmt: skip
+        slices.append(DimSlice(key=f"{prefix}in_proj_bias", dim=0, index=packed))
     slices.append(DimSlice(key=f"{prefix}out_proj.weight", dim=1, index=index))
-    return prefix.rstrip("."), heads, (prefix.rstrip("."), f"{prefix}out_proj"), slices
+    name = prefix.rstrip(".")
+    return name, heads, (name, f"{prefix}out_proj"), slices
 
 
 def _projection_heads(module: nn.Module, prefix: str) -> tuple | None:
