@@ -279,9 +279,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cost = policy_cost(space, policy)
     torch.set_num_threads(max(1, int(config.workers.cpus_per_worker)))
     evaluator = Evaluator(task, space, recovery=RecoverySettings(**config.recovery.model_dump()),
-                          device=pick_device(config.workers.device))  # fmt: skip
+                          device=pick_device(config.workers.device),
+                          target=config.target_settings())  # fmt: skip
     result = evaluator.evaluate(policy)
-    report = {"metric": result["metric"], **cost.as_dict(), "policy_hash": policy.hash}
+    report = {"metric": result["metric"], **cost.as_dict(), "policy_hash": policy.hash,
+              **{k: result[k] for k in ("latency_ms", "latency_p90_ms") if k in result}}
     if args.json:
         print(json.dumps(report))
     else:

@@ -28,6 +28,7 @@ from pydantic import (
 
 from orchestrator.budget import Budget, BudgetError, parse_budget
 from orchestrator.errors import ConfigError
+from orchestrator.targets.base import LatencySettings, TargetSettings
 from search_spaces.config import Importance, PruningMode, SpaceConfig
 
 
@@ -124,6 +125,16 @@ class SensitivityConfig(_Frozen):
     share: float = Field(default=0.25, gt=0, le=1)
 
 
+class LatencyConfig(_Frozen):
+    """How a worker measures latency in the target runtime (issue 15): `repeats` timed
+    forwards of a `batch`-sample input with `threads` intra-op threads, after `warmup`."""
+
+    batch: StrictInt = Field(default=1, ge=1)
+    threads: StrictInt = Field(default=1, ge=1)
+    warmup: StrictInt = Field(default=10, ge=0)
+    repeats: StrictInt = Field(default=50, ge=1)
+
+
 # the sampler names (the factories behind them: orchestrator.search.SAMPLERS, one per name
 # but auto, which picks one of them per run)
 SAMPLERS = ("auto", "tpe", "nsga2", "random")
@@ -140,6 +151,10 @@ class SearchConfig(_Frozen):
     objective: Literal["front", "budget"] = "front"
     budget: StrictStr | dict[str, StrictStr | Number] | None = None
     pruning: PruningMode = "auto"
+    # the runtime the model ships on (orchestrator/targets): what the space offers, what is
+    # scored (the artifact itself) and how it is exported
+    target: StrictStr = "torch"
+    latency: LatencyConfig = LatencyConfig()
     importance: Importance = "l1"  # structured: which channels a group keeps
     space: SpaceConfig = SpaceConfig()
     workers: WorkersConfig = WorkersConfig()
@@ -172,6 +187,15 @@ class SearchConfig(_Frozen):
             check_storage_url(v)
         return v
 
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v):
+        from orchestrator.targets import TARGETS
+
+        if v not in TARGETS:
+            raise ValueError(f"unknown target '{v}'; use one of {', '.join(TARGETS)}")
+        return v
+
     @field_validator("budget")
     @classmethod
     def _budget(cls, v):
@@ -198,6 +222,24 @@ class SearchConfig(_Frozen):
             raise ValueError("objective: budget needs a budget, e.g. --budget size=40KB or "
                              "--budget metric>=0.95")  # fmt: skip
         return self
+
+    @model_validator(mode="after")
+    def _target_pruning(self) -> SearchConfig:
+        from orchestrator.targets import target_of
+
+        target = target_of(self.target)
+        if self.pruning != "auto" and self.pruning not in target.pruning:
+            raise ValueError(f"config key 'pruning': target {self.target} runs {self.pruning} "
+                             f"pruning's masked weights dense (no smaller, no faster); use "
+                             f"pruning: {', '.join(('auto', *target.pruning))}")  # fmt: skip
+        return self
+
+    def target_settings(self) -> TargetSettings:
+        """What a worker needs to score for the target (orchestrator/targets)."""
+        from orchestrator.targets import target_of
+
+        return TargetSettings(name=self.target, latency=LatencySettings(**self.latency.model_dump()),
+                              measure_latency=target_of(self.target).measures_latency)  # fmt: skip
 
     @property
     def directions(self) -> list[str]:

@@ -18,6 +18,7 @@ from torch import nn
 from orchestrator.batches import Batch, call_model, logits_of, to_device
 from orchestrator.compress.rebuild import Rebuilder
 from orchestrator.fidelity import FidelitySettings, dominated, prefix_lengths, upper_bound
+from orchestrator.targets import Artifact, TargetSettings, target_of
 from orchestrator.task import Task
 from search_spaces import SearchSpace
 from search_spaces.kinds import kind_of
@@ -90,6 +91,17 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch]) -> list[st
     return [f"{n}.{s}" for n in norms for s in suffixes]
 
 
+def batch_of(inputs: Any, size: int) -> Any:
+    """The task's example inputs (one sample) repeated to `size` samples along dim 0."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:1].expand(size, *inputs.shape[1:]).contiguous() if inputs.dim() else inputs
+    if isinstance(inputs, Mapping):
+        return {k: batch_of(v, size) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(batch_of(v, size) for v in inputs)
+    return inputs
+
+
 def _count(targets: Any) -> int:
     """Samples in a batch's targets (the first dimension of the first tensor)."""
     if isinstance(targets, torch.Tensor):
@@ -105,10 +117,15 @@ class Evaluator:
     """Scores policies on one task; made once per worker."""
 
     def __init__(self, task: Task, space: SearchSpace, *, recovery: RecoverySettings,
-                 device: torch.device | str = "cpu") -> None:  # fmt: skip
+                 device: torch.device | str = "cpu",
+                 target: TargetSettings | None = None) -> None:  # fmt: skip
         self.task, self.space, self.recovery = task, space, recovery
         self.device = torch.device(device)
+        self.target = target or TargetSettings()
+        self.runner = target_of(self.target.name).runner(space, self.target, self.device)
         self.rebuilder = Rebuilder(task.model(), space).to(self.device)
+        self.latency_inputs = batch_of(to_device(task.example_inputs(), self.device),
+                                       self.target.latency.batch)  # fmt: skip
         self.validation = [to_device(b, self.device) for b in task.validation()]
         calibration = [to_device(b, self.device) for b in task.calibration()]
         limit = recovery.calibration_batches
@@ -122,8 +139,10 @@ class Evaluator:
             self.train = [to_device(b, self.device) for b in task.train()]
 
     def base_metric(self) -> float:
+        """The unchanged model's metric, as the target runs it."""
         self.rebuilder.restore()
-        return float(self.task.metric(self.rebuilder.model, self.validation))
+        artifact = self.runner.artifact(self.rebuilder.model, {})
+        return float(self.task.metric(artifact.model, self.validation))
 
     def evaluate(self, policy: Mapping[str, int | float], *, size: int | None = None,
                  front: Sequence[tuple[int, float]] = (),
@@ -138,15 +157,29 @@ class Evaluator:
         rebuilt = time.perf_counter()
         self._recover(model, compressed)
         recovered = time.perf_counter()
-        metric, scored, stopped_early = self._score(model, size, front, fidelity, share)
-        return {
+        artifact = self.runner.artifact(model, self.rebuilder.weight_bits(policy))
+        metric, scored, stopped_early = self._score(artifact.model, size, front, fidelity, share)
+        result = {
             "metric": metric,
             "fidelity": scored,
             "stopped_early": stopped_early,  # recorded as Optuna's state PRUNED
             "rebuild_seconds": rebuilt - start - self._tuned_seconds,
             "recovery_seconds": recovered - rebuilt + self._tuned_seconds,
-            "eval_seconds": time.perf_counter() - start,  # rebuild + recovery + scoring
+            **self._deployed(artifact, measure=not stopped_early and share is None),
         }
+        result["eval_seconds"] = time.perf_counter() - start  # rebuild + recovery + scoring
+        return result
+
+    def _deployed(self, artifact: Artifact, *, measure: bool) -> dict[str, Any]:
+        """The artifact's figures: its file's bytes and the time to write and load it, and
+        (for a candidate scored in full) its latency in the target runtime."""
+        figures: dict[str, Any] = {"artifact_seconds": artifact.seconds}
+        if artifact.data is not None:
+            figures["artifact_bytes"] = len(artifact.data)
+        if measure and self.target.measure_latency:
+            median, p90 = self.runner.latency(artifact, self.latency_inputs)
+            figures.update(latency_ms=median, latency_p90_ms=p90)
+        return figures
 
     def compressed_model(self, policy: Mapping[str, int | float], *,
                          before_quantize: Callable | None = None) -> nn.Module:  # fmt: skip

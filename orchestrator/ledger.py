@@ -22,7 +22,8 @@ from search_spaces.cost import Cost, policy_cost
 from search_spaces.policy import Policy
 
 INFEASIBLE_METRIC = 0.0  # told for over-budget trials; constraints rank them, not this value
-NO_WORK = {"eval_seconds": 0.0, "rebuild_seconds": 0.0, "recovery_seconds": 0.0}  # cached
+NO_WORK = {"eval_seconds": 0.0, "rebuild_seconds": 0.0, "recovery_seconds": 0.0,
+           "artifact_seconds": 0.0}  # cached
 Row = dict[str, Any]
 
 
@@ -52,6 +53,9 @@ def trial_row(study: str, number: int, state: str, policy: Policy, cost: Cost, *
         **{column: result.get(column) for column in RESULT_COLUMNS},
         "attempt": result.get("attempt", 0), "study": study, "trial": number, "state": state,
         "metric": metric, **cost.as_dict(), "feasible": feasible, "policy": policy.to_json(),
+        # the target's file as written, where the worker wrote one (the cost model's to the
+        # byte: tests/test_targets.py)
+        **({"size_bytes": result["artifact_bytes"]} if "artifact_bytes" in result else {}),
         "policy_hash": policy.hash, "origin": origin,
         "finished_at": datetime.now(timezone.utc).isoformat(),
     })  # fmt: skip

@@ -26,10 +26,13 @@ from orchestrator.errors import ConfigError
 from orchestrator.noise import bits_noise
 from orchestrator.remote import Mirror, check_uri, is_uri, staging_dir
 from orchestrator.runrecord import FILE, damaged, latest_study, read_record
+from orchestrator.targets import Target, target_of
 from orchestrator.task import Task, resolve_task
 from search_spaces import SearchSpace, SpaceError, derive_space, profile_model
 from search_spaces.cost import Cost, policy_cost
+from search_spaces.onnx_layout import OnnxLayout
 from search_spaces.policy import Policy
+from search_spaces.profile import ModelProfile
 from search_spaces.structure import PruningPlan
 
 _BUDGET_NAMES = {"size_bytes": "size", "macs": "macs", "bops": "bops"}
@@ -80,12 +83,47 @@ def build_space(config: SearchConfig) -> tuple[Task, nn.Module, SearchSpace]:
     if not profile.layers:
         raise ConfigError(f"task '{config.task}': the model has no Conv/Linear/LSTM/GRU layer "
                           "to compress")  # fmt: skip
-    mode, plan, fallback = _pruning_plan(config, model, example, profile)
+    target = target_of(config.target)
+    target.check(example)
+    mode, plan, fallback = _for_target(target, profile, *_pruning_plan(config, model, example,
+                                                                        profile))  # fmt: skip
     try:
-        space = derive_space(profile, config.space, pruning=mode, plan=plan, fallback=fallback)
+        space = derive_space(profile, config.space, pruning=mode, plan=plan, fallback=fallback,
+                             stored=target.stored_bits(), artifact=_layout(target, model, example))  # fmt: skip
     except SpaceError as exc:
         raise ConfigError(str(exc)) from None
     return task, model, space
+
+
+def _layout(target: Target, model: nn.Module, example: object) -> OnnxLayout | None:
+    try:
+        return target.layout(model, example)
+    except Exception as exc:
+        raise ConfigError(f"target: {target.name}: exporting the model failed "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                          "); use target: torch") from exc  # fmt: skip
+
+
+def _for_target(target: Target, profile: ModelProfile, mode: str, plan: PruningPlan | None,
+                fallback: dict[str, str]) -> tuple[str, PruningPlan | None, dict[str, str]]:  # fmt: skip
+    """What of the pruning the target runs smaller: `auto`'s unstructured fallback becomes
+    none, and groups through a layer type whose exported node fixes the width are left
+    out, with why."""
+    if mode not in target.pruning:
+        return "none", None, {**fallback, "model": f"target {target.name} runs masked weights "
+                                                   "dense (no smaller, no faster)"}  # fmt: skip
+    if plan is None:
+        return mode, plan, fallback
+    kinds = {layer.name: layer.kind for layer in profile.layers}
+    fixed = {g.name: kinds[m] for g in plan.groups for m in g.members
+             if kinds.get(m) in target.fixed_width}  # fmt: skip
+    if not fixed:
+        return mode, plan, fallback
+    excluded = {**plan.excluded, **{name: f"target {target.name}: its {kind} node fixes the "
+                                          "width" for name, kind in fixed.items()}}  # fmt: skip
+    plan = PruningPlan(groups=tuple(g for g in plan.groups if g.name not in fixed),
+                       excluded=excluded, importance=plan.importance)  # fmt: skip
+    return (mode, plan, fallback) if plan.groups else ("none", None, {**fallback, **excluded})
 
 
 def _pruning_plan(config: SearchConfig, model: nn.Module, example: object, profile: object

@@ -42,6 +42,9 @@ SCHEMA = pa.schema(
         ("eval_seconds", pa.float64()),
         ("rebuild_seconds", pa.float64()),
         ("recovery_seconds", pa.float64()),  # BatchNorm re-estimation and fine-tuning
+        ("artifact_seconds", pa.float64()),  # writing the target's file, loading it to run
+        ("latency_ms", pa.float64()),  # median forward in the target runtime (`latency:`)
+        ("latency_p90_ms", pa.float64()),
         ("worker", pa.string()),
         ("node", pa.string()),
         ("attempt", pa.int64()),
@@ -53,7 +56,8 @@ SCHEMA = pa.schema(
 )
 COLUMNS = tuple(SCHEMA.names)
 # the columns a worker's result fills as they are (the driver knows the others)
-RESULT_COLUMNS = ("fidelity", "eval_seconds", "rebuild_seconds", "recovery_seconds", "worker",
+RESULT_COLUMNS = ("fidelity", "eval_seconds", "rebuild_seconds", "recovery_seconds",
+                  "artifact_seconds", "latency_ms", "latency_p90_ms", "worker",
                   "node", "attempt", "error", "cached_from")  # fmt: skip
 
 

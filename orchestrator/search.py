@@ -492,7 +492,8 @@ def worker_pool(config: SearchConfig, space: SearchSpace, *, evaluator_factory: 
     pool = None
     try:
         factory = evaluator_factory or TaskEvaluatorFactory(
-            config.task, space, RecoverySettings(**config.recovery.model_dump())
+            config.task, space, RecoverySettings(**config.recovery.model_dump()),
+            config.target_settings()
         )
         w = config.workers
         elastic = w.count == "auto"

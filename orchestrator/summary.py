@@ -9,8 +9,7 @@ import pandas as pd
 from orchestrator.budget import format_bytes
 from orchestrator.storage import redact
 from search_spaces import SearchSpace
-from search_spaces.cost import file_bytes
-from search_spaces.kinds import KEEP
+from search_spaces.kinds import KEEP, reference_values
 
 
 def _print_table(headers: list[str], rows: list[list[Any]]) -> None:
@@ -49,8 +48,10 @@ def print_space(space: SearchSpace) -> None:
     from search_spaces.policy import Policy
 
     smallest = policy_cost(space, Policy.from_values(space, space.extreme_values("min")))
+    full = policy_cost(space, Policy.from_values(space, reference_values(space.knobs)))
+    artifact = " (ONNX)" if space.artifact is not None else ""
     print(f"\n{len(space.searchable)} searchable knobs; pruning: {space.pruning}; "
-          f"float model {format_bytes(file_bytes(profile.float_bytes))}, smallest in space "
+          f"float model{artifact} {format_bytes(full.size_bytes)}, smallest in space "
           f"{format_bytes(smallest.size_bytes)}")  # fmt: skip
 
 

@@ -29,6 +29,7 @@ from ray.exceptions import RayError
 from orchestrator.errors import WorkerStartError
 from orchestrator.evaluate import Evaluator, RecoverySettings, pick_device
 from orchestrator.liveness import RayWatch
+from orchestrator.targets import TargetSettings
 from search_spaces import SearchSpace
 
 EvaluatorFactory = Callable[
@@ -43,12 +44,13 @@ class TaskEvaluatorFactory:
     task_spec: str
     space: SearchSpace
     recovery: RecoverySettings
+    target: TargetSettings = TargetSettings()
 
     def __call__(self, device: Any) -> Evaluator:
         from orchestrator.task import resolve_task
 
         return Evaluator(resolve_task(self.task_spec), self.space, recovery=self.recovery,
-                         device=device)  # fmt: skip
+                         device=device, target=self.target)  # fmt: skip
 
 
 class _Worker:

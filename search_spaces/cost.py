@@ -31,6 +31,7 @@ x activation bits (activations stay float: 32).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -176,8 +177,31 @@ def policy_encodings(space: SearchSpace,
 
 
 def policy_cost(space: SearchSpace, policy: Mapping[str, int | float]) -> Cost:
-    """Cost of a canonical policy; no model is built."""
+    """Cost of a canonical policy; no model is built. With a target's artifact
+    (`space.artifact`), `size_bytes` is that file's."""
     settings = space.layer_settings(policy)
     if space.plan is None:
-        return cost_of_settings(space, settings)
-    return _structured_cost(space, settings, space.channel_counts(policy))
+        cost = cost_of_settings(space, settings)
+    else:
+        cost = _structured_cost(space, settings, space.channel_counts(policy))
+    if space.artifact is None:
+        return cost
+    return dataclasses.replace(cost, size_bytes=artifact_bytes(space, policy))
+
+
+def artifact_shapes(space: SearchSpace, policy: Mapping[str, int | float]
+                    ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:  # fmt: skip
+    """Every state tensor's shape under `policy`, and the bits of each quantized weight
+    (by state key): what a target's artifact holds."""
+    counts = space.channel_counts(policy) if space.plan is not None else {}
+    shapes = {t.key: (sliced_shape(t.shape, t.key, space.plan, counts) if space.plan else t.shape)
+              for t in space.profile.tensors}  # fmt: skip
+    settings = space.layer_settings(policy)
+    bits = {w.key: settings[layer.name].bits for layer in space.profile.layers
+            for w in layer.weights if settings[layer.name].bits < FLOAT_BITS}  # fmt: skip
+    return shapes, bits
+
+
+def artifact_bytes(space: SearchSpace, policy: Mapping[str, int | float]) -> int:
+    """The target artifact's file size (search_spaces/onnx_layout.py), to the byte."""
+    return space.artifact.file_bytes(*artifact_shapes(space, policy))

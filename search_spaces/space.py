@@ -15,6 +15,7 @@ import yaml
 from search_spaces.config import FLOAT_BITS, Rule, SpaceConfig, keep_choices
 from search_spaces.errors import SpaceError
 from search_spaces.kinds import KINDS, Targets, channel_counts, kind_of, layer_bits
+from search_spaces.onnx_layout import OnnxLayout
 from search_spaces.profile import LayerInfo, ModelProfile
 from search_spaces.structure import GroupPlan, PruningPlan
 
@@ -52,6 +53,9 @@ class SearchSpace:
     skipped: Mapping[str, str] = field(default_factory=dict)  # layer -> reason
     plan: PruningPlan | None = None  # structured mode: the coupling groups
     unpruned: Mapping[str, str] = field(default_factory=dict)  # group root -> why left out
+    # the target's artifact when it is not prunesearch's own file (onnxruntime: ONNX): what
+    # the cost model prices `size_bytes` by
+    artifact: OnnxLayout | None = None
 
     @cached_property
     def by_name(self) -> dict[str, Knob]:
@@ -129,6 +133,8 @@ class SearchSpace:
             ],
             "skipped": dict(self.skipped),
             "unpruned": dict(self.unpruned),
+            # the target's file that `size_bytes` prices, where it is not prunesearch's own
+            **({"artifact": "onnx"} if self.artifact is not None else {}),
             "groups": [
                 {"name": g.name, "channels": g.channels, "unit": g.unit,
                  "members": list(g.members), "order": list(g.order)}
@@ -213,6 +219,8 @@ def derive_space(
     pruning: str = "unstructured",
     plan: PruningPlan | None = None,
     fallback: Mapping[str, str] | None = None,
+    stored: StoredBits | None = None,
+    artifact: OnnxLayout | None = None,
 ) -> SearchSpace:
     """The knobs of a model: defaults, then the preset's rules, then the user's, in order.
 
@@ -226,6 +234,8 @@ def derive_space(
     rules = [(f"preset {preset} rule {i}", r) for i, r in enumerate(preset_rules)]
     rules += [(f"space.rules[{i}]", r) for i, r in enumerate(config.rules)]
     resolved = _apply_rules(profile, config, rules)
+    if stored is not None:
+        _only_stored(profile, config, resolved, stored)
 
     ruled = {name: "skipped by a space rule" for name, r in resolved.items() if r.skip}
     active = [name for name, r in resolved.items() if not r.skip]
@@ -242,11 +252,51 @@ def derive_space(
     knobs.sort(key=lambda k: (position[k.layers[0]], order[k.kind]))  # a layer's knobs by kind
     skipped = {**profile.left_out, **ruled}
     space = SearchSpace(profile=profile, knobs=tuple(knobs), pruning=pruning, skipped=skipped,
-                        plan=plan if pruning == "structured" else None, unpruned=unpruned)  # fmt: skip
+                        plan=plan if pruning == "structured" else None, unpruned=unpruned,
+                        artifact=artifact)  # fmt: skip
     if not space.searchable:
         raise SpaceError("the search space is empty: every layer is skipped or has one choice; "
                          "remove a skip rule or give more bits/keep choices under 'space'")  # fmt: skip
     return space
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredBits:
+    """The weight bits a deployment target stores, by layer type (`LayerInfo.kind`);
+    `other`: any type not named."""
+
+    target: str
+    by_kind: Mapping[str, tuple[int, ...]]
+    other: tuple[int, ...] = (FLOAT_BITS,)
+
+    def of(self, kind: str) -> tuple[int, ...]:
+        return self.by_kind.get(kind, self.other)
+
+
+def _only_stored(profile: ModelProfile, config: SpaceConfig, resolved: dict[str, _Resolved],
+                 stored: StoredBits) -> None:  # fmt: skip
+    """Bits the target cannot store leave every layer's choices; a user's key asking for
+    them is refused (the global `space.bits` when no layer type stores them)."""
+    every = {b for bits in (*stored.by_kind.values(), stored.other) for b in bits}
+    if "bits" in config.model_fields_set and set(config.bits) - every:
+        raise SpaceError(f"space.bits: target {stored.target} stores no "
+                         f"{sorted(set(config.bits) - every)[0]}-bit weights; use "
+                         f"{_listed(every)}")  # fmt: skip
+    kinds = {layer.name: layer.kind for layer in profile.layers}
+    for i, rule in enumerate(config.rules):
+        for name in (n for p in rule.patterns for n in _selector_matches(p, profile.layers)):
+            wrong = sorted(set(rule.bits or ()) - set(stored.of(kinds[name])))
+            if wrong:
+                raise SpaceError(f"space.rules[{i}].bits: target {stored.target} stores no "
+                                 f"{wrong[0]}-bit weights of {kinds[name]} layers ({name}); use "
+                                 f"{_listed(stored.of(kinds[name]))}")  # fmt: skip
+    for name, r in resolved.items():
+        r.choices["bits"] = tuple(b for b in r.choices["bits"] if b in stored.of(kinds[name]))
+        r.choices["bits"] = r.choices["bits"] or (FLOAT_BITS,)
+
+
+def _listed(bits: Iterable[int]) -> str:
+    return ", ".join(str(b) for b in sorted(bits)) + " (32: float)"
 
 
 def _without_skipped(plan: PruningPlan, skipped: Mapping[str, str]) -> tuple[PruningPlan, dict]:

@@ -124,13 +124,13 @@ class Rebuilder:
             before_quantize(self.model, masks)
             self._dirty.update(self._params)  # training touched every tensor
             self.model.eval()
-        self._quantize(self.model, self._weight_bits(policy))
+        self._quantize(self.model, self.weight_bits(policy))
         return self.model  # in eval mode, as the base model copies are
 
     def _sliced(self, policy: Mapping[str, int | float],
                 before_quantize: Callable | None) -> nn.Module:  # fmt: skip
         counts = self.space.channel_counts(policy)
-        bits = self._weight_bits(policy)
+        bits = self.weight_bits(policy)
         if before_quantize is None:  # every weight a cached variant, never written
             return self._slicer(counts, bits=bits, shared=True)
         model = self._slicer(counts)  # float tensors of its own: fine-tuning writes them
@@ -139,7 +139,7 @@ class Rebuilder:
         self._quantize(model, bits)
         return model
 
-    def _weight_bits(self, policy: Mapping[str, int | float]) -> dict[str, int]:
+    def weight_bits(self, policy: Mapping[str, int | float]) -> dict[str, int]:
         """Bits of each weight tensor the policy quantizes, by key: a bits knob's value
         holds for its layers' weights (`SearchSpace.layer_bits`, without the float ones)."""
         bits: dict[str, int] = {}

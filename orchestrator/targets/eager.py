@@ -1,0 +1,36 @@
+"""The `torch` target (the default): the rebuilt PyTorch model is scored as it is
+(fake-quantized weights), exported as prunesearch's packed safetensors file, and its
+latency, when asked for, is PyTorch's forward on the worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from orchestrator.batches import call_model
+from orchestrator.targets.base import Artifact, Runner, Target, register
+
+
+class TorchRunner(Runner):
+    @torch.no_grad()
+    def latency(self, artifact: Artifact, inputs: Any) -> tuple[float, float]:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.settings.latency.threads)
+        try:
+            return super().latency(artifact, inputs)
+        finally:
+            torch.set_num_threads(previous)
+
+    def artifact(self, model: torch.nn.Module, bits: Any) -> Artifact:
+        return Artifact(model=model, run=lambda inputs: call_model(model, inputs))
+
+
+class TorchTarget(Target):
+    name = "torch"
+
+    def runner(self, space: Any, settings: Any, device: Any) -> Runner:
+        return TorchRunner(space, settings, device)
+
+
+TORCH = register(TorchTarget())

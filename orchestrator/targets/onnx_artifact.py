@@ -1,0 +1,214 @@
+"""ONNX artifacts (issue 15): the base model exported once, each candidate written into it.
+
+`skeleton_of` exports the base model with torch's TorchScript-based exporter (no constant
+folding, so every initializer keeps its state-dict name and BatchNorm stays a node) and
+keeps the graph without the state tensors: an `OnnxLayout` (search_spaces/onnx_layout.py),
+which also prices every candidate's file to the byte. `write_artifact` fills the skeleton
+with a rebuilt candidate's tensors: float initializers, or for a quantized weight its
+integer codes (int8, or int4 two to a byte), one float32 scale per output row and a
+`DequantizeLinear` node (axis 0) named as the float tensor was, so the rest of the graph
+is unchanged; a grouped convolution gets the `group` its sliced weight implies. Nothing is
+exported per candidate: writing is a copy of the tensors into protobuf, milliseconds.
+
+A candidate whose graph the skeleton does not fit (a structural constant that depends on a
+channel count, e.g. a reshape to a fixed width) fails in ONNX Runtime when its session is
+made, with the error named (orchestrator/targets/onnxrt.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator, Mapping
+from copy import deepcopy
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.batches import call_model
+from orchestrator.compress.quantize import quantize
+from search_spaces.onnx_layout import (
+    CODE_TYPES,
+    FLOAT32,
+    GroupedConv,
+    OnnxLayout,
+    codes_name,
+    field_bytes,
+    node_name,
+    scale_name,
+    varint_bytes,
+)
+
+OPSET = 21  # DequantizeLinear on int4 initializers, per axis
+# torch dtype -> ONNX TensorProto.DataType (the tensors a state dict holds)
+DATA_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int16: 5, torch.int32: 6,
+              torch.int64: 7, torch.bool: 9, torch.float16: 10, torch.float64: 11,
+              torch.bfloat16: 16}  # fmt: skip
+
+
+def input_names(inputs: Any) -> list[str]:
+    count = len(inputs) if isinstance(inputs, (tuple, list)) else 1
+    return [f"input_{i}" for i in range(count)]
+
+
+def _as_args(inputs: Any) -> tuple:
+    if isinstance(inputs, dict):
+        raise TypeError("inputs given as a dict (keyword arguments) cannot be exported to "
+                        "ONNX here yet; give the task's inputs as a tensor or a tuple")  # fmt: skip
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def _leaf_count(output: Any) -> int:
+    if isinstance(output, torch.Tensor):
+        return 1
+    values = output.values() if isinstance(output, Mapping) else output
+    return sum(_leaf_count(v) for v in values)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The TorchScript exporter warns (deprecation, tracer) on every call."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_base(model: nn.Module, example_inputs: Any) -> bytes:
+    """The model as ONNX, every dimension of inputs and outputs dynamic."""
+    args = _as_args(example_inputs)
+    with torch.no_grad():
+        outputs = _leaf_count(call_model(model, example_inputs))
+    names = input_names(example_inputs)
+    output_names = [f"output_{i}" for i in range(outputs)]
+    axes = {n: dict(enumerate(f"{n}_{d}" for d in range(a.dim())))
+            for n, a in zip(names, args, strict=True) if isinstance(a, torch.Tensor)}  # fmt: skip
+    axes.update({n: {0: "batch"} for n in output_names})
+    buffer = io.BytesIO()
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(model, args, buffer, dynamo=False, do_constant_folding=False,
+                          opset_version=OPSET, input_names=names, output_names=output_names,
+                          dynamic_axes=axes)  # fmt: skip
+    return buffer.getvalue()
+
+
+def _distinct(model: nn.Module) -> nn.Module:
+    """A copy whose state tensors all differ: the exporter merges initializers of equal
+    values (a random-init model's BatchNorm weights are all ones) into one name, and a
+    candidate cuts them differently. Values do not matter: the skeleton drops them."""
+    copy = deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i, tensor in enumerate(copy.state_dict().values()):
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 1.0)
+            elif tensor.dtype != torch.bool:
+                tensor.fill_(i + 1)
+    return copy
+
+
+def skeleton_of(model: nn.Module, example_inputs: Any) -> OnnxLayout:
+    """The base model's export as a layout: its graph without the state tensors."""
+    import onnx
+
+    proto = onnx.load_from_string(export_base(_distinct(model), example_inputs))
+    state = model.state_dict()
+    graph = proto.graph
+    graph.ClearField("value_info")  # intermediate shapes: a sliced candidate changes them
+    kept = [t for t in graph.initializer if t.name not in state]
+    tensors = tuple((t.name, state[t.name].element_size(), t.data_type)
+                    for t in graph.initializer if t.name in state)  # fmt: skip
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    convs = tuple(_grouped(i, node, tuple(state[node.input[1]].shape))
+                  for i, node in enumerate(graph.node)
+                  if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in state
+                  and _group(node) > 1)  # fmt: skip
+    graph_bytes = graph.ByteSize()
+    return OnnxLayout(
+        skeleton=proto.SerializeToString(),
+        model_rest=proto.ByteSize() - field_bytes(graph_bytes),
+        graph_rest=graph_bytes - sum(field_bytes(graph.node[c.node].ByteSize()) for c in convs),
+        tensors=tensors, convs=convs, inputs=tuple(i.name for i in graph.input),
+    )  # fmt: skip
+
+
+def _group(node: Any) -> int:
+    return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+
+def _grouped(index: int, node: Any, weight: tuple[int, ...]) -> GroupedConv:
+    attribute = next(a for a in node.attribute if a.name == "group")
+    size = attribute.ByteSize()
+    return GroupedConv(node=index, key=node.input[1], group=attribute.i, weight=weight,
+                       node_rest=node.ByteSize() - field_bytes(size),
+                       attribute_rest=size - 1 - varint_bytes(attribute.i))  # fmt: skip
+
+
+def _tensor(name: str, dims: tuple[int, ...], data_type: int, raw: bytes) -> Any:
+    from onnx import TensorProto
+
+    tensor = TensorProto(name=name, data_type=data_type, raw_data=raw)
+    tensor.dims.extend(dims)
+    return tensor
+
+
+def _code_bytes(codes: torch.Tensor, bits: int) -> bytes:
+    """Raw codes: int8 as they are; int4 two to a byte, the first in the low nibble."""
+    flat = codes.reshape(-1).to(torch.int16)
+    if bits == 8:
+        return flat.to(torch.int8).numpy().tobytes()
+    if bits == 16:
+        return flat.numpy().tobytes()
+    nibbles = (flat & 0xF).to(torch.uint8)
+    if nibbles.numel() % 2:
+        nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).numpy().tobytes()
+
+
+def _raw(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().numpy().tobytes()
+
+
+def write_artifact(layout: OnnxLayout, model: nn.Module, bits: Mapping[str, int]) -> bytes:
+    """The candidate `model` (rebuilt, recovered; its quantized weights fake-quantized to
+    `bits`, by state key) as an ONNX file of `layout`."""
+    from onnx import ModelProto, helper
+
+    proto = ModelProto()
+    proto.ParseFromString(layout.skeleton)
+    graph = proto.graph
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    nodes = []
+    for key, element, data_type in layout.tensors:
+        tensor = state[key]
+        shape = tuple(tensor.shape)
+        b = bits.get(key)
+        encoding = layout.weight_encoding(key, shape, b, element, data_type) if b else None
+        if encoding is not None and encoding[0] == "codes":
+            codes, scale = quantize(tensor, b)  # the fake-quantized values' own codes
+            graph.initializer.extend([_tensor(codes_name(key), shape, CODE_TYPES[b],
+                                              _code_bytes(codes, b)),
+                                      _tensor(scale_name(key), (shape[0],), FLOAT32,
+                                              _raw(scale.float()))])  # fmt: skip
+            nodes.append(helper.make_node("DequantizeLinear", [codes_name(key), scale_name(key)],
+                                          [key], name=node_name(key), axis=0))  # fmt: skip
+        else:
+            graph.initializer.append(_tensor(key, shape, data_type, _raw(tensor)))
+    for conv in layout.convs:
+        attribute = next(a for a in graph.node[conv.node].attribute if a.name == "group")
+        attribute.i = conv.group_of(tuple(state[conv.key].shape))
+    if nodes:  # DequantizeLinear reads only initializers: first in topological order
+        nodes.extend(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return proto.SerializeToString()
+

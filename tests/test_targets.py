@@ -1,0 +1,187 @@
+"""Deployment targets (issue 15): the onnxruntime target's space, artifact and scoring."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from orchestrator.config import make_config
+from orchestrator.errors import ConfigError
+from orchestrator.evaluate import Evaluator, RecoverySettings
+from orchestrator.prepare import build_space
+from orchestrator.search import run_search
+from orchestrator.targets import TargetSettings, target_of
+from orchestrator.targets.onnx_artifact import write_artifact
+from search_spaces.cost import policy_cost
+from search_spaces.onnx_layout import (
+    CODE_TYPES,
+    codes_name,
+    dequantize_node_bytes,
+    node_name,
+    scale_name,
+    tensor_bytes,
+)
+from search_spaces.policy import Policy
+
+MOBILE_TASK = "tests.test_export:mobile_task"  # depthwise convs: Conv nodes with `group`
+ORT = TargetSettings(name="onnxruntime")
+
+
+def _onnx_space(task: str, **config):
+    cfg = make_config({"task": task, "target": "onnxruntime", **config})
+    return build_space(cfg)
+
+
+def _random_policies(space, count: int, seed: int = 0) -> list[Policy]:
+    rng = random.Random(seed)
+    values = [space.extreme_values("max"), space.extreme_values("min")]
+    values += [{k.name: rng.choice(k.choices) for k in space.knobs} for _ in range(count)]
+    return [Policy.from_values(space, v) for v in values]
+
+
+names = st.text(alphabet="abcdefghij._0123456789", min_size=1, max_size=40)
+dims = st.lists(st.integers(1, 70000), min_size=0, max_size=4).map(tuple)
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=names, shape=dims, payload=st.integers(0, 300000),
+       data_type=st.sampled_from([1, 3, 7, 10, 22]))  # fmt: skip
+def test_tensor_bytes_is_protobufs_own_size(name, shape, payload, data_type):
+    tensor = onnx.TensorProto(name=name, data_type=data_type, raw_data=b"\0" * payload)
+    tensor.dims.extend(shape)
+    assert tensor_bytes(name, shape, payload, data_type) == tensor.ByteSize()
+
+
+@settings(max_examples=30, deadline=None)
+@given(key=names)
+def test_dequantize_node_bytes_is_protobufs_own_size(key):
+    node = helper.make_node("DequantizeLinear", [codes_name(key), scale_name(key)], [key],
+                            name=node_name(key), axis=0)  # fmt: skip
+    assert dequantize_node_bytes(key) == node.ByteSize()
+
+
+@pytest.mark.parametrize("task, pruning", [
+    ("digits-cnn", "none"), ("digits-cnn", "structured"), ("digits-resnet", "structured"),
+    (MOBILE_TASK, "structured"), ("digits-lstm", "auto"),
+])  # fmt: skip
+def test_the_onnx_file_is_the_predicted_size_to_the_byte_and_scores_as_the_model(task, pruning):
+    """Every candidate's ONNX file is exactly the cost model's size_bytes; ONNX Runtime's
+    outputs are the fake-quantized PyTorch model's (same dequantized weights)."""
+    loaded, _, space = _onnx_space(task, pruning=pruning)
+    evaluator = Evaluator(loaded, space, recovery=RecoverySettings(), target=ORT)
+    inputs = loaded.validation()[0][0]
+    for policy in _random_policies(space, 6):
+        model = evaluator.compressed_model(policy)
+        artifact = evaluator.runner.artifact(model, evaluator.rebuilder.weight_bits(policy))
+        assert len(artifact.data) == policy_cost(space, policy).size_bytes
+        with torch.no_grad():
+            expected = model(inputs)
+        got = artifact.model(inputs)
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_weights_are_stored_as_integers():
+    """A 4-bit conv weight is int4 codes (half a byte each) behind DequantizeLinear, an 8-bit
+    one int8; the file shrinks accordingly."""
+    _, _, space = _onnx_space("digits-cnn", pruning="none")
+    evaluator = Evaluator(*_onnx_space("digits-cnn", pruning="none")[::2], recovery=RecoverySettings(),
+                          target=ORT)  # fmt: skip
+    sizes = {}
+    for bits in (32, 8, 4):
+        policy = Policy.parse(space, f"uniform:{bits}")
+        model = evaluator.compressed_model(policy)
+        data = evaluator.runner.artifact(model, evaluator.rebuilder.weight_bits(policy)).data
+        proto = onnx.load_from_string(data)
+        types = {t.name: t.data_type for t in proto.graph.initializer}
+        ops = [n.op_type for n in proto.graph.node]
+        weight = space.profile.layers[0].weights[0].key
+        if bits == 32:
+            assert weight in types and "DequantizeLinear" not in ops
+        else:
+            assert types[codes_name(weight)] == CODE_TYPES[bits]
+            assert ops.count("DequantizeLinear") == sum(len(x.weights) for x in space.profile.layers)
+        sizes[bits] = len(data)
+    assert sizes[4] < sizes[8] < sizes[32] / 3.5
+
+
+def test_the_space_offers_only_what_onnxruntime_stores():
+    _, _, space = _onnx_space("digits-lstm")
+    choices = {k.name: k.choices for k in space.knobs if k.kind == "bits"}
+    assert choices == {"bits:lstm": (8, 32), "bits:head": (4, 8, 32)}
+    # the LSTM's hidden units stay: its ONNX node fixes the width; said, not silent
+    assert "LSTM node fixes the width" in space.unpruned["lstm"]
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"space": {"bits": [3, 8, 32]}}, "space.bits: target onnxruntime stores no 3-bit weights"),
+    ({"space": {"rules": [{"layers": "lstm", "bits": [4, 32]}]}},
+     "space.rules[0].bits: target onnxruntime stores no 4-bit weights of LSTM layers (lstm)"),
+    ({"pruning": "unstructured"}, "config key 'pruning': target onnxruntime runs unstructured"),
+    ({"target": "tensorrt"}, "config key 'target': unknown target 'tensorrt'; use one of torch"),
+])  # fmt: skip
+def test_what_a_target_cannot_run_is_refused_in_one_line(config, message):
+    with pytest.raises(ConfigError) as err:
+        _onnx_space("digits-lstm", **config)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fewer_bits_or_channels_never_make_the_onnx_file_larger():
+    _, _, space = _onnx_space(MOBILE_TASK, pruning="structured")
+    rng = random.Random(1)
+    for policy in _random_policies(space, 30, seed=2):
+        values = dict(policy)
+        knob = rng.choice(space.searchable)
+        lower = [c for c in knob.choices if c < values[knob.name]]
+        if not lower:
+            continue
+        smaller = Policy.from_values(space, {**values, knob.name: rng.choice(lower)})
+        assert policy_cost(space, smaller).size_bytes <= policy_cost(space, policy).size_bytes
+
+
+def test_torch_target_latency_is_measured_only_when_asked():
+    loaded, _, space = build_space(make_config({"task": "digits-cnn"}))
+    plain = Evaluator(loaded, space, recovery=RecoverySettings()).evaluate(
+        Policy.parse(space, "uniform:8"))
+    assert "latency_ms" not in plain and "artifact_bytes" not in plain
+    timed = Evaluator(loaded, space, recovery=RecoverySettings(),
+                      target=TargetSettings(measure_latency=True)).evaluate(
+        Policy.parse(space, "uniform:8"))  # fmt: skip
+    assert 0 < timed["latency_ms"] <= timed["latency_p90_ms"]
+
+
+def test_a_run_on_onnxruntime_records_the_files_size_latency_and_metric(ray_cluster, tmp_path):
+    cfg = make_config({"task": "digits-cnn", "target": "onnxruntime", "out": str(tmp_path),
+                       "study": "s", "trials": 10, "workers": {"count": 2},
+                       "latency": {"repeats": 5, "warmup": 1}})  # fmt: skip
+    run_search(cfg)
+    trials = pd.read_parquet(tmp_path / "s" / "trials")
+    done = trials[(trials["state"] == "COMPLETE") & trials["cached_from"].isna()]
+    assert len(done) >= 3
+    _, _, space = build_space(cfg)
+    for row in done.itertuples():
+        policy = Policy.from_json(space, row.policy)
+        assert row.size_bytes == policy_cost(space, policy).size_bytes
+        assert 0 < row.latency_ms <= row.latency_p90_ms
+        assert 0 < row.artifact_seconds < row.eval_seconds
+    assert target_of(cfg.target).export_format == "onnx"
+    assert np.isfinite(done["metric"]).all()
+
+
+def test_a_skeleton_shared_by_equal_initializers_is_not_merged():
+    """The exporter merges initializers of equal values; the skeleton must keep one per
+    state tensor (a random-init model's BatchNorm weights are all ones)."""
+    loaded, model, space = _onnx_space(MOBILE_TASK, pruning="structured")
+    state = model.state_dict()
+    used = {key for key, _, _ in space.artifact.tensors}
+    batchnorm = [k for k in state if k.endswith("running_var")]
+    assert batchnorm and set(batchnorm) <= used
+    data = write_artifact(space.artifact, model, {})
+    assert len(data) == policy_cost(space, Policy.from_values(space, space.extreme_values("max"))).size_bytes
