@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", help="directory for the files (default: <study_dir>/export)")
     ex.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with "
                     "onnxruntime (needs the onnx extra)")  # fmt: skip
+    ex.add_argument("--format", choices=("safetensors", "onnx"), help="safetensors: the packed "
+                    "model file (default for target torch); onnx: the trial's ONNX file with "
+                    "integer weights, checked in ONNX Runtime (default for target onnxruntime)")  # fmt: skip
     rp = sub.add_parser("report", help="write the front (PNG, HTML), the chosen policy by layer "
                         "(PNG) and a markdown summary of a study directory")  # fmt: skip
     rp.add_argument("study_dir", help="<out>/<study>")
@@ -401,6 +404,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _onnx_lines(record: dict, out: Path, shown: Any) -> str:
+    from orchestrator.budget import format_bytes
+
+    model = record["model_file"]
+    return "\n".join([
+        f"exported trial {record['trial']} of study {record['study']} as ONNX (target "
+        f"{record['target']}): metric in ONNX Runtime {record['artifact_metric']:.4f} (recorded "
+        f"{record['metric']:.4f}), latency {record['latency_ms']:.3f} ms",
+        f"{shown(out / model['name'])}: {model['bytes']:,} bytes ({format_bytes(model['bytes'])})",
+        shown(out / "policy.json"),
+    ])  # fmt: skip
+
+
 @contextlib.contextmanager
 def _study_and_out(args: argparse.Namespace) -> Iterator[tuple[Path, Path | None, Callable]]:
     """Local paths for STUDY_DIR and --out, either of which may be a URI (downloaded
@@ -430,13 +446,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     with _study_and_out(args) as (study_dir, out, shown):
         try:
             out = export_best(study_dir, budget=args.budget, trial=args.trial, out=out,
-                              onnx=args.onnx)  # fmt: skip
+                              onnx=args.onnx, format=args.format)  # fmt: skip
         except ExportError as exc:
             print(f"prunesearch: error: {_one_line(exc)}", file=sys.stderr)
             return 1
         record = json.loads((out / POLICY_FILE).read_text())
         model = record["model_file"]
-        lines = [
+        lines = [_onnx_lines(record, out, shown)] if "artifact_metric" in record else [
             f"exported trial {record['trial']} of study {record['study']}: metric "
             f"{record['verified_metric']:.4f} (recorded {record['metric']:.4f}), predicted "
             f"{format_bytes(record['predicted']['size_bytes'])}",

@@ -53,6 +53,7 @@ from orchestrator.compress.codec import (
 from orchestrator.compress.structured import slice_model
 from orchestrator.config import SearchConfig, make_config
 from orchestrator.errors import ConfigError
+from orchestrator.export_onnx import check_format, export_onnx_trial
 from orchestrator.runrecord import RunRecord, read_study
 from search_spaces import SearchSpace, SpaceError
 from search_spaces.cost import FILE_FORMAT, file_bytes, policy_cost
@@ -395,17 +396,23 @@ def _rebuild(config: SearchConfig, space: SearchSpace, task: Any, policy: Policy
     return evaluator, evaluator.compressed_model(policy, before_quantize=snapshot), before
 
 
-def export_trial(config: SearchConfig, run: RunRecord, row: Any, *,
-                 budget: Budget | None = None) -> Exported:  # fmt: skip
-    """Rebuild trial `row` of a study, encode it, load the bytes back and check them."""
+def study_space(config: SearchConfig, run: RunRecord) -> tuple[Any, nn.Module, SearchSpace]:
+    """The study's task, base model and space, as they are now: refused when the space is
+    no longer the one the study searched."""
     from orchestrator.prepare import build_space
 
     task, base, space = build_space(config)
-    study = run.study or "?"
     if (run.space or {}).get("knobs") != space.to_dict()["knobs"]:
         raise ConfigError(f"the search space of task '{config.task}' differs from the one study "
-                          f"'{study}' searched (its model or space changed); export from a "
-                          "matching task")  # fmt: skip
+                          f"'{run.study or '?'}' searched (its model or space changed); export "
+                          "from a matching task")  # fmt: skip
+    return task, base, space
+
+
+def export_trial(config: SearchConfig, run: RunRecord, row: Any, *,
+                 budget: Budget | None = None) -> Exported:  # fmt: skip
+    """Rebuild trial `row` of a study, encode it, load the bytes back and check them."""
+    task, base, space = study_space(config, run)
     try:
         policy = Policy.from_json(space, row.policy)
     except (SpaceError, ValueError) as exc:
@@ -520,12 +527,15 @@ def export_best(
     trial: int | None = None,
     out: str | Path | None = None,
     onnx: bool = False,
+    format: str | None = None,
 ) -> Path:
     """Export the best trial of a study within `budget` (default: the study's budget, else
     the best metric overall; ties: the smaller model), or trial number `trial`.
 
     Writes policy.json, model.safetensors and manifest.json (and model.onnx with `onnx`)
-    to `out` (default `<study_dir>/export/`) and returns that directory. Refusals raise
+    to `out` (default `<study_dir>/export/`) and returns that directory. `format` "onnx"
+    (the default for a study of the onnxruntime target) writes model.onnx, the trial's
+    ONNX file with integer weights, and policy.json (orchestrator/export_onnx.py). Refusals raise
     ConfigError (one line) and write nothing; so does a failed check (ExportError)."""
     study_dir = Path(study_dir)
     run, trials = read_study(study_dir, needs=("config",))
@@ -539,6 +549,12 @@ def export_best(
     target = Path(out) if out is not None else study_dir / "export"
     if target.exists() and not target.is_dir():
         raise ConfigError(f"--out '{target}' is a file; give a directory")
+    if check_format(format, config) == "onnx":
+        task, base, space = study_space(config, run)
+        files = export_onnx_trial(config, run, row, space, task, base, budget=limits,
+                                  device=_device(config))  # fmt: skip
+        _write(target, files, stale=(MODEL_FILE, MANIFEST_FILE))
+        return target
     if onnx:
         _require_onnx()
     exported = export_trial(config, run, row, budget=limits)
@@ -546,9 +562,14 @@ def export_best(
     if onnx:
         files[ONNX_FILE] = onnx_bytes(exported.model, exported.example_inputs,
                                       check_inputs=exported.check_inputs)  # fmt: skip
+    _write(target, files, stale=() if onnx else (ONNX_FILE,))
+    return target
+
+
+def _write(target: Path, files: Mapping[str, bytes], *, stale: tuple[str, ...]) -> None:
+    """The files, each atomically; `stale`: another export's files, removed."""
     target.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         atomic_write_bytes(target / name, data)
-    if not onnx:
-        (target / ONNX_FILE).unlink(missing_ok=True)  # never leave another export's model
-    return target
+    for name in stale:  # never leave another export's model beside this one
+        (target / name).unlink(missing_ok=True)

@@ -24,8 +24,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 FLOAT_BITS = 32
-# ONNX TensorProto.DataType of the integer codes of b-bit weights (opset 21: INT4)
+# ONNX TensorProto.DataType of the integer codes of b-bit weights (opset 21: INT4), by the
+# container width that holds them (3-bit codes in int4, 5..8-bit in int8: same values)
 CODE_TYPES = {4: 22, 8: 3, 16: 5}
+
+
+def container(bits: int) -> int:
+    """The integer width ONNX stores b-bit codes in."""
+    return next(width for width in CODE_TYPES if bits <= width)
 FLOAT32 = 1
 AXIS_ATTRIBUTE = 11  # AttributeProto{name: "axis", i: 0, type: INT}
 
@@ -114,8 +120,9 @@ class OnnxLayout:
         plain = field_bytes(tensor_bytes(key, shape, numel * element, data_type))
         if bits >= FLOAT_BITS:
             return "float", plain
-        coded = (field_bytes(tensor_bytes(codes_name(key), shape, code_bytes(numel, bits),
-                                          CODE_TYPES[bits]))
+        width = container(bits)
+        coded = (field_bytes(tensor_bytes(codes_name(key), shape, code_bytes(numel, width),
+                                          CODE_TYPES[width]))
                  + field_bytes(tensor_bytes(scale_name(key), (shape[0],), 4 * shape[0], FLOAT32))
                  + field_bytes(dequantize_node_bytes(key)))  # fmt: skip
         return ("codes", coded) if coded < plain else ("float", plain)

@@ -275,13 +275,9 @@ class StoredBits:
 
 def _only_stored(profile: ModelProfile, config: SpaceConfig, resolved: dict[str, _Resolved],
                  stored: StoredBits) -> None:  # fmt: skip
-    """Bits the target cannot store leave every layer's choices; a user's key asking for
-    them is refused (the global `space.bits` when no layer type stores them)."""
-    every = {b for bits in (*stored.by_kind.values(), stored.other) for b in bits}
-    if "bits" in config.model_fields_set and set(config.bits) - every:
-        raise SpaceError(f"space.bits: target {stored.target} stores no "
-                         f"{sorted(set(config.bits) - every)[0]}-bit weights; use "
-                         f"{_listed(every)}")  # fmt: skip
+    """Bits the target cannot store leave every layer's choices (the defaults and
+    `space.bits` hold for every target: a study's config names them all); a rule asking for
+    them for a layer is refused."""
     kinds = {layer.name: layer.kind for layer in profile.layers}
     for i, rule in enumerate(config.rules):
         for name in (n for p in rule.patterns for n in _selector_matches(p, profile.layers)):

@@ -526,3 +526,26 @@ def test_cli_export_and_damaged_exports(studies, tmp_path, capsys):
     (out / MANIFEST_FILE).unlink()
     with pytest.raises(ConfigError, match="not a prunesearch export"):
         load_compressed(out)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_format_onnx_of_a_torch_study_stores_integer_weights(studies, tmp_path, task):
+    """Issue 15, point 6: the torch target's ONNX export holds integer codes (2/3-bit in
+    int4, 5..8-bit in int8) behind DequantizeLinear, at the ONNX cost model's size, with
+    its ONNX Runtime metric beside the recorded one."""
+    import onnx
+
+    done = _complete(studies[task])
+    low = done[done["size_bytes"] == done["size_bytes"].min()].iloc[0]
+    out = export_best(studies[task], trial=int(low["trial"]), out=tmp_path, format="onnx")
+    assert {p.name for p in out.iterdir()} == {ONNX_FILE, POLICY_FILE}
+    record = _read_json(out / POLICY_FILE)
+    data = (out / ONNX_FILE).read_bytes()
+    assert record["model_file"]["bytes"] == len(data) and record["target"] == "torch"
+    proto = onnx.load_from_string(data)
+    integer = [t for t in proto.graph.initializer if t.data_type in (3, 22)]  # int8, int4
+    policy = json.loads(low["policy"])
+    quantized = [k for k, v in policy.items() if k.startswith("bits:") and v < 32]
+    assert bool(integer) == bool(quantized)
+    assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == len(integer)
+    assert record["artifact_metric"] == pytest.approx(record["metric"], abs=0.02)

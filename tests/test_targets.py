@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -16,6 +17,7 @@ from onnx import helper
 from orchestrator.config import make_config
 from orchestrator.errors import ConfigError
 from orchestrator.evaluate import Evaluator, RecoverySettings
+from orchestrator.export import export_best
 from orchestrator.prepare import build_space
 from orchestrator.search import run_search
 from orchestrator.targets import TargetSettings, target_of
@@ -116,12 +118,13 @@ def test_the_space_offers_only_what_onnxruntime_stores():
     _, _, space = _onnx_space("digits-lstm")
     choices = {k.name: k.choices for k in space.knobs if k.kind == "bits"}
     assert choices == {"bits:lstm": (8, 32), "bits:head": (4, 8, 32)}
+    _, _, space = _onnx_space("digits-lstm", space={"bits": [3, 6, 8, 32]})
+    assert {k.choices for k in space.knobs if k.kind == "bits"} == {(8, 32)}
     # the LSTM's hidden units stay: its ONNX node fixes the width; said, not silent
     assert "LSTM node fixes the width" in space.unpruned["lstm"]
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"space": {"bits": [3, 8, 32]}}, "space.bits: target onnxruntime stores no 3-bit weights"),
     ({"space": {"rules": [{"layers": "lstm", "bits": [4, 32]}]}},
      "space.rules[0].bits: target onnxruntime stores no 4-bit weights of LSTM layers (lstm)"),
     ({"pruning": "unstructured"}, "config key 'pruning': target onnxruntime runs unstructured"),
@@ -171,8 +174,18 @@ def test_a_run_on_onnxruntime_records_the_files_size_latency_and_metric(ray_clus
         assert row.size_bytes == policy_cost(space, policy).size_bytes
         assert 0 < row.latency_ms <= row.latency_p90_ms
         assert 0 < row.artifact_seconds < row.eval_seconds
-    assert target_of(cfg.target).export_format == "onnx"
     assert np.isfinite(done["metric"]).all()
+    # export: the same file, checked in ONNX Runtime against the recorded trial
+    best = done.sort_values(["metric", "size_bytes"], ascending=[False, True]).iloc[0]
+    out = export_best(tmp_path / "s", trial=int(best["trial"]), out=tmp_path / "x")
+    assert target_of(cfg.target).export_format == "onnx"
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "policy.json"}
+    assert (out / "model.onnx").stat().st_size == best["size_bytes"]
+    record = json.loads((out / "policy.json").read_text())
+    assert record["artifact_metric"] == pytest.approx(best["metric"], abs=1e-6)
+    with pytest.raises(ConfigError, match="export with --format onnx"):
+        export_best(tmp_path / "s", out=tmp_path / "y", format="safetensors")
+    assert not (tmp_path / "y").exists()
 
 
 def test_a_skeleton_shared_by_equal_initializers_is_not_merged():

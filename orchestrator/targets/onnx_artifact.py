@@ -36,6 +36,7 @@ from search_spaces.onnx_layout import (
     GroupedConv,
     OnnxLayout,
     codes_name,
+    container,
     field_bytes,
     node_name,
     scale_name,
@@ -195,8 +196,9 @@ def write_artifact(layout: OnnxLayout, model: nn.Module, bits: Mapping[str, int]
         encoding = layout.weight_encoding(key, shape, b, element, data_type) if b else None
         if encoding is not None and encoding[0] == "codes":
             codes, scale = quantize(tensor, b)  # the fake-quantized values' own codes
-            graph.initializer.extend([_tensor(codes_name(key), shape, CODE_TYPES[b],
-                                              _code_bytes(codes, b)),
+            width = container(b)
+            graph.initializer.extend([_tensor(codes_name(key), shape, CODE_TYPES[width],
+                                              _code_bytes(codes, width)),
                                       _tensor(scale_name(key), (shape[0],), FLOAT32,
                                               _raw(scale.float()))])  # fmt: skip
             nodes.append(helper.make_node("DequantizeLinear", [codes_name(key), scale_name(key)],

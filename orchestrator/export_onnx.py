@@ -1,0 +1,114 @@
+"""`prunesearch export --format onnx` (issue 15): a trial as the ONNX file it was scored as.
+
+For a study of the onnxruntime target, the file is the very artifact the worker scored:
+the same skeleton, tensors and codes (orchestrator/targets/onnx_artifact.py). Before
+anything is written it is loaded into ONNX Runtime and must reproduce the trial's recorded
+size (to the byte), metric (to METRIC_TOLERANCE) and latency (within LATENCY_NOISE), or
+the export stops with one line. For a study of the torch target the same writer gives
+its integer-weight ONNX file (3-bit codes in int4, 5..8-bit in int8), from a skeleton of
+the candidate's own architecture (a torch study may cut what the base model's ONNX graph
+fixes, e.g. an LSTM's hidden size); its metric in ONNX Runtime is recorded beside the
+trial's (`artifact_metric`), as a parity check, not a condition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from orchestrator.budget import Budget
+from orchestrator.compress.codec import ExportError
+from orchestrator.config import SearchConfig
+from orchestrator.errors import ConfigError
+from orchestrator.runrecord import RunRecord
+from orchestrator.targets import TargetSettings, target_of
+from search_spaces import SearchSpace
+from search_spaces.cost import artifact_bytes
+from search_spaces.policy import Policy
+
+METRIC_TOLERANCE = 1e-6  # ONNX Runtime on the same inputs and threads as the worker
+# the latency measured at export against the trial's: a shared machine's timings vary by
+# tens of percent from run to run, a wrong artifact by far more
+LATENCY_NOISE = 2.0
+LATENCY_FLOOR_MS = 0.05
+ONNX_POLICY_FORMAT = "prunesearch-onnx-policy/1"
+
+
+def export_onnx_trial(config: SearchConfig, run: RunRecord, row: Any, space: SearchSpace,
+                      task: Any, base: Any, *, budget: Budget | None = None,
+                      device: Any = "cpu") -> dict[str, bytes]:  # fmt: skip
+    """The files of trial `row` as ONNX (model.onnx, policy.json), checked; nothing written."""
+    from orchestrator.evaluate import Evaluator, RecoverySettings
+    from orchestrator.export import ONNX_FILE, POLICY_FILE, _threads, versions
+
+    onnxruntime = target_of("onnxruntime")
+    onnxruntime.check(task.example_inputs())
+    deployed = config.target == "onnxruntime"
+    policy = Policy.from_json(space, row.policy)
+    settings = config.target_settings() if deployed else TargetSettings(name="onnxruntime")
+    with _threads(int(config.workers.cpus_per_worker)):
+        evaluator = Evaluator(task, space, recovery=RecoverySettings(**config.recovery.model_dump()),
+                              device=device, target=settings)  # fmt: skip
+        model = evaluator.compressed_model(policy)
+        if not deployed:  # no layout priced this study: the candidate's own architecture's
+            own = dataclasses.replace(space, artifact=onnxruntime.layout(model, task.example_inputs()))
+            evaluator.runner = onnxruntime.runner(own, settings, evaluator.device)
+        artifact = evaluator.runner.artifact(model, evaluator.rebuilder.weight_bits(policy))
+        metric = float(task.metric(artifact.model, evaluator.validation))
+        median, p90 = evaluator.runner.latency(artifact, evaluator.latency_inputs)
+    data = artifact.data
+    if deployed and len(data) != artifact_bytes(space, policy):
+        raise ExportError(f"internal: the ONNX file takes {len(data)} bytes, the cost model "
+                          f"counted {artifact_bytes(space, policy)}")  # fmt: skip
+    if deployed:
+        _check(row, len(data), metric, median)
+    record = {
+        "format": ONNX_POLICY_FORMAT, "study": run.study, "trial": int(row.trial),
+        "task": config.task, "target": config.target, "policy": dict(policy.items_),
+        "policy_hash": policy.hash, "budget": budget.describe() if budget else None,
+        "metric": float(row.metric), "artifact_metric": metric,
+        "latency_ms": median, "latency_p90_ms": p90,
+        "recorded_latency_ms": _recorded(row, "latency_ms"),
+        "latency_settings": dataclasses.asdict(settings.latency),
+        "model_file": {"name": ONNX_FILE, "bytes": len(data),
+                       "sha256": hashlib.sha256(data).hexdigest()},
+        "base": run.base.model_dump(exclude_unset=True), "versions": versions(),
+    }  # fmt: skip
+    return {ONNX_FILE: data,
+            POLICY_FILE: (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()}  # fmt: skip
+
+
+def _recorded(row: Any, column: str) -> float | None:
+    value = getattr(row, column, None)
+    return None if value is None or value != value else float(value)  # NaN: not measured
+
+
+def _check(row: Any, size: int, metric: float, latency: float) -> None:
+    """The file must be the trial: its size, its metric and (within noise) its latency."""
+    trial = int(row.trial)
+    if size != int(row.size_bytes):
+        raise ExportError(f"the ONNX file of trial {trial} takes {size} bytes but the trial "
+                          f"recorded {int(row.size_bytes)}; nothing was written")  # fmt: skip
+    if not abs(metric - row.metric) <= METRIC_TOLERANCE:
+        raise ExportError(f"the ONNX file of trial {trial} scores {metric:.6f} in ONNX Runtime "
+                          f"but the trial recorded {row.metric:.6f} (another device or "
+                          "onnxruntime version?); nothing was written")  # fmt: skip
+    recorded = _recorded(row, "latency_ms")
+    if recorded is not None and not (recorded / LATENCY_NOISE - LATENCY_FLOOR_MS <= latency
+                                     <= recorded * LATENCY_NOISE + LATENCY_FLOOR_MS):  # fmt: skip
+        raise ExportError(f"the ONNX file of trial {trial} runs in {latency:.3f} ms but the trial "
+                          f"measured {recorded:.3f} ms (more than {LATENCY_NOISE:g}x apart: "
+                          "another machine, or a loaded one?); nothing was written")  # fmt: skip
+
+
+def check_format(format: str | None, config: SearchConfig) -> str:
+    """The export format: given, or the target's."""
+    chosen = format or target_of(config.target).export_format
+    if chosen not in ("safetensors", "onnx"):
+        raise ConfigError(f"--format '{chosen}': use safetensors or onnx")
+    if chosen == "safetensors" and config.target == "onnxruntime":
+        raise ConfigError("--format safetensors: this study's target is onnxruntime, whose "
+                          "trials are ONNX files; export with --format onnx")  # fmt: skip
+    return chosen
