@@ -139,18 +139,25 @@ def cost_of_settings(space: SearchSpace, settings: Mapping[str, LayerSetting]) -
     return Cost(size_bytes=file_bytes(size), macs=macs, bops=bops, params=params)
 
 
+def _sliced_shapes(space: SearchSpace, counts: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+    """Every state tensor's shape under the channel counts (the base's without a plan)."""
+    plan = space.plan
+    return {t.key: sliced_shape(t.shape, t.key, plan, counts) if plan else t.shape
+            for t in space.profile.tensors}  # fmt: skip
+
+
 def _structured_cost(space: SearchSpace, settings: Mapping[str, LayerSetting],
-                     counts: Mapping[str, int]) -> Cost:  # fmt: skip
-    """Structured pruning: every tensor's shape after slicing, from the plan alone."""
-    plan, profile = space.plan, space.profile
+                     sliced: Mapping[str, tuple[int, ...]]) -> Cost:  # fmt: skip
+    """Structured pruning: every tensor's shape after slicing (`sliced`, from the plan)."""
+    profile = space.profile
     weight_keys = {w.key for layer in profile.layers for w in layer.weights}
     size = params = macs = bops = 0
     for tensor in profile.tensors:
-        numel = math.prod(sliced_shape(tensor.shape, tensor.key, plan, counts))
+        numel = math.prod(sliced[tensor.key])
         params += numel if tensor.parameter else 0
         size += 0 if tensor.key in weight_keys else numel * tensor.dtype_bytes
     for layer in profile.layers:
-        shapes = [sliced_shape(w.shape, w.key, plan, counts) for w in layer.weights]
+        shapes = [sliced[w.key] for w in layer.weights]
         numel = sum(math.prod(shape) for shape in shapes)
         bits = settings[layer.name].bits
         size += sliced_encoding(layer, shapes, bits)[1]
@@ -180,28 +187,27 @@ def policy_cost(space: SearchSpace, policy: Mapping[str, int | float]) -> Cost:
     """Cost of a canonical policy; no model is built. With a target's artifact
     (`space.artifact`), `size_bytes` is that file's."""
     settings = space.layer_settings(policy)
+    counts = space.channel_counts(policy) if space.plan is not None else {}
+    shapes = _sliced_shapes(space, counts) if space.plan is not None else {}
     if space.plan is None:
         cost = cost_of_settings(space, settings)
     else:
-        cost = _structured_cost(space, settings, space.channel_counts(policy))
+        cost = _structured_cost(space, settings, shapes)
     if space.artifact is None:
         return cost
-    return dataclasses.replace(cost, size_bytes=artifact_bytes(space, policy))
+    size = space.artifact.file_bytes(shapes or _sliced_shapes(space, {}),
+                                     _weight_bits(space, settings))  # fmt: skip
+    return dataclasses.replace(cost, size_bytes=size)
 
 
-def artifact_shapes(space: SearchSpace, policy: Mapping[str, int | float]
-                    ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:  # fmt: skip
-    """Every state tensor's shape under `policy`, and the bits of each quantized weight
-    (by state key): what a target's artifact holds."""
-    counts = space.channel_counts(policy) if space.plan is not None else {}
-    shapes = {t.key: (sliced_shape(t.shape, t.key, space.plan, counts) if space.plan else t.shape)
-              for t in space.profile.tensors}  # fmt: skip
-    settings = space.layer_settings(policy)
-    bits = {w.key: settings[layer.name].bits for layer in space.profile.layers
+def _weight_bits(space: SearchSpace, settings: Mapping[str, LayerSetting]) -> dict[str, int]:
+    """The bits of each quantized weight, by state key."""
+    return {w.key: settings[layer.name].bits for layer in space.profile.layers
             for w in layer.weights if settings[layer.name].bits < FLOAT_BITS}  # fmt: skip
-    return shapes, bits
 
 
 def artifact_bytes(space: SearchSpace, policy: Mapping[str, int | float]) -> int:
     """The target artifact's file size (search_spaces/onnx_layout.py), to the byte."""
-    return space.artifact.file_bytes(*artifact_shapes(space, policy))
+    counts = space.channel_counts(policy) if space.plan is not None else {}
+    return space.artifact.file_bytes(_sliced_shapes(space, counts),
+                                     _weight_bits(space, space.layer_settings(policy)))  # fmt: skip

@@ -19,6 +19,7 @@ values are the same either way, and fewer bits never cost bytes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -81,6 +82,25 @@ def dequantize_node_bytes(key: str) -> int:
             + field_bytes(AXIS_ATTRIBUTE))  # fmt: skip
 
 
+# a search prices thousands of policies (a repair walks knob by knob): each tensor takes
+# few shapes and bits, so its bytes are looked up, not recounted
+@functools.lru_cache(maxsize=1 << 16)
+def weight_encoding(key: str, shape: tuple[int, ...], bits: int, element: int,
+                    data_type: int = FLOAT32) -> tuple[str, int]:  # fmt: skip
+    """("float" or "codes", bytes in the graph) of a state tensor of `shape` at `bits`:
+    the smaller of its float values and its codes (with scales and node)."""
+    numel = math.prod(shape)
+    plain = field_bytes(tensor_bytes(key, shape, numel * element, data_type))
+    if bits >= FLOAT_BITS:
+        return "float", plain
+    width = container(bits)
+    coded = (field_bytes(tensor_bytes(codes_name(key), shape, code_bytes(numel, width),
+                                      CODE_TYPES[width]))
+             + field_bytes(tensor_bytes(scale_name(key), (shape[0],), 4 * shape[0], FLOAT32))
+             + field_bytes(dequantize_node_bytes(key)))  # fmt: skip
+    return ("codes", coded) if coded < plain else ("float", plain)
+
+
 @dataclass(frozen=True, kw_only=True)
 class GroupedConv:
     """A Conv node whose `group` attribute follows its weight's shape."""
@@ -116,28 +136,15 @@ class OnnxLayout:
     def weight_encoding(self, key: str, shape: tuple[int, ...], bits: int, element: int,
                         data_type: int = FLOAT32) -> tuple[str, int]:  # fmt: skip
         """("float" or "codes", bytes in the graph) of a tensor at `bits`."""
-        numel = math.prod(shape)
-        plain = field_bytes(tensor_bytes(key, shape, numel * element, data_type))
-        if bits >= FLOAT_BITS:
-            return "float", plain
-        width = container(bits)
-        coded = (field_bytes(tensor_bytes(codes_name(key), shape, code_bytes(numel, width),
-                                          CODE_TYPES[width]))
-                 + field_bytes(tensor_bytes(scale_name(key), (shape[0],), 4 * shape[0], FLOAT32))
-                 + field_bytes(dequantize_node_bytes(key)))  # fmt: skip
-        return ("codes", coded) if coded < plain else ("float", plain)
+        return weight_encoding(key, shape, bits, element, data_type)
 
     def file_bytes(self, shapes: Mapping[str, tuple[int, ...]], bits: Mapping[str, int]) -> int:
         """The file's bytes for tensors of `shapes` (by state key), weights of `bits` (by
         key; float where absent)."""
         graph = self.graph_rest
         for key, element, data_type in self.tensors:
-            shape = shapes[key]
-            if key in bits:
-                graph += self.weight_encoding(key, shape, bits[key], element, data_type)[1]
-            else:
-                graph += field_bytes(tensor_bytes(key, shape, math.prod(shape) * element,
-                                                  data_type))  # fmt: skip
+            graph += weight_encoding(key, shapes[key], bits.get(key, FLOAT_BITS), element,
+                                     data_type)[1]  # fmt: skip
         for conv in self.convs:
             graph += field_bytes(conv.bytes(conv.group_of(shapes[conv.key])))
         return self.model_rest + field_bytes(graph)

@@ -49,10 +49,11 @@ class PruningPlan:
     importance: str = "l1"
 
     def group(self, name: str) -> GroupPlan:
-        for g in self.groups:
-            if g.name == name:
-                return g
-        raise KeyError(name)
+        return self._by_name[name]
+
+    @cached_property
+    def _by_name(self) -> dict[str, GroupPlan]:
+        return {g.name: g for g in self.groups}
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the channel order (which follows the weights, not the structure)."""

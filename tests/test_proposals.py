@@ -20,6 +20,7 @@ from orchestrator.proposals import (
     LossModel,
     Mover,
     Pricing,
+    _step,
     baselines,
     budget_seeds,
     knapsack_seed,
@@ -324,3 +325,48 @@ def test_a_full_sweep_on_all_the_data_keeps_its_measured_drops(space):
     loss = LossModel.from_table(space, pd.DataFrame(rows), base_metric=0.9, noise=noise)
     for v in probe_values(knob):
         assert loss(knob, v) == pytest.approx(0.01 * (FLOAT_BITS - v) / FLOAT_BITS, abs=1e-5)
+
+
+def _exhaustive_fill(mover, values):
+    """The reference: every step prices every knob's next choice and takes the best."""
+    load = mover.pricing.load(values)
+    while True:
+        best = None
+        for knob in mover.knobs:
+            higher = _step(knob, values[knob.name], +1)
+            if higher is None:
+                continue
+            moved = {**values, knob.name: higher}
+            if mover.pricing.excess(moved) > 0:
+                continue
+            gain = mover.loss(knob, values[knob.name]) - mover.loss(knob, higher)
+            used = max(mover.pricing.load(moved) - load, 1e-12)
+            if gain > 0 and (best is None or gain / used > best[0]):
+                best = (gain / used, moved)
+        if best is None:
+            return values
+        values, load = best[1], mover.pricing.load(best[1])
+
+
+@pytest.mark.parametrize("task, budget", [("digits-resnet", 40_000), ("digits-cnn", 20_000)])
+def test_lazy_fill_reaches_what_pricing_every_knob_each_step_reaches(task, budget):
+    """fill prices a knob or two per step (lazy greedy), not all: the same estimated loss
+    and budget use as the exhaustive greedy, from feasible starts."""
+    _, _, space = build_space(make_config({"task": task}))
+    pricing = Pricing(space=space, budget=Budget(size_bytes=budget))
+    mover = Mover(pricing, LossModel.prior(space))
+    rng = random.Random(0)
+    compared = 0
+    for _ in range(8):
+        start = {k.name: min(k.choices) for k in space.knobs}
+        for knob in rng.sample(space.searchable, 3):
+            start[knob.name] = rng.choice(knob.choices)
+        if pricing.excess(start) > 0:
+            continue
+        lazy, full = mover.fill(start), _exhaustive_fill(mover, mover._snap(start))
+        loss = [sum(mover.loss(k, v[k.name]) for k in space.searchable) for v in (lazy, full)]
+        assert loss[0] == pytest.approx(loss[1], abs=1e-12)
+        assert pricing.load(lazy) == pytest.approx(pricing.load(full))
+        assert pricing.excess(lazy) == 0
+        compared += 1
+    assert compared >= 4
