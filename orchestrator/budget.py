@@ -1,4 +1,6 @@
-"""Budgets: hard limits on size_bytes, macs and bops, parsed from `size=40KB,macs=2M`."""
+"""Budgets: hard limits on size_bytes, macs and bops (priced by the cost model), latency
+(predicted before dispatch, measured by the worker) and a metric floor, parsed from
+`size=40KB,macs=2M`, `latency<=2ms`, `metric>=0.95`."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 # budget key -> (Cost field, unit table)
 LIMITS = {"size": ("size_bytes", SIZE_UNITS), "macs": ("macs", COUNT_UNITS),
           "bops": ("bops", COUNT_UNITS)}  # fmt: skip
+TIME_UNITS = {"MS": 1.0, "S": 1e3, "US": 1e-3}  # -> milliseconds
 R = TypeVar("R")
 _AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
@@ -31,13 +34,34 @@ class Budget:
     macs: int | None = None
     bops: int | None = None
     metric_floor: float | None = None  # `metric>=X`: known only after evaluation
+    # `latency=2ms`: milliseconds in the target runtime, measured by the worker and
+    # predicted before dispatch (orchestrator/latency.py)
+    latency_ms: float | None = None
 
     @property
     def limits(self) -> dict[str, int]:
         return {f: getattr(self, f) for f, _ in LIMITS.values() if getattr(self, f) is not None}
 
     def __bool__(self) -> bool:
-        return bool(self.limits) or self.metric_floor is not None
+        return self.priced or self.metric_floor is not None
+
+    @property
+    def priced(self) -> bool:
+        """Limits known (or predicted) before evaluation: repairs and fills aim at them."""
+        return bool(self.limits) or self.latency_ms is not None
+
+    def latency_violation(self, latency_ms: float | None) -> float:
+        """Optuna constraint for the latency limit: > 0 over it; 0 without a limit or a
+        value (a prediction not yet possible)."""
+        if self.latency_ms is None or latency_ms is None:
+            return 0.0
+        return latency_ms / self.latency_ms - 1.0
+
+    def keeps_latency(self, latency_ms: float | None) -> bool:
+        """A measured latency within the limit (a trial never measured keeps none)."""
+        if self.latency_ms is None:
+            return True
+        return latency_ms is not None and latency_ms == latency_ms and latency_ms <= self.latency_ms
 
     def metric_violation(self, metric: float | None) -> float:
         """Optuna constraint for the floor: > 0 when the metric is below it (or unknown)."""
@@ -56,9 +80,10 @@ class Budget:
         return all(v <= 0 for v in self.violations(cost).values())
 
     def within(self, row: Any) -> bool:
-        """A finished trial (attributes size_bytes, macs, bops, metric) keeps every limit
-        and the floor."""
-        return self.allows(row) and self.keeps(row.metric)
+        """A finished trial (attributes size_bytes, macs, bops, metric; latency_ms with a
+        latency limit) keeps every limit and the floor."""
+        return (self.allows(row) and self.keeps(row.metric)
+                and self.keeps_latency(getattr(row, "latency_ms", None)))  # fmt: skip
 
     def rank(self, size_bytes: float, metric: float) -> tuple[float, float]:
         """Best within budget as a sort key, lowest first: with a metric floor the smallest
@@ -76,6 +101,8 @@ class Budget:
     def describe(self) -> str:
         names = {f: k for k, (f, _) in LIMITS.items()}
         parts = [f"{names[f]}={v}" for f, v in self.limits.items()]
+        if self.latency_ms is not None:
+            parts.append(f"latency={self.latency_ms:g}ms")
         if self.metric_floor is not None:
             parts.append(f"metric>={self.metric_floor:g}")
         return ",".join(parts) or "none"
@@ -95,6 +122,18 @@ def _amount(key: str, text: str, units: dict[str, int]) -> int:
     return int(value)
 
 
+def _latency(text: str) -> float:
+    match = _AMOUNT.match(text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in TIME_UNITS:
+        raise BudgetError(f"budget 'latency={text}' is not a time; write e.g. latency=2ms "
+                          "(units: ms, s, us)")  # fmt: skip
+    value = float(match.group(1)) * TIME_UNITS[unit]
+    if not value > 0 or not math.isfinite(value):
+        raise BudgetError(f"budget 'latency={text}' must be positive")
+    return value
+
+
 def _floor(text: str) -> float:
     try:
         value = float(text.removeprefix(">="))
@@ -106,14 +145,15 @@ def _floor(text: str) -> float:
 
 
 def parse_budget(spec: str | dict | None) -> Budget:
-    """`"size=40KB,macs=2M"`, `"metric>=0.95"`, or a mapping (`{"size": "40KB",
-    "metric": 0.95}`) -> Budget."""
+    """`"size=40KB,macs=2M"`, `"latency<=2ms"`, `"metric>=0.95"` (a limit is written
+    `KEY=VALUE` or `KEY<=VALUE`), or a mapping (`{"size": "40KB", "metric": 0.95}`) ->
+    Budget."""
     if spec is None or spec == "" or spec == {}:
         return Budget()
     if isinstance(spec, str):
         pairs = []
         for part in spec.split(","):
-            part = part.replace(">=", "=", 1) if part.strip().startswith("metric") else part
+            part = part.replace(">=" if part.strip().startswith("metric") else "<=", "=", 1)
             key, sep, value = part.partition("=")
             if not sep:
                 raise BudgetError(f"budget part '{part.strip()}' needs KEY=VALUE, e.g. size=40KB")
@@ -127,8 +167,12 @@ def parse_budget(spec: str | dict | None) -> Budget:
         if key == "metric":
             fields["metric_floor"] = _floor(value)
             continue
+        if key == "latency":
+            fields["latency_ms"] = _latency(value)
+            continue
         if key not in LIMITS:
-            raise BudgetError(f"unknown budget '{key}'; use {', '.join(LIMITS)} or metric>=X")
+            raise BudgetError(f"unknown budget '{key}'; use {', '.join(LIMITS)}, latency or "
+                              "metric>=X")  # fmt: skip
         field, units = LIMITS[key]
         fields[field] = _amount(key, value, units)
     return Budget(**fields)

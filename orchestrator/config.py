@@ -238,8 +238,10 @@ class SearchConfig(_Frozen):
         """What a worker needs to score for the target (orchestrator/targets)."""
         from orchestrator.targets import target_of
 
+        measure = (target_of(self.target).measures_latency
+                   or self.parsed_budget.latency_ms is not None)  # fmt: skip
         return TargetSettings(name=self.target, latency=LatencySettings(**self.latency.model_dump()),
-                              measure_latency=target_of(self.target).measures_latency)  # fmt: skip
+                              measure_latency=measure)  # fmt: skip
 
     @property
     def directions(self) -> list[str]:

@@ -144,6 +144,12 @@ class Evaluator:
         artifact = self.runner.artifact(self.rebuilder.model, {})
         return float(self.task.metric(artifact.model, self.validation))
 
+    def base_latency(self) -> float:
+        """The unchanged model's median latency in the target runtime (ms)."""
+        self.rebuilder.restore()
+        return self.runner.latency(self.runner.artifact(self.rebuilder.model, {}),
+                                   self.latency_inputs)[0]  # fmt: skip
+
     def evaluate(self, policy: Mapping[str, int | float], *, size: int | None = None,
                  front: Sequence[tuple[int, float]] = (),
                  fidelity: FidelitySettings | None = None,

@@ -551,9 +551,13 @@ def export_best(
         raise ConfigError(f"--out '{target}' is a file; give a directory")
     if check_format(format, config) == "onnx":
         task, base, space = study_space(config, run)
-        files = export_onnx_trial(config, run, row, space, task, base, budget=limits,
-                                  device=_device(config))  # fmt: skip
-        _write(target, files, stale=(MODEL_FILE, MANIFEST_FILE))
+        with _threads(int(config.workers.cpus_per_worker)):
+            data, record = export_onnx_trial(config, run, row, space, task, base, budget=limits,
+                                             device=_device(config))  # fmt: skip
+        record["model_file"]["name"] = ONNX_FILE
+        record["versions"] = versions()
+        _write(target, {ONNX_FILE: data, POLICY_FILE: _json_bytes(record)},
+               stale=(MODEL_FILE, MANIFEST_FILE))  # fmt: skip
         return target
     if onnx:
         _require_onnx()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from typing import Any
 
 from orchestrator.budget import Budget
@@ -38,26 +37,25 @@ ONNX_POLICY_FORMAT = "prunesearch-onnx-policy/1"
 
 def export_onnx_trial(config: SearchConfig, run: RunRecord, row: Any, space: SearchSpace,
                       task: Any, base: Any, *, budget: Budget | None = None,
-                      device: Any = "cpu") -> dict[str, bytes]:  # fmt: skip
-    """The files of trial `row` as ONNX (model.onnx, policy.json), checked; nothing written."""
+                      device: Any = "cpu") -> tuple[bytes, dict[str, Any]]:  # fmt: skip
+    """Trial `row` as its ONNX file and the record of it (policy.json's), checked; nothing
+    written. The caller sets the workers' thread count."""
     from orchestrator.evaluate import Evaluator, RecoverySettings
-    from orchestrator.export import ONNX_FILE, POLICY_FILE, _threads, versions
 
     onnxruntime = target_of("onnxruntime")
     onnxruntime.check(task.example_inputs())
     deployed = config.target == "onnxruntime"
     policy = Policy.from_json(space, row.policy)
     settings = config.target_settings() if deployed else TargetSettings(name="onnxruntime")
-    with _threads(int(config.workers.cpus_per_worker)):
-        evaluator = Evaluator(task, space, recovery=RecoverySettings(**config.recovery.model_dump()),
-                              device=device, target=settings)  # fmt: skip
-        model = evaluator.compressed_model(policy)
-        if not deployed:  # no layout priced this study: the candidate's own architecture's
-            own = dataclasses.replace(space, artifact=onnxruntime.layout(model, task.example_inputs()))
-            evaluator.runner = onnxruntime.runner(own, settings, evaluator.device)
-        artifact = evaluator.runner.artifact(model, evaluator.rebuilder.weight_bits(policy))
-        metric = float(task.metric(artifact.model, evaluator.validation))
-        median, p90 = evaluator.runner.latency(artifact, evaluator.latency_inputs)
+    evaluator = Evaluator(task, space, recovery=RecoverySettings(**config.recovery.model_dump()),
+                          device=device, target=settings)  # fmt: skip
+    model = evaluator.compressed_model(policy)
+    if not deployed:  # no layout priced this study: the candidate's own architecture's
+        own = dataclasses.replace(space, artifact=onnxruntime.layout(model, task.example_inputs()))
+        evaluator.runner = onnxruntime.runner(own, settings, evaluator.device)
+    artifact = evaluator.runner.artifact(model, evaluator.rebuilder.weight_bits(policy))
+    metric = float(task.metric(artifact.model, evaluator.validation))
+    median, p90 = evaluator.runner.latency(artifact, evaluator.latency_inputs)
     data = artifact.data
     if deployed and len(data) != artifact_bytes(space, policy):
         raise ExportError(f"internal: the ONNX file takes {len(data)} bytes, the cost model "
@@ -72,12 +70,10 @@ def export_onnx_trial(config: SearchConfig, run: RunRecord, row: Any, space: Sea
         "latency_ms": median, "latency_p90_ms": p90,
         "recorded_latency_ms": _recorded(row, "latency_ms"),
         "latency_settings": dataclasses.asdict(settings.latency),
-        "model_file": {"name": ONNX_FILE, "bytes": len(data),
-                       "sha256": hashlib.sha256(data).hexdigest()},
-        "base": run.base.model_dump(exclude_unset=True), "versions": versions(),
+        "model_file": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+        "base": run.base.model_dump(exclude_unset=True),
     }  # fmt: skip
-    return {ONNX_FILE: data,
-            POLICY_FILE: (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()}  # fmt: skip
+    return data, record
 
 
 def _recorded(row: Any, column: str) -> float | None:

@@ -46,7 +46,8 @@ def objective_values(dirs: list[str], size: int, metric: float) -> list[float]:
 
 
 def trial_row(study: str, number: int, state: str, policy: Policy, cost: Cost, *,
-              feasible: bool, result: Mapping[str, Any], origin: str | None = None) -> Row:  # fmt: skip
+              feasible: bool, result: Mapping[str, Any], origin: str | None = None,
+              latency_predicted: float | None = None) -> Row:  # fmt: skip
     # a PRUNED row keeps the metric of the prefix it was stopped on (see `fidelity`)
     metric = result.get("metric") if state in ("COMPLETE", "PRUNED") else None
     return make_row({
@@ -56,7 +57,7 @@ def trial_row(study: str, number: int, state: str, policy: Policy, cost: Cost, *
         # the target's file as written, where the worker wrote one (the cost model's to the
         # byte: tests/test_targets.py)
         **({"size_bytes": result["artifact_bytes"]} if "artifact_bytes" in result else {}),
-        "policy_hash": policy.hash, "origin": origin,
+        "policy_hash": policy.hash, "origin": origin, "latency_predicted_ms": latency_predicted,
         "finished_at": datetime.now(timezone.utc).isoformat(),
     })  # fmt: skip
 
@@ -149,9 +150,12 @@ class Ledger:
     def tell(self, candidate: Candidate, trial: Trial, state: str, result: Mapping) -> Row:
         budget = self.budget
         metric = result.get("metric") if state in ("COMPLETE", "PRUNED") else None
-        feasible = candidate.feasible and (state != "COMPLETE" or budget.keeps(metric))
+        latency = result.get("latency_ms")
+        feasible = candidate.feasible and (state != "COMPLETE" or (
+            budget.keeps(metric) and budget.keeps_latency(latency)))  # fmt: skip
         row = trial_row(self.name, trial.number, state, candidate.policy, candidate.cost,
-                        feasible=feasible, result=result, origin=candidate.origin)  # fmt: skip
+                        feasible=feasible, result=result, origin=candidate.origin,
+                        latency_predicted=candidate.latency_predicted)  # fmt: skip
         if state in ("FAIL", "PRUNED"):
             if state == "PRUNED" and len(self.directions) == 1:
                 # the prefix it was stopped on, as an intermediate report (Optuna's pruning
@@ -161,6 +165,9 @@ class Ledger:
         else:
             if budget.metric_floor is not None:  # known only now: set before tell
                 trial.set_constraint("metric", budget.metric_violation(metric))
+            if budget.latency_ms is not None and candidate.feasible:  # measured: known now
+                trial.set_constraint("latency", budget.latency_violation(latency)
+                                     if latency is not None else 1.0)  # fmt: skip
             values = objective_values(self.directions, candidate.cost.size_bytes,
                                       INFEASIBLE_METRIC if metric is None else metric)  # fmt: skip
             frozen = self.study.tell(trial, values)

@@ -38,6 +38,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.budget import Budget
+from orchestrator.latency import LatencyModel
 from search_spaces import Knob, SearchSpace
 from search_spaces.cost import Cost, policy_cost
 from search_spaces.kinds import BITS, KEEP, KnobKind, kind_of
@@ -73,6 +74,7 @@ class Pricing:
 
     space: SearchSpace
     budget: Budget
+    latency: LatencyModel | None = None  # predicts latency for a latency limit
 
     def policy(self, values: Mapping[str, Any]) -> Policy:
         return Policy.from_values(self.space, {**self.space.fixed_values, **values})
@@ -80,10 +82,22 @@ class Pricing:
     def cost(self, values: Mapping[str, Any]) -> Cost:
         return policy_cost(self.space, self.policy(values))
 
+    def predicted_latency(self, policy: Policy) -> float | None:
+        if self.budget.latency_ms is None or self.latency is None:
+            return None
+        return self.latency.predict(policy)
+
+    def violations(self, values: Mapping[str, Any]) -> dict[str, float]:
+        """Per limit, the relative excess (the cost model's; latency as predicted)."""
+        policy = self.policy(values)
+        found = self.budget.violations(policy_cost(self.space, policy))
+        if self.budget.latency_ms is not None:
+            found["latency"] = self.budget.latency_violation(self.predicted_latency(policy))
+        return found
+
     def excess(self, values: Mapping[str, Any]) -> float:
         """Summed relative excess over the budget's limits (0 within it)."""
-        violations = self.budget.violations(self.cost(values))
-        return sum(max(0.0, v) for v in violations.values())
+        return self.measure(values)[0]
 
     def load(self, values: Mapping[str, Any]) -> float:
         """The largest share of a limit used (1.0 at the budget's edge)."""
@@ -91,7 +105,7 @@ class Pricing:
 
     def measure(self, values: Mapping[str, Any]) -> tuple[float, float]:
         """(excess, load) of one pricing."""
-        violations = self.budget.violations(self.cost(values)).values()
+        violations = self.violations(values).values()
         return (sum(max(0.0, v) for v in violations),
                 max((v + 1.0 for v in violations), default=0.0))  # fmt: skip
 
@@ -103,7 +117,7 @@ def baselines(pricing: Pricing, *, within_budget: bool) -> list[Values]:
     budget and the answer can never be worse. Else (the front): float, 8, 4 and 2 bits,
     nothing pruned, the landmarks of the size axis."""
     space = pricing.space
-    if not (within_budget and pricing.budget.limits):
+    if not (within_budget and pricing.budget.priced):
         found = [uniform_values(space, bits) for bits in UNIFORM_BASELINE_BITS]
     else:
         bits_choices = sorted(_choices(space, BITS) or {BITS.reference}, reverse=True)
@@ -298,7 +312,7 @@ class Mover:
         fit or gains nothing never will. Each step prices a knob or two, not all of them
         (issue 15: 81 knobs took 8,000 pricings per fill)."""
         values = self._snap(values)
-        if not self.pricing.budget.limits:
+        if not self.pricing.budget.priced:
             return values
         load = self.pricing.load(values)
         heap = [(-math.inf, i) for i, k in enumerate(self.knobs) if k.name not in hold]

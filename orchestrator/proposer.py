@@ -21,11 +21,12 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.trial import Trial
 
+from orchestrator.latency import LatencyModel
 from orchestrator.prepare import Prepared
 from orchestrator.proposals import LocalShare, LossModel, Mover, Pricing, baselines
 from search_spaces import Knob
 from search_spaces.cost import Cost, policy_cost
-from search_spaces.kinds import kind_of
+from search_spaces.kinds import kind_of, reference_values
 from search_spaces.policy import Policy
 
 
@@ -38,6 +39,7 @@ class Candidate:
     origin: str  # sampler | baseline (uniform) | seed (knapsack) | repair | local | requeued
     # asks of the same policy while this one is in flight (each keeps its own origin)
     duplicates: list[Candidate] = field(default_factory=list)
+    latency_predicted: float | None = None  # ms, with a latency limit (orchestrator/latency.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,21 +80,27 @@ def distribution(knob: Knob) -> BaseDistribution:
 class Proposer:
     def __init__(self, prepared: Prepared, study: optuna.Study, *, record: Record,
                  flight: Flight, guidance: Guidance = Guidance(),
-                 requeue: Sequence[Mapping[str, Any]] = (), first: bool = True) -> None:  # fmt: skip
+                 requeue: Sequence[Mapping[str, Any]] = (), first: bool = True,
+                 base_latency: float | None = None) -> None:  # fmt: skip
         """`requeue`: params of a resumed study's interrupted trials; `first`: this driver
-        created the study, so it queues the baselines and seeds (a joining one does not)."""
+        created the study, so it queues the baselines and seeds (a joining one does not);
+        `base_latency`: the unchanged model's, measured by a worker (a latency limit)."""
         config, space = prepared.config, prepared.space
         self.study, self.record, self.flight = study, record, flight
         self.target = config.trials
         self.distributions = {k.name: distribution(k) for k in space.searchable}
-        self.pricing = Pricing(space, prepared.budget)
+        self.latency = LatencyModel(space) if prepared.budget.latency_ms is not None else None
+        if self.latency is not None and base_latency is not None:  # the unchanged model's
+            self.latency.observe(Policy.from_values(space, reference_values(space.knobs)),
+                                 base_latency)  # fmt: skip
+        self.pricing = Pricing(space, prepared.budget, self.latency)
         self.mover = Mover(self.pricing, guidance.loss or LossModel.prior(space))
         self.repairs = config.repair
         # objective budget: every other ask once the first candidates are done is a local
         # move from the incumbent, fewer once they stop paying (issue 12); seeded, so a
         # run repeats with its seed
         self.local_search = (config.local_search and config.objective == "budget"
-                             and bool(prepared.budget.limits))  # fmt: skip
+                             and prepared.budget.priced)  # fmt: skip
         self.local_share = LocalShare()
         self.improvements = 0  # the record's, when local_share last heard of them
         self.rng = random.Random(config.seed)
@@ -128,12 +136,29 @@ class Proposer:
         policy = self.pricing.policy(trial.params)
         cost = policy_cost(self.pricing.space, policy)
         violations = self.pricing.budget.violations(cost)
+        predicted = self.pricing.predicted_latency(policy)
+        # over the limit beyond the predictor's typical error (else a worker measures it)
+        over = self.pricing.budget.latency_violation(
+            None if predicted is None else predicted / (1 + self.latency.margin))
         for key, excess in violations.items():
             trial.set_constraint(key, excess)
-        feasible = all(v <= 0 for v in violations.values())
+        feasible = all(v <= 0 for v in violations.values()) and over <= 0
+        if self.pricing.budget.latency_ms is not None and not feasible:
+            trial.set_constraint("latency", over)  # never measured; else set when told
         self.asks += 1
         self.infeasible += not feasible
-        return Candidate(trial, policy, cost, feasible, origin)
+        return Candidate(trial, policy, cost, feasible, origin, latency_predicted=predicted)
+
+    def measured(self, candidate: Candidate, result: Mapping[str, Any]) -> None:
+        """A worker's result: its measured latency teaches the predictor."""
+        if self.latency is not None:
+            self.latency.observe(candidate.policy, result.get("latency_ms"),
+                                 candidate.latency_predicted)  # fmt: skip
+
+    def learn(self, policy_json: str | None, latency_ms: float | None) -> None:
+        """A recorded trial's latency (a resumed study's)."""
+        if self.latency is not None and policy_json and latency_ms is not None:
+            self.latency.observe(Policy.from_json(self.pricing.space, policy_json), latency_ms)
 
     def repair(self, candidate: Candidate) -> None:
         """Queue the nearest candidate within the budget next (an over-budget ask's)."""

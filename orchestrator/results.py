@@ -45,6 +45,7 @@ SCHEMA = pa.schema(
         ("artifact_seconds", pa.float64()),  # writing the target's file, loading it to run
         ("latency_ms", pa.float64()),  # median forward in the target runtime (`latency:`)
         ("latency_p90_ms", pa.float64()),
+        ("latency_predicted_ms", pa.float64()),  # the driver's, before dispatch (latency limit)
         ("worker", pa.string()),
         ("node", pa.string()),
         ("attempt", pa.int64()),

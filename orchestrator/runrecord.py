@@ -84,10 +84,11 @@ class BudgetRecord(BaseModel):
     macs: int | None = None
     bops: int | None = None
     metric_floor: float | None = None
+    latency_ms: float | None = None
 
     @classmethod
     def of(cls, budget: Budget) -> BudgetRecord:
-        return cls(**budget.limits, metric_floor=budget.metric_floor)
+        return cls(**budget.limits, metric_floor=budget.metric_floor, latency_ms=budget.latency_ms)
 
     def budget(self) -> Budget:
         return Budget(**self.model_dump())

@@ -188,7 +188,9 @@ class Driver:
                                        ends=self.dispatcher.expected_ends())  # fmt: skip
         done = self.dispatcher.collect(timeout=min(0.2, ahead))
         for job, result in done:
-            self.ledger.record(*self.dispatcher.finish(job, result))
+            candidate, state, result = self.dispatcher.finish(job, result)
+            self.proposer.measured(candidate, result)
+            self.ledger.record(candidate, state, result)
         if not done and ahead <= 0:
             self._ask()
         self._advance(bar)
@@ -228,7 +230,8 @@ class Driver:
 
 def open_driver(prepared: Prepared, pool: Any, *, sampler: str, quiet: bool,
                 fidelity: FidelitySettings | None = None,
-                guidance: Guidance | None = None) -> Driver:  # fmt: skip
+                guidance: Guidance | None = None,
+                base_latency: float | None = None) -> Driver:  # fmt: skip
     """Open the study (new, resumed or joined) and build the driver's parts on it: the
     sampler's in-memory copy, and the durable study the recorder process writes."""
     p, stats, driver_id = prepared, DriverStats(), new_driver_id()
@@ -247,7 +250,9 @@ def open_driver(prepared: Prepared, pool: Any, *, sampler: str, quiet: bool,
     dispatcher = Dispatcher(pool, stats=stats, front=ledger.to_beat, fidelity=fidelity)
     proposer = Proposer(p, study, record=ledger, flight=dispatcher,
                         guidance=guidance or Guidance(), requeue=opened.requeue,
-                        first=opened.created)  # fmt: skip
+                        first=opened.created, base_latency=base_latency)  # fmt: skip
+    for _, row in loaded:  # a resumed study's measured latencies teach the predictor too
+        proposer.learn(row.get("policy"), row.get("latency_ms"))
     return Driver(proposer, dispatcher, ledger, target=p.config.trials, quiet=quiet,
                   stats=stats, driver_id=driver_id)  # fmt: skip
 
@@ -525,6 +530,7 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
         timed = time.perf_counter()
         base_metric = pool.base_metric()
         eval_seconds = time.perf_counter() - timed  # one evaluation, and a Ray round trip
+        base_latency = pool.base_latency() if prepared.budget.latency_ms is not None else None
         sampler = config.sampler
         if sampler == "auto":  # by knobs, trial budget, workers started and evaluation time
             sampler = auto_sampler(len(prepared.space.searchable), config.trials, pool.size,
@@ -544,7 +550,8 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
             guidance = _resumed_guidance(prepared, base_metric)
         with _deferred_interrupt() as deferred:  # a study half opened is no study to resume
             driver = open_driver(prepared, pool, sampler=sampler, quiet=quiet,
-                                 fidelity=fidelity, guidance=guidance)  # fmt: skip
+                                 fidelity=fidelity, guidance=guidance,
+                                 base_latency=base_latency)  # fmt: skip
             write_run_json(prepared, sampler=sampler, base_metric=base_metric, workers=infos,
                            driver_id=driver.driver_id)  # fmt: skip
         interrupted = interrupted or deferred.hit

@@ -80,6 +80,10 @@ class _Worker:
     def base_metric(self) -> float:
         return _finite_metric(self.evaluator.base_metric())
 
+    def base_latency(self) -> float | None:
+        measure = getattr(self.evaluator, "base_latency", None)  # a custom evaluator may not
+        return measure() if measure is not None else None
+
     def evaluate(
         self, policy: dict[str, Any], context: dict[str, Any] | None = None
     ) -> dict[str, Any]:
@@ -206,6 +210,15 @@ class WorkerPool:
             return self._get([self._idle[0].base_metric.remote()])[0]
         except RayError as exc:
             raise WorkerStartError(f"the task's metric failed on the unchanged model: "
+                                   f"{_cause(exc)}") from exc  # fmt: skip
+
+    def base_latency(self) -> float | None:
+        """The unchanged model's latency, measured on a worker (None: its evaluator does
+        not measure latency)."""
+        try:
+            return self._get([self._idle[0].base_latency.remote()])[0]
+        except RayError as exc:
+            raise WorkerStartError(f"measuring the unchanged model's latency failed: "
                                    f"{_cause(exc)}") from exc  # fmt: skip
 
     @property

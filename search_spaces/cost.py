@@ -121,7 +121,7 @@ def layer_bytes(layer: LayerInfo, setting: LayerSetting) -> int:
     return layer_encoding(layer, setting)[1]
 
 
-def layer_macs(layer: LayerInfo, setting: LayerSetting) -> int:
+def layer_macs_of(layer: LayerInfo, setting: LayerSetting) -> int:
     return setting.keep_count * layer.uses
 
 
@@ -132,7 +132,7 @@ def cost_of_settings(space: SearchSpace, settings: Mapping[str, LayerSetting]) -
     for layer in space.profile.layers:
         setting = settings[layer.name]
         size += layer_bytes(layer, setting)
-        layer_mac = layer_macs(layer, setting)
+        layer_mac = layer_macs_of(layer, setting)
         macs += layer_mac
         bops += layer_mac * min(setting.bits, FLOAT_BITS) * ACTIVATION_BITS
     params = sum(math.prod(t.shape) for t in space.profile.tensors if t.parameter)
@@ -198,6 +198,25 @@ def policy_cost(space: SearchSpace, policy: Mapping[str, int | float]) -> Cost:
     size = space.artifact.file_bytes(shapes or _sliced_shapes(space, {}),
                                      _weight_bits(space, settings))  # fmt: skip
     return dataclasses.replace(cost, size_bytes=size)
+
+
+def layer_macs(space: SearchSpace, policy: Mapping[str, int | float]) -> dict[str, int]:
+    """Multiply-accumulates each compressible layer keeps under `policy` (what `macs`
+    sums), by layer: the latency predictor's features (orchestrator/latency.py)."""
+    settings = space.layer_settings(policy)
+    if space.plan is None:
+        return {x.name: layer_macs_of(x, settings[x.name]) for x in space.profile.layers}
+    shapes = _sliced_shapes(space, space.channel_counts(policy))
+    return {x.name: sum(math.prod(shapes[w.key]) for w in x.weights) * x.uses
+            for x in space.profile.layers}  # fmt: skip
+
+
+def sliced_weight_shapes(space: SearchSpace, policy: Mapping[str, int | float]
+                         ) -> list[tuple[LayerInfo, list[tuple[int, ...]]]]:  # fmt: skip
+    """Every compressible layer with its weights' shapes under `policy` (structured
+    pruning slices them; masks keep them): what a dense runtime computes."""
+    shapes = _sliced_shapes(space, space.channel_counts(policy) if space.plan else {})
+    return [(x, [shapes[w.key] for w in x.weights]) for x in space.profile.layers]
 
 
 def _weight_bits(space: SearchSpace, settings: Mapping[str, LayerSetting]) -> dict[str, int]:
