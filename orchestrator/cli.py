@@ -383,7 +383,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_front(args: argparse.Namespace) -> int:
     from orchestrator.remote import local_copy
-    from orchestrator.results import compute_front
+    from orchestrator.results import compute_front, front_axis
     from orchestrator.runrecord import read_study
     from orchestrator.summary import print_front
 
@@ -391,7 +391,8 @@ def cmd_front(args: argparse.Namespace) -> int:
         run, trials = read_study(study_dir)
     # where run.json lacks them the front prints without the base columns
     base = run.base.model_dump(include={"size_bytes", "metric"}, exclude_none=True)
-    print_front(compute_front(trials), base=base)
+    axis = front_axis(run.config)
+    print_front(compute_front(trials, axis), base=base, axis=axis)
     return 0
 
 

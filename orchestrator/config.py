@@ -149,6 +149,9 @@ class SearchConfig(_Frozen):
     sampler: Literal[SAMPLERS] = "auto"
     # front: the whole size/metric front; budget: the best within `budget` (front kept too)
     objective: Literal["front", "budget"] = "front"
+    # the front's axis against the metric: size_bytes, or latency_ms measured in the target
+    # runtime (`latency:`)
+    front: Literal["size", "latency"] = "size"
     budget: StrictStr | dict[str, StrictStr | Number] | None = None
     pruning: PruningMode = "auto"
     # the runtime the model ships on (orchestrator/targets): what the space offers, what is
@@ -238,18 +241,24 @@ class SearchConfig(_Frozen):
         """What a worker needs to score for the target (orchestrator/targets)."""
         from orchestrator.targets import target_of
 
-        measure = (target_of(self.target).measures_latency
+        measure = (target_of(self.target).measures_latency or self.front == "latency"
                    or self.parsed_budget.latency_ms is not None)  # fmt: skip
         return TargetSettings(name=self.target, latency=LatencySettings(**self.latency.model_dump()),
                               measure_latency=measure)  # fmt: skip
 
     @property
     def directions(self) -> list[str]:
-        """Optuna directions. front: (size_bytes, metric); budget: the metric within the
-        budget, or with a metric floor (`metric>=X`) the size of the smallest model."""
+        """Optuna directions. front: (size_bytes or latency_ms, metric); budget: the metric
+        within the budget, or with a metric floor (`metric>=X`) the size of the smallest
+        model."""
         if self.objective == "front":
             return ["minimize", "maximize"]
         return ["minimize"] if self.parsed_budget.metric_floor is not None else ["maximize"]
+
+    @property
+    def front_axis(self) -> str:
+        """The trial column of the front's (and the front objective's) first axis."""
+        return {"size": "size_bytes", "latency": "latency_ms"}[self.front]
 
     @property
     def parsed_budget(self) -> Budget:

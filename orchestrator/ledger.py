@@ -21,6 +21,7 @@ from orchestrator.timing import DriverStats
 from search_spaces.cost import Cost, policy_cost
 from search_spaces.policy import Policy
 
+UNMEASURED_MS = 1e9  # a latency front's value for a trial whose latency nobody knows
 INFEASIBLE_METRIC = 0.0  # told for over-budget trials; constraints rank them, not this value
 NO_WORK = {"eval_seconds": 0.0, "rebuild_seconds": 0.0, "recovery_seconds": 0.0,
            "artifact_seconds": 0.0}  # cached
@@ -66,7 +67,7 @@ def loaded_rows(prepared: Prepared, opened: OpenedStudy) -> list[tuple[FrozenTri
     """Every finished trial of the opened study with its row (an interrupted one's made
     now), after writing the rows the Parquet files lack (a crash between the two writes;
     a live driver's recorder writes its own)."""
-    sink = ResultSink(prepared.study_dir)
+    sink = ResultSink(prepared.study_dir, axis=prepared.config.front_axis)
     loaded = []
     for trial in opened.finished:
         row = trial.user_attrs.get(ROW_ATTR) or _interrupted_row(prepared, trial)
@@ -91,6 +92,7 @@ class Ledger:
         self.study, self.recorder, self.stats = study, recorder, stats
         self.name, self.budget = prepared.study, prepared.budget
         self.directions, self.objective = prepared.config.directions, prepared.config.objective
+        self.axis = prepared.config.front_axis
         self.cache: dict[str, tuple[int, Row]] = {}  # policy hash -> (trial, row)
         self.params_of: dict[str, dict[str, Any]] = {}  # policy hash -> params as asked
         self.best_row: Row | None = None  # the best feasible complete trial
@@ -168,7 +170,7 @@ class Ledger:
             if budget.latency_ms is not None and candidate.feasible:  # measured: known now
                 trial.set_constraint("latency", budget.latency_violation(latency)
                                      if latency is not None else 1.0)  # fmt: skip
-            values = objective_values(self.directions, candidate.cost.size_bytes,
+            values = objective_values(self.directions, self._axis_value(candidate, latency),
                                       INFEASIBLE_METRIC if metric is None else metric)  # fmt: skip
             frozen = self.study.tell(trial, values)
         self.recorder.finished(frozen, row)
@@ -203,6 +205,14 @@ class Ledger:
         """(metric, size) of the best trial within the budget, for the progress bar."""
         row = self.best_row
         return None if row is None else (row["metric"], row["size_bytes"])
+
+    def _axis_value(self, candidate: Candidate, latency: float | None) -> float:
+        """The front objective's first value: the cost model's size, or the measured
+        latency (predicted for a candidate never measured; unknown: UNMEASURED_MS)."""
+        if self.axis == "size_bytes":
+            return candidate.cost.size_bytes
+        value = latency if latency is not None else candidate.latency_predicted
+        return UNMEASURED_MS if value is None else float(value)
 
     def to_beat(self) -> list[tuple[int, float]]:
         """What a candidate must be able to reach to matter, as (size, metric) points for

@@ -1,5 +1,6 @@
 """The recorder: the process (`python -m orchestrator.recorder URL STUDY STUDY_DIR
-FLUSH_SECONDS DRIVER_ID own|shared REMOTE`; REMOTE: the study's URI, or '-') and the
+FLUSH_SECONDS DRIVER_ID own|shared REMOTE AXIS`; REMOTE: the study's URI, or '-'; AXIS:
+the front's column, size_bytes or latency_ms) and the
 driver's handle on it (`Recorder`). Why a process: orchestrator/store.py.
 
 Reads the driver's messages from stdin until end-of-file, writes each trial to the
@@ -46,8 +47,9 @@ def main(argv: list[str]) -> int:
     driver_id, shared = argv[4], argv[5] == "shared"
     storage = open_storage(url)
     study_id = storage.get_study_id_from_name(study_name)
-    writer = StudyWriter(storage, study_id, ResultSink(study_dir), driver_id=driver_id,
-                         shared=shared)  # fmt: skip
+    axis = argv[7] if len(argv) > 7 else "size_bytes"
+    writer = StudyWriter(storage, study_id, ResultSink(study_dir, axis=axis),
+                         driver_id=driver_id, shared=shared)  # fmt: skip
     rounds = Housekeeping(writer, flush_seconds, driver=os.getppid(),
                           mirror=Mirror(argv[6], study_dir) if argv[6] != "-" else None)  # fmt: skip
     if shared:  # stdout carries the feed alone: anything printed goes to stderr
@@ -139,11 +141,11 @@ class Recorder:
 
     def __init__(self, url: str, study_name: str, study_dir: Path, *, driver_id: str,
                  shared: bool = False, remote: str | None = None,
-                 flush_seconds: float = 1.0) -> None:  # fmt: skip
+                 flush_seconds: float = 1.0, axis: str = "size_bytes") -> None:  # fmt: skip
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - open for the child's lifetime
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.recorder", url, study_name, str(study_dir),
-             str(flush_seconds), driver_id, "shared" if shared else "own", remote or "-"],
+             str(flush_seconds), driver_id, "shared" if shared else "own", remote or "-", axis],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE if shared else subprocess.DEVNULL,
             stderr=self._stderr, start_new_session=True,
             env={**os.environ, "PYTHONPATH": _package_root()},

@@ -105,11 +105,16 @@ def nondominated(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(kept, key=lambda i: (points[i][0], -points[i][1], i))
 
 
-def compute_front(trials: pd.DataFrame) -> pd.DataFrame:
-    """The front over feasible COMPLETE trials; one row per distinct policy (lowest trial)."""
-    done = trials[(trials["state"] == "COMPLETE") & trials["feasible"].astype(bool)]
+FRONT_AXES = {"size": "size_bytes", "latency": "latency_ms"}  # config `front:` -> column
+
+
+def compute_front(trials: pd.DataFrame, axis: str = "size_bytes") -> pd.DataFrame:
+    """The front over feasible COMPLETE trials, `axis` (size_bytes or latency_ms) against
+    the metric; one row per distinct policy (lowest trial)."""
+    done = trials[(trials["state"] == "COMPLETE") & trials["feasible"].astype(bool)
+                  & trials[axis].notna()]  # fmt: skip
     done = done.sort_values("trial").drop_duplicates("policy_hash", keep="first")
-    points = list(zip(done["size_bytes"].astype(float), done["metric"].astype(float), strict=True))
+    points = list(zip(done[axis].astype(float), done["metric"].astype(float), strict=True))
     return done.iloc[nondominated(points)].reset_index(drop=True)
 
 
@@ -125,8 +130,8 @@ class ResultSink:
     before it rewrites the front, so `pareto.parquet` covers every driver's trials.
     Parts merged away by `compact` (any sink's) are followed: see `_absorb_new_parts`."""
 
-    def __init__(self, study_dir: Path) -> None:
-        self.dir = Path(study_dir)
+    def __init__(self, study_dir: Path, *, axis: str = "size_bytes") -> None:
+        self.dir, self.axis = Path(study_dir), axis
         (self.dir / "trials").mkdir(parents=True, exist_ok=True)
         self.table = SCHEMA.empty_table()
         self.recorded: set[int] = set()
@@ -156,7 +161,7 @@ class ResultSink:
         self._mine.add(name)
         self.pending.clear()
         self.table = pa.concat_tables([self.table, new])
-        front = compute_front(self.table.to_pandas())
+        front = compute_front(self.table.to_pandas(), self.axis)
         _atomic_write_table(self.dir / "pareto.parquet",
                             pa.Table.from_pandas(front, schema=SCHEMA, preserve_index=False))  # fmt: skip
 
@@ -212,5 +217,10 @@ def load_results(study_dir: str | Path) -> pd.DataFrame:
         return read_trials(path).sort_values("trial").reset_index(drop=True)
 
 
-def load_front(study_dir: str | Path) -> pd.DataFrame:
-    return compute_front(load_results(study_dir))
+def load_front(study_dir: str | Path, *, axis: str = "size_bytes") -> pd.DataFrame:
+    return compute_front(load_results(study_dir), axis)
+
+
+def front_axis(config: Mapping[str, Any] | None) -> str:
+    """The front's column of a study by its recorded config (`front:`; size before it)."""
+    return FRONT_AXES[(config or {}).get("front", "size")]

@@ -127,6 +127,8 @@ def fidelity_settings(prepared: Prepared, *, custom_evaluator: bool) -> Fidelity
     metric (whose range [0, 1] the bound needs)."""
     from orchestrator.batches import accuracy
 
+    if prepared.config.front == "latency":  # a candidate's latency is known only once scored
+        return None
     config = prepared.config.fidelity
     enabled = config.enabled
     if enabled == "auto":
@@ -245,7 +247,8 @@ def open_driver(prepared: Prepared, pool: Any, *, sampler: str, quiet: bool,
     study.add_trials(opened.finished)  # numbered 0, 1, ... here
     loaded = loaded_rows(p, opened)
     recorder = Recorder(url, p.study, p.study_dir, driver_id=driver_id, shared=p.join,
-                        remote=p.mirror.uri if p.mirror else None)  # fmt: skip
+                        remote=p.mirror.uri if p.mirror else None,
+                        axis=p.config.front_axis)  # fmt: skip
     ledger = Ledger(p, study, recorder, loaded, stats=stats)
     dispatcher = Dispatcher(pool, stats=stats, front=ledger.to_beat, fidelity=fidelity)
     proposer = Proposer(p, study, record=ledger, flight=dispatcher,
@@ -567,7 +570,7 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
             raise RayLostError(driver.lost)
     trials = read_trials(prepared.study_dir)
     return SearchResult(study=prepared.study, study_dir=prepared.study_dir, trials=trials,
-                        front=compute_front(trials), base_metric=base_metric,
+                        front=compute_front(trials, config.front_axis), base_metric=base_metric,
                         base_size=prepared.base_cost.size_bytes, sampler=sampler,
                         interrupted=driver.interrupted, seconds=time.monotonic() - started,
                         error=driver.error, driver=driver.stats.as_dict(),

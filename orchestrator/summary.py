@@ -55,15 +55,18 @@ def print_space(space: SearchSpace) -> None:
           f"{format_bytes(smallest.size_bytes)}")  # fmt: skip
 
 
-def print_front(front: pd.DataFrame, *, base: dict[str, Any]) -> None:
+def print_front(front: pd.DataFrame, *, base: dict[str, Any], axis: str = "size_bytes") -> None:
     base_size, base_metric = base.get("size_bytes"), base.get("metric")
+    timed = front["latency_ms"].notna().any() if "latency_ms" in front else False
     rows = []
-    for r in front.sort_values("size_bytes").itertuples():
+    for r in front.sort_values([axis, "size_bytes"]).itertuples():
         ratio = f"{base_size / r.size_bytes:.1f}x" if base_size else ""
         delta = f"{r.metric - base_metric:+.4f}" if base_metric is not None else ""
-        rows.append([r.trial, format_bytes(r.size_bytes), ratio, f"{r.metric:.4f}", delta,
-                     f"{r.macs:,}", f"{r.bops:,}"])  # fmt: skip
-    _print_table(["trial", "size", "smaller", "metric", "vs base", "macs", "bops"], rows)
+        latency = [f"{r.latency_ms:.3f}" if r.latency_ms == r.latency_ms else "-"] if timed else []
+        rows.append([r.trial, format_bytes(r.size_bytes), ratio, *latency, f"{r.metric:.4f}",
+                     delta, f"{r.macs:,}", f"{r.bops:,}"])  # fmt: skip
+    _print_table(["trial", "size", "smaller", *(["latency ms"] if timed else []), "metric",
+                  "vs base", "macs", "bops"], rows)  # fmt: skip
 
 
 def print_summary(result: Any, prepared: Any) -> None:
@@ -72,8 +75,10 @@ def print_summary(result: Any, prepared: Any) -> None:
     print(f"\nbase model: {format_bytes(result.base_size)}, metric {result.base_metric:.4f}")
     print(f"trials: {len(trials)} finished ({', '.join(f'{v} {k}' for k, v in counts.items())}) "
           f"in {result.seconds:.0f} s with sampler {result.sampler}")  # fmt: skip
-    print("\nfront (size against metric):")
-    print_front(result.front, base={"size_bytes": result.base_size, "metric": result.base_metric})
+    axis = prepared.config.front_axis
+    print(f"\nfront ({prepared.config.front} against metric):")
+    print_front(result.front, base={"size_bytes": result.base_size, "metric": result.base_metric},
+                axis=axis)  # fmt: skip
     baselines = trials[trials["origin"] == "baseline"].sort_values("size_bytes")
     if not baselines.empty:
         on_front = set(result.front["trial"])

@@ -101,3 +101,30 @@ def test_a_latency_budget_is_kept_by_measurement(ray_cluster, tmp_path):
     assert (done["feasible"] == (done["latency_ms"] <= limit)).all()
     record = json.loads((tmp_path / "s" / "run.json").read_text())
     assert record["budget"]["latency_ms"] == pytest.approx(limit, rel=1e-6)
+
+
+def test_a_latency_front_is_over_measured_latency(ray_cluster, tmp_path):
+    """`front: latency`: the study's first objective is each trial's measured latency,
+    and pareto.parquet is the non-dominated set over (latency_ms, metric)."""
+    import optuna
+
+    cfg = make_config({"task": "digits-cnn", "target": "onnxruntime", "front": "latency",
+                       "out": str(tmp_path), "study": "s", "trials": 12, "workers": {"count": 2},
+                       "latency": {"repeats": 10, "warmup": 2}})  # fmt: skip
+    run_search(cfg)
+    trials = pd.read_parquet(tmp_path / "s" / "trials").set_index("trial")
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/s/study.db")
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) >= 6
+    for t in done:
+        assert t.values[0] == pytest.approx(trials.loc[t.number, "latency_ms"])
+    front = pd.read_parquet(tmp_path / "s" / "pareto.parquet")
+    points = list(zip(front["latency_ms"], front["metric"], strict=True))
+    candidates = trials[(trials["state"] == "COMPLETE") & trials["feasible"]]
+    for latency, metric in zip(candidates["latency_ms"], candidates["metric"], strict=True):
+        beaten = any(lat <= latency and m >= metric and (lat, m) != (latency, metric)
+                     for lat, m in points)  # fmt: skip
+        assert beaten or (latency, metric) in points
+    for i, (latency, metric) in enumerate(points):  # nothing on it is dominated
+        assert not any(lat <= latency and m >= metric and j != i and (lat, m) != (latency, metric)
+                       for j, (lat, m) in enumerate(points))  # fmt: skip
