@@ -88,7 +88,8 @@ class BudgetRecord(BaseModel):
 
     @classmethod
     def of(cls, budget: Budget) -> BudgetRecord:
-        return cls(**budget.limits, metric_floor=budget.metric_floor, latency_ms=budget.latency_ms)
+        latency = {} if budget.latency_ms is None else {"latency_ms": budget.latency_ms}
+        return cls(**budget.limits, metric_floor=budget.metric_floor, **latency)
 
     def budget(self) -> Budget:
         return Budget(**self.model_dump())

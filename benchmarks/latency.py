@@ -1,0 +1,138 @@
+"""Search what you deploy (issue 15): float ONNX vs uniform int8 weights vs the best
+searched policy under a latency budget of 60% of the float model's, all measured in ONNX
+Runtime on this machine, side by side in one run.
+
+    python benchmarks/latency.py                        # four models, 32 trials each
+    python benchmarks/latency.py --tasks digits-resnet --trials 16
+
+Per model (`target: onnxruntime`, `latency: {batch: 1, threads: 1, warmup: 10, repeats:
+50}`, 2 workers, `objective: budget`):
+- float / int8 W8A32: the uniform policies, each evaluated once by the same Evaluator a
+  worker runs (its ONNX file built, scored and timed in ONNX Runtime). Activations stay
+  float: the activation-bits knob (W8A8) is not built yet;
+- searched: `prunesearch run` with `budget: latency<=0.6 x float`; the best trial within it;
+- prediction error: |predicted / measured - 1| of the driver's latency prediction over
+  every candidate measured in the search (median, p90; target median <= 10%);
+- size vs predicted: every evaluated candidate's ONNX file against the cost model's
+  size_bytes (target: equal to the byte);
+- artifact share: writing the ONNX file and making its session, over the whole
+  evaluation (median over the search's candidates; target <= 20%).
+The vision models are torchvision's resnet18 and mobilenet_v2 at 64x64 (random init,
+BatchNorm statistics settled; metric: top-1 agreement with the float model), so their
+metric falls fast with any compression; the figures that matter here are latency, size
+and the predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TASKS = ["digits-resnet", "digits-lstm", "orchestrator.tasks.vision:resnet18",
+         "orchestrator.tasks.vision:mobilenet_v2"]  # fmt: skip
+LATENCY = {"batch": 1, "threads": 1, "warmup": 10, "repeats": 50}
+SHARE = 0.6  # the latency budget, of the float model's latency
+
+
+def _uniform(config, bits: int) -> dict:
+    from orchestrator.evaluate import Evaluator, RecoverySettings
+    from orchestrator.prepare import build_space
+    from search_spaces.cost import policy_cost
+    from search_spaces.policy import Policy
+
+    task, _, space = build_space(config)
+    evaluator = Evaluator(task, space, recovery=RecoverySettings(),
+                          target=config.target_settings())  # fmt: skip
+    policy = Policy.uniform(space, bits)
+    result = evaluator.evaluate(policy)
+    return {"metric": result["metric"], "latency_ms": result["latency_ms"],
+            "size_bytes": result["artifact_bytes"],
+            "predicted_bytes": policy_cost(space, policy).size_bytes}  # fmt: skip
+
+
+def _search(config_data: dict, limit_ms: float, trials: int, out: Path) -> dict:
+    import numpy as np
+
+    from orchestrator.config import make_config
+    from orchestrator.prepare import build_space
+    from orchestrator.search import run_search
+    from search_spaces.cost import policy_cost
+    from search_spaces.policy import Policy
+
+    config = make_config({**config_data, "objective": "budget", "trials": trials,
+                          "budget": f"latency<={limit_ms:.4f}ms", "out": str(out),
+                          "study": "s", "workers": {"count": 2}})  # fmt: skip
+    start = time.monotonic()
+    result = run_search(config)
+    seconds = time.monotonic() - start
+    trials_df = result.trials
+    scored = trials_df[trials_df["latency_ms"].notna() & trials_df["cached_from"].isna()]
+    error = (scored["latency_predicted_ms"] / scored["latency_ms"] - 1).abs().dropna()
+    _, _, space = build_space(config)
+    mismatched = sum(int(r.size_bytes) != policy_cost(space, Policy.from_json(space, r.policy)).size_bytes
+                     for r in scored.itertuples())  # fmt: skip
+    best = result.best_within_budget()
+    return {
+        "best": None if best is None else {"metric": best["metric"], "latency_ms": best["latency_ms"],
+                                           "size_bytes": best["size_bytes"]},
+        "error_median": float(np.median(error)) if len(error) else None,
+        "error_p90": float(np.quantile(error, 0.9)) if len(error) else None,
+        "measured": len(scored), "mismatched": mismatched,
+        "artifact_share": float((scored["artifact_seconds"] / scored["eval_seconds"]).median()),
+        "infeasible": int((trials_df["state"] == "INFEASIBLE").sum()),
+        "within": int(((trials_df["state"] == "COMPLETE") & trials_df["feasible"]).sum()),
+        "seconds": seconds,
+    }  # fmt: skip
+
+
+def _row(name: str, row: dict | None) -> str:
+    if row is None:
+        return f"{name}: none within the budget"
+    return (f"{name} {row['latency_ms']:.3f} ms, {row['size_bytes'] / 1e3:,.1f} KB, "
+            f"metric {row['metric']:.4f}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--trials", type=int, default=32)
+    args = parser.parse_args()
+    from orchestrator.config import make_config
+
+    header = ["model", "float", "int8 W8A32", "budget", "searched (best within budget)",
+              "prediction error median / p90 (measured)", "size = predicted",
+              "artifact share of eval", "trials: within / infeasible by prediction", "search s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task in args.tasks.split(","):
+        data = {"task": task, "target": "onnxruntime", "latency": LATENCY}
+        config = make_config(data)
+        base, int8 = _uniform(config, 32), _uniform(config, 8)
+        limit = SHARE * base["latency_ms"]
+        with tempfile.TemporaryDirectory() as tmp:
+            found = _search(data, limit, args.trials, Path(tmp))
+        exact = all(r["size_bytes"] == r["predicted_bytes"] for r in (base, int8))
+        cells = [
+            task.rpartition(":")[2], _row("", base).strip(), _row("", int8).strip(),
+            f"<= {limit:.3f} ms", _row("", found["best"]).strip(),
+            (f"{found['error_median']:.1%} / {found['error_p90']:.1%} ({found['measured']})"
+             if found["error_median"] is not None else "-"),
+            f"{found['measured'] - found['mismatched']} of {found['measured']}"
+            + ("" if exact else " (uniform: NOT equal)"),
+            f"{found['artifact_share']:.1%}", f"{found['within']} / {found['infeasible']}",
+            f"{found['seconds']:.0f}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+        print(lines[-1], file=sys.stderr, flush=True)  # progress, row by row
+    print(f"latency: target onnxruntime (CPU), batch {LATENCY['batch']}, "
+          f"{LATENCY['threads']} thread, {args.trials} trials per search, 2 workers")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
