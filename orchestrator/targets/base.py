@@ -1,5 +1,5 @@
-"""What every deployment target provides (issue 15; one module per target: torch.py,
-onnxrt.py, registered by name in TARGETS).
+"""What every deployment target provides (issue 15; one module per target: eager.py for
+`torch`, onnxrt.py for `onnxruntime`, registered by name in TARGETS).
 
 A target is the runtime the model ships on. It says what it stores (weight bits per layer
 type: the space offers only those), which pruning modes make its model smaller, how a

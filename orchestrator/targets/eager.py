@@ -23,7 +23,15 @@ class TorchRunner(Runner):
             torch.set_num_threads(previous)
 
     def artifact(self, model: torch.nn.Module, bits: Any) -> Artifact:
-        return Artifact(model=model, run=lambda inputs: call_model(model, inputs))
+        cuda = torch.device(self.device).type == "cuda"
+
+        def run(inputs: Any) -> Any:
+            output = call_model(model, inputs)
+            if cuda:  # kernels run asynchronously: a forward ends when they do
+                torch.cuda.synchronize(self.device)
+            return output
+
+        return Artifact(model=model, run=run)
 
 
 class TorchTarget(Target):
