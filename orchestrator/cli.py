@@ -30,6 +30,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "config", nargs="?", help="YAML config (default: the embedded digits-cnn search)"
     )
+    p.add_argument("--target", help="the runtime the model ships on: torch (default) or "
+                   "onnxruntime (key: target)")  # fmt: skip
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -37,7 +39,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, help="total trials of the study (key: trials)")
     p.add_argument("--workers", type=int, help="number of workers (key: workers.count)")
     p.add_argument(
-        "--budget", help="hard limits, e.g. size=40KB or size=1.5MB,macs=20M (key: budget)"
+        "--budget", help="hard limits, e.g. size=40KB, size=1.5MB,macs=20M or latency<=2ms "
+        "(key: budget)"
     )
     p.add_argument("--out", help="results directory, or s3://bucket/prefix, gs://bucket/prefix "
                    "(key: out, default: runs)")  # fmt: skip
@@ -46,6 +49,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", help="auto, tpe, nsga2 or random (key: sampler)")
     p.add_argument("--objective", help="front (default) or budget: the best within --budget "
                    "(key: objective)")  # fmt: skip
+    p.add_argument("--front", help="the front's axis: size (default) or latency (key: front)")
     p.add_argument("--resume", action="store_true", help="continue an existing study")
     p.add_argument("--join", action="store_true", help="run the study --study together with the "
                    "other drivers running it (starts it if none has; storage shared by all, "
@@ -137,7 +141,7 @@ def _load(args: argparse.Namespace, **overrides: Any):
         data = _recorded_config(args.out or "runs", args.study)
     else:
         data = {}
-    return make_config(data, **overrides)
+    return make_config(data, target=getattr(args, "target", None), **overrides)
 
 
 _GIVE_CONFIG = "give the study's CONFIG file"  # the fix when its recorded config is damaged
@@ -214,7 +218,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys_path = _sys_path(args)
     config = _load(args, trials=args.trials, **{"workers.count": args.workers}, budget=args.budget,
                    out=args.out, study=args.study, seed=args.seed, sampler=args.sampler,
-                   objective=args.objective, address=args.address)  # fmt: skip
+                   objective=args.objective, address=args.address, front=args.front)  # fmt: skip
     prepared = prepare(config, resume=args.resume, join=args.join)  # checks before Ray starts
     if not args.quiet:
         print(f"study {prepared.study} in {prepared.location} ({len(prepared.space.searchable)} "
