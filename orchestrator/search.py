@@ -46,6 +46,8 @@ from orchestrator.storage import study_storage
 from orchestrator.store import new_driver_id, open_study
 from orchestrator.timing import DriverStats, TimedSampler
 from search_spaces import SearchSpace
+from search_spaces.kinds import reference_values
+from search_spaces.policy import Policy
 
 # sampler name (config.SAMPLERS, but `auto`) -> factory(seed, trials); what an ask costs
 # each: auto_sampler and tpe_ask_seconds below (benchmarks/sampler.py)
@@ -258,6 +260,23 @@ def open_driver(prepared: Prepared, pool: Any, *, sampler: str, quiet: bool,
         proposer.learn(row.get("policy"), row.get("latency_ms"))
     return Driver(proposer, dispatcher, ledger, target=p.config.trials, quiet=quiet,
                   stats=stats, driver_id=driver_id)  # fmt: skip
+
+
+def _say_reach(prepared: Prepared, base_latency: float) -> None:
+    """The base model's latency beside the limit, and a warning when even the space's
+    smallest policy is predicted over it (e.g. nothing it can cut changes latency)."""
+    from orchestrator.latency import LatencyModel
+
+    space, limit = prepared.space, prepared.budget.latency_ms
+    model = LatencyModel(space)
+    model.observe(Policy.from_values(space, reference_values(space.knobs)), base_latency)
+    least = model.predict(Policy.from_values(space, space.extreme_values("min")))
+    print(f"latency: the base model runs in {base_latency:.3f} ms; limit {limit:g} ms",
+          file=sys.stderr)  # fmt: skip
+    if least is not None and least > limit:
+        print(f"latency: even the smallest policy of this space is predicted at {least:.3f} "
+              f"ms (in proportion to the work it keeps): the limit may be out of reach; "
+              "candidates predicted over it are recorded INFEASIBLE", file=sys.stderr)  # fmt: skip
 
 
 def _refresh(prepared: Prepared) -> Callable[[], None] | None:
@@ -534,6 +553,8 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
         base_metric = pool.base_metric()
         eval_seconds = time.perf_counter() - timed  # one evaluation, and a Ray round trip
         base_latency = pool.base_latency() if prepared.budget.latency_ms is not None else None
+        if base_latency is not None and not quiet:
+            _say_reach(prepared, base_latency)
         sampler = config.sampler
         if sampler == "auto":  # by knobs, trial budget, workers started and evaluation time
             sampler = auto_sampler(len(prepared.space.searchable), config.trials, pool.size,
