@@ -13,6 +13,10 @@ loaded model's metric against the recorded one before writing anything. Files (d
 - `policy.json`: what was exported and why (policy, per-layer table, predicted cost,
   recorded and verified metric, versions); no timestamps, so exports are byte-identical;
 - `model.onnx` (optional, the `onnx` extra): the loaded model, checked with onnxruntime.
+
+Each export also leaves a record of what it found in the study directory,
+`exports/trial-<N>-<format>.json` (recorded against artifact metric, size and latency, the
+time and where the files went), which `prunesearch report` shows as its parity table.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import logging
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from orchestrator.atomic import atomic_write_bytes
+from orchestrator.atomic import atomic_write_bytes, atomic_write_json
 from orchestrator.batches import call_model, to_device
 from orchestrator.budget import Budget, BudgetError, format_bytes, parse_budget
 from orchestrator.compress.architecture import architecture, build_architecture
@@ -69,6 +74,8 @@ METRIC_TOLERANCE = 1e-9  # the loaded model must score what the trial recorded
 ONNX_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3}  # onnxruntime vs torch outputs
 LOADER_CONFIG_KEYS = ("task", "pruning", "importance", "space")
 MODEL_FIELDS = ("bytes", "payload_bytes", "header_bytes", "sha256")  # policy.json's model_file
+EXPORTS_DIR = "exports"  # <study_dir>/exports/trial-<N>-<format>.json: the parity records
+RECORD_FORMAT = "prunesearch-export-record/1"
 
 
 # -- which trial ------------------------------------------------------------------------
@@ -545,7 +552,8 @@ def export_best(
         raise ConfigError(f"study '{study_dir}' is damaged: run.json's config: {exc}") from None
     # the study's budget picks the best; a named trial is checked only against --budget
     limits = _budget(budget, config) if trial is None or budget is not None else Budget()
-    row = choose_trial(trials, limits, trial=trial, study=run.study or study_dir.name)
+    study = run.study or study_dir.name
+    row = choose_trial(trials, limits, trial=trial, study=study)
     target = Path(out) if out is not None else study_dir / "export"
     if target.exists() and not target.is_dir():
         raise ConfigError(f"--out '{target}' is a file; give a directory")
@@ -558,6 +566,10 @@ def export_best(
         record["versions"] = versions()
         _write(target, {ONNX_FILE: data, POLICY_FILE: _json_bytes(record)},
                stale=(MODEL_FILE, MANIFEST_FILE))  # fmt: skip
+        _record_export(study_dir, target, row, config, study=study, found={
+            "format": "onnx", "model_file": ONNX_FILE, "file_bytes": len(data),
+            "artifact_metric": record["artifact_metric"], "metric_measured_in": "onnxruntime",
+            "artifact_latency_ms": record["latency_ms"]})  # fmt: skip
         return target
     if onnx:
         _require_onnx()
@@ -567,6 +579,10 @@ def export_best(
         files[ONNX_FILE] = onnx_bytes(exported.model, exported.example_inputs,
                                       check_inputs=exported.check_inputs)  # fmt: skip
     _write(target, files, stale=() if onnx else (ONNX_FILE,))
+    _record_export(study_dir, target, row, config, study=study, found={
+        "format": "safetensors", "model_file": MODEL_FILE, "file_bytes": len(files[MODEL_FILE]),
+        "artifact_metric": exported.metric, "metric_measured_in": "torch (load_compressed)",
+        "artifact_latency_ms": None})  # fmt: skip
     return target
 
 
@@ -577,3 +593,63 @@ def _write(target: Path, files: Mapping[str, bytes], *, stale: tuple[str, ...]) 
         atomic_write_bytes(target / name, data)
     for name in stale:  # never leave another export's model beside this one
         (target / name).unlink(missing_ok=True)
+
+
+# -- what each export found: the parity records ----------------------------------------
+
+
+def export_record_path(study_dir: Path, trial: int, format: str) -> Path:
+    return study_dir / EXPORTS_DIR / f"trial-{trial}-{format}.json"
+
+
+def _record_export(study_dir: Path, target: Path, row: Any, config: SearchConfig, *,
+                   study: str, found: Mapping[str, Any]) -> None:  # fmt: skip
+    """Note in the study directory what this export found (`found`: the export's format,
+    model file and its bytes, the artifact's metric and where it was measured, its latency
+    if measured) beside what the trial recorded: issue 15, point 6, the parity table of
+    `prunesearch report`. The export's own files stay timestamp-free; this record holds the
+    time. A study directory that cannot be written (read-only) keeps no record: the export
+    has succeeded, so that is a warning, not an error."""
+    out = target.resolve()
+    with contextlib.suppress(ValueError):  # inside the study: relative (a bucket's copy too)
+        out = out.relative_to(study_dir.resolve())
+    record = {
+        "record": RECORD_FORMAT, "study": study, "trial": int(row.trial),
+        "target": config.target, "out": str(out),
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "metric": float(row.metric), "size_bytes": int(row.size_bytes),
+        "latency_ms": _present(getattr(row, "latency_ms", None)),
+        **found,
+        "artifact_metric": float(found["artifact_metric"]),
+        "artifact_latency_ms": _present(found["artifact_latency_ms"]),
+    }  # fmt: skip
+    path = export_record_path(study_dir, record["trial"], found["format"])
+    try:
+        path.parent.mkdir(exist_ok=True)
+        atomic_write_json(path, record)
+    except OSError as exc:
+        log = logging.getLogger(__name__)
+        log.warning("export written, but its parity record was not: %s (%s)", path, exc)
+
+
+def _present(value: Any) -> float | None:
+    return None if value is None or value != value else float(value)  # NaN: not measured
+
+
+def read_export_records(study_dir: str | Path) -> list[dict[str, Any]]:
+    """Every export's record of a study (`exports/trial-<N>-<format>.json`), sorted by trial
+    then format; [] when nothing was exported. A record that does not read raises
+    ConfigError naming the file."""
+    found = []
+    for path in sorted((Path(study_dir) / EXPORTS_DIR).glob("trial-*.json")):
+        try:
+            record = json.loads(path.read_text())
+            if record.get("record") != RECORD_FORMAT:
+                raise ValueError(f"record {record.get('record')!r}, expected {RECORD_FORMAT!r}")
+            if not isinstance(record["trial"], int) or not isinstance(record["format"], str):
+                raise ValueError("its 'trial' is not a number or its 'format' not a name")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"export record '{path}' is damaged: {exc}; delete it or export "
+                              "that trial again") from None  # fmt: skip
+        found.append(record)
+    return sorted(found, key=lambda r: (r["trial"], r["format"]))

@@ -534,6 +534,7 @@ def test_format_onnx_of_a_torch_study_stores_integer_weights(studies, tmp_path, 
     int4, 5..8-bit in int8) behind DequantizeLinear, at the ONNX cost model's size, with
     its ONNX Runtime metric beside the recorded one."""
     import onnx
+    from onnx import numpy_helper
 
     done = _complete(studies[task])
     low = done[done["size_bytes"] == done["size_bytes"].min()].iloc[0]
@@ -546,6 +547,36 @@ def test_format_onnx_of_a_torch_study_stores_integer_weights(studies, tmp_path, 
     integer = [t for t in proto.graph.initializer if t.data_type in (3, 22)]  # int8, int4
     policy = json.loads(low["policy"])
     quantized = [k for k, v in policy.items() if k.startswith("bits:") and v < 32]
+    assert quantized  # the smallest trial is a quantized one: the check below means something
     assert bool(integer) == bool(quantized)
     assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == len(integer)
+    # the initializers read back as integers (onnx's own reader), symmetric codes in range
+    for tensor in integer:
+        codes = numpy_helper.to_array(tensor)
+        assert codes.dtype.name == ("int8" if tensor.data_type == 3 else "int4")
+        assert abs(codes.astype("int16")).max() <= (127 if tensor.data_type == 3 else 7)
     assert record["artifact_metric"] == pytest.approx(record["metric"], abs=0.02)
+    # the study keeps what the export found, for `prunesearch report`'s parity table
+    found = _read_json(studies[task] / "exports" / f"trial-{int(low['trial'])}-onnx.json")
+    assert found["artifact_metric"] == record["artifact_metric"]
+    assert found["metric"] == low["metric"] and found["size_bytes"] == low["size_bytes"]
+    assert found["file_bytes"] == len(data) and found["out"] == str(tmp_path.resolve())
+
+
+def test_an_unwritable_study_keeps_no_record_but_exports(studies, tmp_path, monkeypatch, caplog):
+    """A study directory the export cannot write (read-only: simulated, as root writes
+    anywhere) still gets its export; only the parity record is skipped, with a warning."""
+    import orchestrator.export as export
+
+    study = _copy(studies["digits-lstm"], tmp_path)
+    shutil.rmtree(study / "exports", ignore_errors=True)
+    trial = int(_complete(study)["trial"].iloc[0])
+
+    def read_only(path, data):
+        raise PermissionError(13, "Read-only file system", str(path))
+
+    monkeypatch.setattr(export, "atomic_write_json", read_only)
+    out = export_best(study, trial=trial, out=tmp_path / "out")
+    assert {p.name for p in out.iterdir()} == EXPORT_FILES
+    assert not list((study / "exports").glob("*.json"))
+    assert "parity record was not" in caplog.text
