@@ -3,7 +3,10 @@
 `report.png` (the front: size against metric, uniform baselines, the base model, budget
 lines, the chosen trial), `report.html` (the same, interactive: hovering a point shows
 its trial and policy; one self-contained page, plotly.js inline, no network request),
-`report-policy.png` (bits and keep by layer of the chosen policy) and `report.md`.
+`report-policy.png` (bits and keep by layer of the chosen policy) and `report.md`. Both
+the page and the summary end with the parity table: per exported trial (the records
+`prunesearch export` leaves in `<study>/exports/`), the recorded metric and size beside
+the exported file's.
 
 Everything is read and rendered in memory first and written only at the end, each file
 to a temporary name and renamed, so a refusal (not a study, damaged files) writes
@@ -38,7 +41,7 @@ FILES = {
     "report.html": "the same front, interactive: hover a point for its trial, metric, size, "
     "MACs, BOPs and policy (self-contained, opens offline)",
     "report-policy.png": "the chosen policy by layer: weight bits and the share kept",
-    "report.md": "this summary: the chosen policy, the front, the baselines",
+    "report.md": "this summary: the chosen policy, the front, the baselines, the exports' parity",
 }
 _RUN_NEEDS = ("config", "space", "budget")
 _MAX_LABELLED = 30  # front points labelled with their trial number in the PNG
@@ -52,6 +55,7 @@ class Study:
     trials: pd.DataFrame
     front: pd.DataFrame
     budget: Budget
+    exports: list[dict[str, Any]]  # orchestrator.export.read_export_records, by (trial, format)
 
     @property
     def base(self) -> BaseFigures:
@@ -126,8 +130,11 @@ def load_study(study_dir: str | Path) -> Study:
         raise ConfigError(f"study '{study_dir}' has no completed trial to report yet; run or "
                           "resume it first")  # fmt: skip
     trials = trials.sort_values("trial").reset_index(drop=True)
-    return Study(dir=study_dir, name=run.study or study_dir.name, run=run,
-                 trials=trials, front=compute_front(trials), budget=budget)  # fmt: skip
+    from orchestrator.export import read_export_records
+
+    return Study(dir=study_dir, name=run.study or study_dir.name, run=run, trials=trials,
+                 front=compute_front(trials), budget=budget,
+                 exports=read_export_records(study_dir))  # fmt: skip
 
 
 # -- the chosen trial ------------------------------------------------------------------
@@ -447,6 +454,8 @@ text-align:right}}th{{background:#f4f4f4}}code{{font-size:0.85em}}</style>
 {front_table}
 <h2>Uniform baselines</h2>
 {baseline_table}
+<h2>Parity (exports)</h2>
+{parity}
 <p>Open the whole study in optuna-dashboard: <code>pip install optuna-dashboard</code>, then
 <code>optuna-dashboard {storage}</code>.</p>
 </body></html>
@@ -481,6 +490,7 @@ def render_html(study: Study, chosen: pd.Series | None, rows: list[LayerRow]) ->
         chosen=html.escape(_chosen_line(study, chosen)),
         front_table=_table(_FRONT_HEADERS, front_rows),
         baseline_table=_table(_BASELINE_HEADERS, baseline_rows),
+        parity=_parity_html(study),
         storage=html.escape(_storage(study)),
     )  # fmt: skip
 
@@ -512,6 +522,38 @@ def _baseline_cells(study: Study) -> list[list[Any]]:
                       format_bytes(r.size_bytes), metric,
                       "yes" if r.trial in on_front else ""])  # fmt: skip
     return cells
+
+
+_PARITY_HEADERS = ["trial", "format", "recorded metric", "artifact metric", "difference",
+                   "recorded size", "file size", "recorded latency", "artifact latency",
+                   "exported to"]  # fmt: skip
+_PARITY_NOTE = ("Recorded: the trial's row in the study's Parquet. Artifact: the exported file, "
+                "measured by the export (`onnx`: in ONNX Runtime; `safetensors`: the model "
+                "`load_compressed` reads back). A torch study records its safetensors file's "
+                "size, so its `onnx` export's file size differs by design.")  # fmt: skip
+
+
+def _no_exports(study: Study) -> str:
+    return f"No exports yet: `prunesearch export {study.dir}`."
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} ms"
+
+
+def _parity_cells(study: Study) -> list[list[Any]]:
+    """One row per export record, as read (sorted by trial, then format)."""
+    return [[r["trial"], r["format"], f"{r['metric']:.6f}", f"{r['artifact_metric']:.6f}",
+             f"{r['artifact_metric'] - r['metric']:+.3g}", f"{r['size_bytes']:,}",
+             f"{r['file_bytes']:,}", _ms(r.get("latency_ms")), _ms(r.get("artifact_latency_ms")),
+             r["out"]] for r in study.exports]  # fmt: skip
+
+
+def _parity_html(study: Study) -> str:
+    if not study.exports:
+        return f"<p>{html.escape(_no_exports(study))}</p>"
+    rows = [(f'data-trial="{c[0]}" data-role="parity"', c) for c in _parity_cells(study)]
+    return _table(_PARITY_HEADERS, rows) + f"<p>{html.escape(_PARITY_NOTE)}</p>"
 
 
 def _md_table(headers: list[str], cells: list[list[Any]]) -> str:
@@ -555,7 +597,12 @@ def render_markdown(study: Study, chosen: pd.Series | None, rows: list[LayerRow]
                   f"`{chosen['policy']}`"]  # fmt: skip
     parts += ["", "## Front (size against metric)", "", _md_table(_FRONT_HEADERS, _front_cells(study)),
               "", "## Uniform baselines", "", _md_table(_BASELINE_HEADERS, _baseline_cells(study)),
-              "", "## Files", ""]  # fmt: skip
+              "", "## Parity (exports)", ""]  # fmt: skip
+    if study.exports:
+        parts += [_md_table(_PARITY_HEADERS, _parity_cells(study)), "", _PARITY_NOTE]
+    else:
+        parts.append(_no_exports(study))
+    parts += ["", "## Files", ""]
     parts += [f"- `{name}`: {what}" for name, what in FILES.items()]
     parts += ["", "## Open the study in optuna-dashboard", "", "```bash",
               "pip install optuna-dashboard", f"optuna-dashboard {_storage(study)}", "```",

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -155,6 +156,81 @@ def test_report_out_dir_and_a_study_without_budget(study, tmp_path):
     assert f"best metric overall: trial {chosen['trial']}," in md
 
 
+def _parity_rows(md: str) -> list[list[str]]:
+    """The parity table's rows of report.md (header and rule left out)."""
+    section = md.split("## Parity (exports)\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_parity_table_shows_what_each_export_found(study, tmp_path):
+    """Issue 15, point 6, end to end: a real study, no export yet (the table says so), then
+    a quantized trial exported as ONNX (integer initializers) and as safetensors; the
+    report's parity rows are the records the exports left, beside the metric and size the
+    study's Parquet holds for that trial."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx import numpy_helper
+
+    _, study_dir = study
+    copy = tmp_path / "s"
+    shutil.copytree(study_dir, copy, ignore=shutil.ignore_patterns("report*", "export*"))
+    code, _, stderr = _cli("report", str(copy))
+    assert code == 0, stderr
+    md = (copy / "report.md").read_text()
+    assert f"No exports yet: `prunesearch export {copy}`." in md and not _parity_rows(md)
+    assert "No exports yet" in (copy / "report.html").read_text()
+
+    trials = pd.read_parquet(copy / "trials")
+    done = trials[trials["state"] == "COMPLETE"]
+    quantized = done[[any(k.startswith("bits:") and v < 32 for k, v in json.loads(p).items())
+                      for p in done["policy"]]]  # fmt: skip
+    row = quantized.sort_values(["size_bytes", "trial"]).iloc[0]
+    trial = int(row["trial"])
+    for fmt in ("onnx", "safetensors"):  # written in this order, listed sorted either way
+        code, _, stderr = _cli("export", str(copy), "--trial", str(trial), "--format", fmt,
+                               "--out", str(tmp_path / fmt))  # fmt: skip
+        assert code == 0, stderr
+    proto = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    integer = [numpy_helper.to_array(t) for t in proto.graph.initializer
+               if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4)]  # fmt: skip
+    assert integer and {a.dtype.name for a in integer} <= {"int8", "int4"}
+    # symmetric codes: |code| <= 2^(bits-1) - 1 of the container's bits
+    assert all(abs(a.astype("int16")).max() <= (7 if a.dtype.name == "int4" else 127)
+               for a in integer)  # fmt: skip
+
+    code, _, stderr = _cli("report", str(copy))
+    assert code == 0, stderr
+    md = (copy / "report.md").read_text()
+    assert "No exports yet" not in md
+    rows = _parity_rows(md)
+    assert [(r[0], r[1]) for r in rows] == [(str(trial), "onnx"), (str(trial), "safetensors")]
+    for cells in rows:
+        record = json.loads((copy / "exports" / f"trial-{trial}-{cells[1]}.json").read_text())
+        assert record["metric"] == row["metric"] and record["size_bytes"] == row["size_bytes"]
+        assert float(cells[2]) == pytest.approx(row["metric"], abs=5e-7)
+        assert float(cells[3]) == pytest.approx(record["artifact_metric"], abs=5e-7)
+        assert float(cells[4]) == pytest.approx(record["artifact_metric"] - row["metric"],
+                                                rel=1e-2, abs=1e-12)  # fmt: skip
+        assert int(cells[5].replace(",", "")) == row["size_bytes"]
+        written = tmp_path / cells[1] / record["model_file"]
+        assert int(cells[6].replace(",", "")) == record["file_bytes"] == written.stat().st_size
+        assert cells[9] == str((tmp_path / cells[1]).resolve()) == record["out"]
+        assert datetime.fromisoformat(record["exported_at"]).tzinfo is not None
+    onnx_record, safetensors_record = (
+        json.loads((copy / "exports" / f"trial-{trial}-{f}.json").read_text())
+        for f in ("onnx", "safetensors"))  # fmt: skip
+    # safetensors: the loaded model scores the recorded metric and the file is size_bytes
+    assert safetensors_record["artifact_metric"] == pytest.approx(row["metric"], abs=1e-9)
+    assert safetensors_record["file_bytes"] == row["size_bytes"]
+    assert safetensors_record["artifact_latency_ms"] is None and rows[1][8] == "-"
+    # onnx: measured in ONNX Runtime, with its latency
+    assert onnx_record["metric_measured_in"] == "onnxruntime"
+    assert onnx_record["artifact_latency_ms"] > 0 and rows[0][8].endswith(" ms")
+    page = (copy / "report.html").read_text()
+    assert page.count(f'data-trial="{trial}" data-role="parity"') == 2
+
+
 def test_choose_trial_rules():
     def frame(*rows):
         cols = ["trial", "state", "feasible", "metric", "size_bytes"]
@@ -210,6 +286,10 @@ DAMAGE = {
     "garbage pareto": (lambda d: (d / "pareto.parquet").write_bytes(b"PAR1 not parquet"),
                        "pareto.parquet' is damaged"),
     "no completed trial": (_no_complete, "no completed trial"),
+    "damaged export record": (
+        lambda d: (d / "exports").mkdir() or (d / "exports" / "trial-1-onnx.json").write_text("{"),
+        "exports/trial-1-onnx.json' is damaged",
+    ),
 }  # fmt: skip
 
 
