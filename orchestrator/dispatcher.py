@@ -2,10 +2,11 @@
 
 It holds the candidates asked ahead (ready) and those at a worker, by policy hash, so a
 second ask of a policy in flight waits for the first's result instead of taking a worker;
-learns how long an evaluation takes (for asking ahead in time); and gives a run up when
-its first evaluations all fail. Retries of a candidate whose worker died, and timeouts,
-are the pool's (orchestrator.workers): each job's result comes back once, with the
-attempt it took.
+learns how long an evaluation takes (for asking ahead in time); holds new evaluations
+back while the recorder lags too far behind (`held`); and gives a run up when its first
+evaluations all fail. Retries of a candidate whose worker died, and timeouts, are the
+pool's (orchestrator.workers): each job's result comes back once, with the attempt it
+took.
 """
 
 from __future__ import annotations
@@ -24,6 +25,23 @@ if TYPE_CHECKING:
 
 Result = dict[str, Any]
 
+# Results the driver has told but its recorder has not yet written to the study are lost
+# to a driver SIGKILL and evaluated again on --resume. The recorder's SQLite writes (~14 ms
+# a trial) are slower than cheap evaluations, and without a bound the driver ran 3,000
+# trials ahead of them (benchmarks/soak.py, issue 16). So a new evaluation is sent only
+# while those results plus the evaluations in flight stay under this bound: what a kill
+# may cost. 8 a worker leaves every worker a burst of results on top of what the recorder
+# is writing (it acknowledges a chunk at a time), so that a recorder that keeps up never
+# holds a worker back; at least 64, several of the recorder's batched transactions.
+UNRECORDED_MIN = 64
+UNRECORDED_PER_WORKER = 8
+HELD_WAIT_SECONDS = 0.1  # held: how long to wait for the recorder between other duties
+
+
+def unrecorded_bound(workers: int) -> int:
+    """The most results, not yet durable or in flight, a driver of `workers` may hold."""
+    return max(UNRECORDED_MIN, UNRECORDED_PER_WORKER * workers)
+
 
 class Pool(Protocol):
     """What the dispatcher uses of a worker pool (orchestrator.workers.WorkerPool)."""
@@ -38,6 +56,16 @@ class Pool(Protocol):
     def wait(self, timeout: float) -> list[tuple[Job, Result]]: ...  # RayLostError: for good
 
 
+class Backlog(Protocol):
+    """What the dispatcher uses of the recorder (orchestrator.recorder.Recorder)."""
+
+    unrecorded_max: int  # the most finished trials not yet durable at once
+
+    @property
+    def unrecorded(self) -> int: ...  # finished trials told, not yet durable in the study
+    def wait_recorded(self, timeout: float) -> None: ...  # ResultsError: the recorder died
+
+
 def state_of(result: Result) -> str:
     # an early-stopped evaluation is Optuna's PRUNED state (the name a pruner gives it)
     return "FAIL" if "error" in result else "PRUNED" if result.get("stopped_early") else "COMPLETE"
@@ -45,10 +73,13 @@ def state_of(result: Result) -> str:
 
 class Dispatcher:
     def __init__(self, pool: Pool, *, stats: DriverStats, front: Callable[[], list],
-                 fidelity: FidelitySettings | None = None) -> None:  # fmt: skip
+                 fidelity: FidelitySettings | None = None,
+                 backlog: Backlog | None = None) -> None:  # fmt: skip
         """`front`: the (size, metric) points a candidate must be able to reach, asked
-        when it is sent (multi-fidelity evaluation stops early below them)."""
+        when it is sent (multi-fidelity evaluation stops early below them); `backlog`: the
+        recorder, whose unrecorded results hold new evaluations back (None: never)."""
         self.pool, self.stats, self.front, self.fidelity = pool, stats, front, fidelity
+        self.backlog = backlog
         self.ready: list[Candidate] = []  # asked, priced, new: waiting for a worker
         self.inflight: dict[str, Candidate] = {}  # policy hash -> candidate ready or running
         self.running: dict[int, Candidate] = {}  # trial -> candidate at a worker
@@ -82,10 +113,29 @@ class Dispatcher:
         self.ready.append(candidate)
 
     def feed(self) -> bool:
-        """Every free worker gets a ready candidate; whether a worker is still free."""
-        while self.pool.free and self.ready:
+        """Every free worker gets a ready candidate; whether a worker is still free (and
+        may be sent one: not while held)."""
+        while self.pool.free and self.ready and not self.held():
             self._send(self.ready.pop(0))
-        return self.pool.free > 0
+        return self.pool.free > 0 and not self.held()
+
+    def held(self) -> bool:
+        """Whether new evaluations (and asks) wait for the recorder: its unrecorded results
+        and the results to come of the evaluations sent (with the asks of their policies
+        riding along) are at the bound (UNRECORDED_MIN)."""
+        if self.backlog is None:
+            return False
+        coming = sum(1 + len(candidate.duplicates) for candidate in self.running.values())
+        return self.backlog.unrecorded + coming >= unrecorded_bound(self.pool.size)
+
+    def wait_recorded(self) -> None:
+        """Held: wait a little for the recorder to confirm results (returning as soon as
+        it does), so the driver's other duties go on in between."""
+        if self.backlog is None:
+            return
+        start = time.perf_counter()
+        self.backlog.wait_recorded(HELD_WAIT_SECONDS)
+        self.stats.held_seconds += time.perf_counter() - start
 
     def _send(self, candidate: Candidate) -> None:
         from orchestrator.workers import Job
@@ -160,4 +210,7 @@ class Dispatcher:
             "worker_seconds_feasible_share": self.worker_seconds[True] / spent if spent else 1.0,
             "multi_fidelity": self.fidelity is not None,
             "validation_share_saved": 1 - sum(seen) / len(seen) if seen else 0.0,
+            **({"unrecorded_bound": unrecorded_bound(self.pool.size),
+                "unrecorded_max": self.backlog.unrecorded_max}
+               if self.backlog is not None else {}),
         }  # fmt: skip

@@ -23,6 +23,11 @@ class Progress:
     def advance(self) -> None:
         self._bar.update(1)
 
-    def update_status(self, busy: int, workers: int, best: tuple[float, int] | None) -> None:
+    def update_status(self, busy: int, workers: int, best: tuple[float, int] | None, *,
+                      behind: int | None = None) -> None:  # fmt: skip
+        """`behind`: results the recorder has yet to write, shown while they hold new
+        evaluations back (orchestrator.dispatcher.UNRECORDED_MIN)."""
         shown = f"{best[0]:.4f} @ {format_bytes(best[1])}" if best else "-"
-        self._bar.set_postfix_str(f"workers busy {busy}/{workers}, best {shown}", refresh=False)
+        waiting = f", waiting for the recorder ({behind} to write)" if behind is not None else ""
+        self._bar.set_postfix_str(f"workers busy {busy}/{workers}, best {shown}{waiting}",
+                                  refresh=False)  # fmt: skip

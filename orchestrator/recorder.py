@@ -7,9 +7,12 @@ Reads the driver's messages from stdin until end-of-file, writes each trial to t
 durable Optuna study and its row to Parquet (flushed every FLUSH_SECONDS and at the end),
 merges small Parquet parts after each (orchestrator/compaction.py), and uploads the new
 files to REMOTE after each flush (a failed upload is retried at the next; the last must
-succeed). In a shared study it also sends the trials other drivers
-finished up its stdout, every SYNC_SECONDS, as length-prefixed pickled lists. Imports no
-torch and no Ray: it starts in about a second.
+succeed). Up its stdout, as length-prefixed pickles, it acknowledges what is durable:
+after each chunk of messages it writes to the study, the number of finished trials
+written so far (an int; the driver holds new evaluations back while too many of its
+results are not yet durable: orchestrator/dispatcher.py, UNRECORDED_MIN). In a shared
+study it also sends the trials other drivers finished, every SYNC_SECONDS, as lists.
+Imports no torch and no Ray: it starts in about a second.
 """
 
 from __future__ import annotations
@@ -52,22 +55,27 @@ def main(argv: list[str]) -> int:
                          driver_id=driver_id, shared=shared)  # fmt: skip
     rounds = Housekeeping(writer, flush_seconds, driver=os.getppid(),
                           mirror=Mirror(argv[6], study_dir) if argv[6] != "-" else None)  # fmt: skip
-    if shared:  # stdout carries the feed alone: anything printed goes to stderr
-        rounds.feed, rounds.out = TrialFeed(storage, study_id, driver_id), os.dup(1)
-        os.dup2(2, 1)
+    # stdout carries the acknowledgements (and the feed) alone: anything printed goes to stderr
+    rounds.out = os.dup(1)
+    os.dup2(2, 1)
+    if shared:
+        rounds.feed = TrialFeed(storage, study_id, driver_id)
     writer.heartbeat(driver_pid=rounds.driver)
     for messages, eof in read_messages(sys.stdin.fileno(), min(flush_seconds, SYNC_SECONDS)):
         for start in range(0, max(1, len(messages)), CHUNK):
-            writer.apply(messages[start : start + CHUNK])
+            chunk = messages[start : start + CHUNK]
+            writer.apply(chunk)
+            rounds.recorded(sum(message[0] == "finished" for message in chunk))
             rounds.run(last=eof and start + CHUNK >= len(messages))
     return 0
 
 
 @dataclass
 class Housekeeping:
-    """What the recorder does between chunks of messages: flush rows every FLUSH_SECONDS
-    (and upload them), say the driver is alive (or, at the end, gone), and in a shared
-    study send the driver the trials other drivers finished every SYNC_SECONDS."""
+    """What the recorder does between chunks of messages: tell the driver how many of its
+    finished trials are durable, flush rows every FLUSH_SECONDS (and upload them), say
+    the driver is alive (or, at the end, gone), and in a shared study send the driver the
+    trials other drivers finished every SYNC_SECONDS."""
 
     writer: StudyWriter
     flush_seconds: float
@@ -77,6 +85,16 @@ class Housekeeping:
     out: int = -1
     flushed: float = field(default_factory=time.monotonic)
     synced: float = field(default_factory=time.monotonic)
+    finished: int = 0  # the driver's finished trials written to the study so far
+
+    def recorded(self, finished: int) -> None:
+        """Acknowledge `finished` more trials: in the study now, so a driver kill cannot
+        lose them (a resume rebuilds Parquet rows from the study)."""
+        if not finished:
+            return
+        self.finished += finished
+        if self.out >= 0 and not _send(self.out, self.finished):
+            self.out, self.feed = -1, None  # the driver is gone: recording goes on
 
     def run(self, *, last: bool) -> None:
         if last or time.monotonic() - self.flushed >= self.flush_seconds:
@@ -122,11 +140,12 @@ def _compact(sink: ResultSink, mirror: Mirror | None, *, own: bool) -> None:
         print(f"prunesearch recorder: merging parts failed, will retry: {exc}", file=sys.stderr)
 
 
-def _send(fd: int, trials: list) -> bool:
-    """Send the driver its adopted trials; False once it is gone (recording goes on)."""
-    if not trials:
+def _send(fd: int, message: list | int) -> bool:
+    """Send the driver its adopted trials (a list) or how many of its finished trials are
+    durable (an int); False once it is gone (recording goes on)."""
+    if message == []:
         return True
-    data = pickle.dumps(trials, protocol=pickle.HIGHEST_PROTOCOL)
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     view = memoryview(_HEADER.pack(len(data)) + data)
     try:
         while view:
@@ -146,20 +165,20 @@ class Recorder:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.recorder", url, study_name, str(study_dir),
              str(flush_seconds), driver_id, "shared" if shared else "own", remote or "-", axis],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE if shared else subprocess.DEVNULL,
-            stderr=self._stderr, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": _package_root()},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            start_new_session=True, env={**os.environ, "PYTHONPATH": _package_root()},
         )  # fmt: skip
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._pump = threading.Thread(target=self._pump_loop, name="prunesearch-recorder-pump",
                                       daemon=True)  # fmt: skip
         self._pump.start()
         self._adopted: queue.SimpleQueue = queue.SimpleQueue()  # other drivers' trials
-        self._reader = None
-        if shared:
-            self._reader = threading.Thread(target=self._read_loop, daemon=True,
-                                            name="prunesearch-recorder-feed")  # fmt: skip
-            self._reader.start()
+        self._told = self._recorded = 0  # finished trials sent; of those, durable (acked)
+        self._acked = threading.Condition()
+        self.unrecorded_max = 0  # the most finished trials not yet durable at once
+        self._reader = threading.Thread(target=self._read_loop, daemon=True,
+                                        name="prunesearch-recorder-acks")  # fmt: skip
+        self._reader.start()
         self.drain_seconds = 0.0
 
     def created(self, trial: FrozenTrial) -> None:
@@ -167,6 +186,22 @@ class Recorder:
 
     def finished(self, trial: FrozenTrial, row: dict[str, Any]) -> None:
         self._send(("finished", trial, row))
+        self._told += 1
+        self.unrecorded_max = max(self.unrecorded_max, self.unrecorded)
+
+    @property
+    def unrecorded(self) -> int:
+        """Finished trials sent (or queued to be) that the recorder has not yet confirmed
+        in the study: what a driver SIGKILL now could cost (evaluated again on resume)."""
+        return self._told - self._recorded
+
+    def wait_recorded(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the recorder to confirm more trials durable;
+        ResultsError if it died (nothing will be confirmed again)."""
+        self._check()
+        with self._acked:
+            self._acked.wait(timeout)
+        self._check()
 
     def foreign(self, local: int, number: int) -> None:
         """The driver's number `local` is the study's trial `number` (loaded or adopted)."""
@@ -180,9 +215,18 @@ class Recorder:
         return trials
 
     def _read_loop(self) -> None:
-        for messages, _ in read_messages(self._proc.stdout.fileno(), timeout=1.0):
-            for trials in messages:
-                self._adopted.put(trials)
+        try:
+            for messages, _ in read_messages(self._proc.stdout.fileno(), timeout=1.0):
+                for message in messages:
+                    if isinstance(message, int):  # finished trials durable so far
+                        with self._acked:
+                            self._recorded = message
+                            self._acked.notify_all()
+                    else:
+                        self._adopted.put(message)
+        finally:  # the recorder exited: a waiting driver learns it now, not at its timeout
+            with self._acked:
+                self._acked.notify_all()
 
     def _send(self, message: tuple) -> None:
         self._check()
@@ -207,8 +251,7 @@ class Recorder:
         self._queue.put(None)
         self._pump.join()
         code = self._proc.wait()
-        if self._reader is not None:
-            self._reader.join()
+        self._reader.join()
         self.drain_seconds = time.perf_counter() - start
         if code != 0:
             raise ResultsError(f"recording results failed: {self._error_text()}")

@@ -178,27 +178,39 @@ class Driver:
         self.ledger.close()
 
     def _turn(self, bar: Progress) -> bool:
-        """Adopt, feed, then wait for results or ask one ahead; False once nothing is left
-        to wait for, or the run gave up."""
+        """Adopt, feed, then wait for results or ask one ahead (held back by the recorder:
+        wait for it too); False once nothing is left to wait for, or the run gave up."""
         if self.dispatcher.gave_up():
             return False
         self.ledger.adopt()
         self._feed()
         self._advance(bar)
-        if not self.dispatcher.busy:
+        held = self.dispatcher.held() and self._left()
+        if not self.dispatcher.busy and not held:
             return False
-        bar.update_status(self.dispatcher.busy, self.dispatcher.size, self.ledger.best())
-        ahead = self.proposer.ahead_in(ready=len(self.dispatcher.ready),
-                                       ends=self.dispatcher.expected_ends())  # fmt: skip
-        done = self.dispatcher.collect(timeout=min(0.2, ahead))
+        bar.update_status(self.dispatcher.busy, self.dispatcher.size, self.ledger.best(),
+                          behind=self.dispatcher.backlog.unrecorded if held else None)  # fmt: skip
+        if held:  # nothing is sent until the recorder catches up: no asking ahead either
+            ahead = math.inf
+            done = self.dispatcher.collect(timeout=0)  # the pool's liveness checks too
+        else:
+            ahead = self.proposer.ahead_in(ready=len(self.dispatcher.ready),
+                                           ends=self.dispatcher.expected_ends())  # fmt: skip
+            done = self.dispatcher.collect(timeout=min(0.2, ahead))
         for job, result in done:
             candidate, state, result = self.dispatcher.finish(job, result)
             self.proposer.measured(candidate, result)
             self.ledger.record(candidate, state, result)
+        if held and not done:
+            self.dispatcher.wait_recorded()
         if not done and ahead <= 0:
             self._ask()
         self._advance(bar)
         return True
+
+    def _left(self) -> bool:
+        """Whether candidates remain to be sent: ready ones, or trials still to ask."""
+        return bool(self.dispatcher.ready) or self.proposer.issued < self.target
 
     def _feed(self) -> None:
         """Every free worker gets a ready candidate, or one asked now."""
@@ -252,7 +264,8 @@ def open_driver(prepared: Prepared, pool: Any, *, sampler: str, quiet: bool,
                         remote=p.mirror.uri if p.mirror else None,
                         axis=p.config.front_axis)  # fmt: skip
     ledger = Ledger(p, study, recorder, loaded, stats=stats)
-    dispatcher = Dispatcher(pool, stats=stats, front=ledger.to_beat, fidelity=fidelity)
+    dispatcher = Dispatcher(pool, stats=stats, front=ledger.to_beat, fidelity=fidelity,
+                            backlog=recorder)  # fmt: skip
     proposer = Proposer(p, study, record=ledger, flight=dispatcher,
                         guidance=guidance or Guidance(), requeue=opened.requeue,
                         first=opened.created, base_latency=base_latency)  # fmt: skip

@@ -13,6 +13,7 @@ import optuna
 class DriverStats:
     sampler_seconds: float = 0.0  # inside the sampler (ask-time sampling, after_trial)
     wait_seconds: float = 0.0  # blocked in ray.wait with every worker busy
+    held_seconds: float = 0.0  # waiting for the recorder to catch up (dispatcher.held)
     loop_seconds: float = 0.0  # the whole dispatch loop, wall time
     drain_seconds: float = 0.0  # after the loop, until every trial is durable (recorder)
     trials: int = 0
@@ -20,12 +21,14 @@ class DriverStats:
     @property
     def overhead_seconds(self) -> float:
         """Driver time that is neither sampling nor waiting: dispatch, tell, bookkeeping."""
-        return max(0.0, self.loop_seconds - self.wait_seconds - self.sampler_seconds)
+        waiting = self.wait_seconds + self.held_seconds
+        return max(0.0, self.loop_seconds - waiting - self.sampler_seconds)
 
     def as_dict(self) -> dict[str, float]:
         per = max(self.trials, 1)
         return {"trials": self.trials, "loop_seconds": self.loop_seconds,
-                "wait_seconds": self.wait_seconds, "sampler_seconds": self.sampler_seconds,
+                "wait_seconds": self.wait_seconds, "held_seconds": self.held_seconds,
+                "sampler_seconds": self.sampler_seconds,
                 "drain_seconds": self.drain_seconds,
                 "overhead_ms_per_trial": 1000 * self.overhead_seconds / per,
                 "sampler_ms_per_trial": 1000 * self.sampler_seconds / per}  # fmt: skip
