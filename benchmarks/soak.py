@@ -4,15 +4,16 @@
 (no model: only proposing, dispatching and recording are measured), 4 workers, random
 sampler, the default SQLite storage. A worker is SIGKILLed every 1,000 evaluations (at
 500, 1,500, ...: one in each thousand), the driver is SIGKILLed once at half of them and
-the study `--resume`d to the end. Then one table: trials/s over time (first vs last
+the study `--resume`d to the end (with seed 1: see `drive`). Then one table: trials/s over time (first vs last
 thousand), driver and recorder RSS at start and end, part files at the end,
 lost/duplicated/torn (benchmarks/faults.py's check against the Optuna storage) and the
 time pandas takes to read the study.
 
-Throughput is the recorded rate (rows reaching the Parquet files, polled): the driver
-evaluates trivial trials ten times faster than the recorder can write them to SQLite
-(docs/benchmarks.md, "recorder"), so it runs ahead and the recorder is what a long study
-could slow down. The driver's own rate (the rows' finished_at) is shown beside it.
+Throughput is the recorded rate (rows reaching the Parquet files, polled): the workers
+evaluate trivial trials ten times faster than the recorder can write them to SQLite
+(docs/benchmarks.md, "recorder"), so the driver runs ahead of it by the most it may
+(orchestrator/dispatcher.py, UNRECORDED_MIN) and the recorder is what a long study could
+slow down. The driver's own rate (the rows' finished_at) is shown beside it.
 Evaluations are counted by the workers (a file each), since the Parquet files lag.
 
     python benchmarks/soak.py                  # 10,000 trials, several minutes here
@@ -55,8 +56,12 @@ def drive(out: str, study: str, trials: int, resume: bool) -> int:
     from orchestrator.config import make_config
     from orchestrator.search import run_search
 
+    # resumed, another seed: with the first run's, the random sampler would replay its
+    # policies, every one a cache hit (the driver no longer runs far ahead of its recorder,
+    # so nearly all of them are in the study), and the second half would evaluate nothing
+    seed = SEED + 1 if resume else SEED
     config = make_config({"task": "digits-cnn", "trials": trials, "workers": {"count": WORKERS},
-                          "sampler": "random", "seed": SEED, "seeding": False,
+                          "sampler": "random", "seed": seed, "seeding": False,
                           "baselines": False, "out": out, "study": study})  # fmt: skip
     factory = CountingFactory(directory=str(Path(out) / "evaluated"))
     result = run_search(config, resume=resume, evaluator_factory=factory, quiet=True)
