@@ -19,6 +19,10 @@ from pydantic import (
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8, 32)
 FLOAT_BITS = 32  # "left in float"
 Bits = Annotated[StrictInt, Field(description="weight bits: 2..16, or 32 for float")]
+# activation bits (issue 15): 8 (integer kernels' inputs and outputs) or float; the default
+# (32 only) gives no activation knob at all
+ACT_BITS = (8, FLOAT_BITS)
+DEFAULT_ACT_BITS = (FLOAT_BITS,)
 Ratio = StrictFloat | StrictInt
 
 
@@ -32,6 +36,15 @@ def _check_bits(values: tuple[int, ...]) -> tuple[int, ...]:
     for bits in values:
         if bits != FLOAT_BITS and not 2 <= bits <= 16:
             raise ValueError(f"{bits} is not a bit width: use 2..16, or 32 for float")
+    return tuple(sorted(set(values)))
+
+
+def _check_act_bits(values: tuple[int, ...]) -> tuple[int, ...]:
+    if not values:
+        raise ValueError("needs at least one choice")
+    for bits in values:
+        if bits not in ACT_BITS:
+            raise ValueError(f"{bits} is not an activation width: use 8, or 32 for float")
     return tuple(sorted(set(values)))
 
 
@@ -73,6 +86,7 @@ class Rule(_Frozen):
 
     layers: StrictStr | tuple[StrictStr, ...]
     bits: tuple[Bits, ...] | None = None
+    act_bits: tuple[StrictInt, ...] | None = None
     keep: KeepRange | tuple[Ratio, ...] | None = None
     skip: StrictBool = False  # left in float and unpruned
     tie: StrictStr | None = None  # layers with the same tie name share one bits and one keep knob
@@ -81,6 +95,11 @@ class Rule(_Frozen):
     @classmethod
     def _bits(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
         return None if v is None else _check_bits(v)
+
+    @field_validator("act_bits")
+    @classmethod
+    def _act_bits(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        return None if v is None else _check_act_bits(v)
 
     @field_validator("keep")
     @classmethod
@@ -96,6 +115,8 @@ class Rule(_Frozen):
 
 class SpaceConfig(_Frozen):
     bits: tuple[Bits, ...] = DEFAULT_BITS
+    # [8, 32]: a knob per Conv/Linear layer quantizing its input and output to 8 bits
+    act_bits: tuple[StrictInt, ...] = DEFAULT_ACT_BITS
     keep: KeepRange | tuple[Ratio, ...] = KeepRange()
     preset: StrictStr = "auto"  # "auto" (by model family), "none", or a preset name
     rules: tuple[Rule, ...] = ()
@@ -104,6 +125,11 @@ class SpaceConfig(_Frozen):
     @classmethod
     def _bits(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         return _check_bits(v)
+
+    @field_validator("act_bits")
+    @classmethod
+    def _act_bits(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        return _check_act_bits(v)
 
     @field_validator("keep")
     @classmethod

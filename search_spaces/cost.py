@@ -26,7 +26,7 @@ only, so size stays monotone in bits and keep.
 
 `macs` counts the multiply-accumulates of the kept weights over one forward pass on the
 task's example inputs (sparse kernels skip pruned weights); `bops` = macs x weight bits
-x activation bits (activations stay float: 32).
+x activation bits (32 where activations stay float; 8 where the `act_bits` kind says).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from search_spaces import LayerInfo, LayerSetting, SearchSpace
 from search_spaces.config import FLOAT_BITS
 from search_spaces.structure import sliced_shape
 
+ACTIVATION_BITS = FLOAT_BITS  # activations no act_bits knob quantizes
 SCALE_BYTES = 4  # one float32 scale per output row of a quantized weight
-ACTIVATION_BITS = 32
 FILE_FORMAT = "prunesearch-compressed/2"  # the model file's metadata, the manifest's format
 FILE_ENTRY = "model"  # the model file's one safetensors entry: the payload, uint8
 
@@ -134,7 +134,7 @@ def cost_of_settings(space: SearchSpace, settings: Mapping[str, LayerSetting]) -
         size += layer_bytes(layer, setting)
         layer_mac = layer_macs_of(layer, setting)
         macs += layer_mac
-        bops += layer_mac * min(setting.bits, FLOAT_BITS) * ACTIVATION_BITS
+        bops += layer_mac * min(setting.bits, FLOAT_BITS) * setting.act_bits
     params = sum(math.prod(t.shape) for t in space.profile.tensors if t.parameter)
     return Cost(size_bytes=file_bytes(size), macs=macs, bops=bops, params=params)
 
@@ -159,10 +159,10 @@ def _structured_cost(space: SearchSpace, settings: Mapping[str, LayerSetting],
     for layer in profile.layers:
         shapes = [sliced[w.key] for w in layer.weights]
         numel = sum(math.prod(shape) for shape in shapes)
-        bits = settings[layer.name].bits
-        size += sliced_encoding(layer, shapes, bits)[1]
+        setting = settings[layer.name]
+        size += sliced_encoding(layer, shapes, setting.bits)[1]
         macs += numel * layer.uses
-        bops += numel * layer.uses * min(bits, FLOAT_BITS) * ACTIVATION_BITS
+        bops += numel * layer.uses * min(setting.bits, FLOAT_BITS) * setting.act_bits
     return Cost(size_bytes=file_bytes(size), macs=macs, bops=bops, params=params)
 
 
@@ -196,7 +196,8 @@ def policy_cost(space: SearchSpace, policy: Mapping[str, int | float]) -> Cost:
     if space.artifact is None:
         return cost
     size = space.artifact.file_bytes(shapes or _sliced_shapes(space, {}),
-                                     _weight_bits(space, settings))  # fmt: skip
+                                     _weight_bits(space, settings),
+                                     _act_keys(space, settings))  # fmt: skip
     return dataclasses.replace(cost, size_bytes=size)
 
 
@@ -225,8 +226,15 @@ def _weight_bits(space: SearchSpace, settings: Mapping[str, LayerSetting]) -> di
             for w in layer.weights if settings[layer.name].bits < FLOAT_BITS}  # fmt: skip
 
 
+def _act_keys(space: SearchSpace, settings: Mapping[str, LayerSetting]) -> list[str]:
+    """The weights (first state key of each layer) whose layer quantizes its activations."""
+    return [layer.weights[0].key for layer in space.profile.layers
+            if settings[layer.name].act_bits < FLOAT_BITS]  # fmt: skip
+
+
 def artifact_bytes(space: SearchSpace, policy: Mapping[str, int | float]) -> int:
     """The target artifact's file size (search_spaces/onnx_layout.py), to the byte."""
     counts = space.channel_counts(policy) if space.plan is not None else {}
-    return space.artifact.file_bytes(_sliced_shapes(space, counts),
-                                     _weight_bits(space, space.layer_settings(policy)))  # fmt: skip
+    settings = space.layer_settings(policy)
+    return space.artifact.file_bytes(_sliced_shapes(space, counts), _weight_bits(space, settings),
+                                     _act_keys(space, settings))  # fmt: skip

@@ -12,6 +12,11 @@ the file's size is arithmetic over names, shapes and bits (`OnnxLayout.file_byte
 builder (orchestrator/targets/onnx.py) writes exactly these fields, and a test holds the two
 to the byte.
 
+A layer whose activations are quantized (`act_bits` 8) gets a QuantizeLinear /
+DequantizeLinear pair on its node's input and another on its output (uint8, one scale and
+zero point each, scalar initializers), the node's input and output renamed to meet them:
+ONNX Runtime fuses the pattern into an integer kernel (`ActNode`).
+
 A quantized weight is written as codes only where that is smaller than its dequantized
 values in float (a tiny layer's scales, names and node can outweigh its weights): the
 values are the same either way, and fewer bits never cost bytes.
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 FLOAT_BITS = 32
@@ -33,7 +38,11 @@ CODE_TYPES = {4: 22, 8: 3, 16: 5}
 def container(bits: int) -> int:
     """The integer width ONNX stores b-bit codes in."""
     return next(width for width in CODE_TYPES if bits <= width)
+
+
 FLOAT32 = 1
+UINT8 = 2
+INT32 = 6
 AXIS_ATTRIBUTE = 11  # AttributeProto{name: "axis", i: 0, type: INT}
 
 
@@ -74,21 +83,28 @@ def node_name(key: str) -> str:
     return f"{key}_dequantize"
 
 
-def dequantize_node_bytes(key: str) -> int:
-    """NodeProto: inputs (codes, scale), output (the float tensor's name), name, op_type,
-    the axis attribute."""
+def zero_name(key: str) -> str:
+    return f"{key}_zero_point"
+
+
+def dequantize_node_bytes(key: str, zero: bool = False) -> int:
+    """NodeProto: inputs (codes, scale, and with `zero` a zero point), output (the float
+    tensor's name), name, op_type, the axis attribute."""
     return (text_bytes(codes_name(key)) + text_bytes(scale_name(key)) + text_bytes(key)
             + text_bytes(node_name(key)) + text_bytes("DequantizeLinear")
-            + field_bytes(AXIS_ATTRIBUTE))  # fmt: skip
+            + field_bytes(AXIS_ATTRIBUTE)
+            + (text_bytes(zero_name(key)) if zero else 0))  # fmt: skip
 
 
 # a search prices thousands of policies (a repair walks knob by knob): each tensor takes
 # few shapes and bits, so its bytes are looked up, not recounted
 @functools.lru_cache(maxsize=1 << 16)
 def weight_encoding(key: str, shape: tuple[int, ...], bits: int, element: int,
-                    data_type: int = FLOAT32) -> tuple[str, int]:  # fmt: skip
+                    data_type: int = FLOAT32, zero: bool = False) -> tuple[str, int]:  # fmt: skip
     """("float" or "codes", bytes in the graph) of a state tensor of `shape` at `bits`:
-    the smaller of its float values and its codes (with scales and node)."""
+    the smaller of its float values and its codes (with scales and node). `zero`: the
+    codes carry an explicit zero point (all 0) per row, which ONNX Runtime's integer
+    kernels ask of a weight (a layer whose activations are quantized)."""
     numel = math.prod(shape)
     plain = field_bytes(tensor_bytes(key, shape, numel * element, data_type))
     if bits >= FLOAT_BITS:
@@ -97,8 +113,22 @@ def weight_encoding(key: str, shape: tuple[int, ...], bits: int, element: int,
     coded = (field_bytes(tensor_bytes(codes_name(key), shape, code_bytes(numel, width),
                                       CODE_TYPES[width]))
              + field_bytes(tensor_bytes(scale_name(key), (shape[0],), 4 * shape[0], FLOAT32))
-             + field_bytes(dequantize_node_bytes(key)))  # fmt: skip
+             + field_bytes(dequantize_node_bytes(key, zero)))  # fmt: skip
+    if zero:
+        coded += field_bytes(
+            tensor_bytes(
+                zero_name(key), (shape[0],), code_bytes(shape[0], width), CODE_TYPES[width]
+            )
+        )
     return ("codes", coded) if coded < plain else ("float", plain)
+
+
+def bias_codes_bytes(key: str, count: int) -> int:
+    """An integer layer's bias as ONNX Runtime's integer kernels take it: int32 codes at
+    scale input scale x weight scale (one per output channel) behind DequantizeLinear."""
+    return (field_bytes(tensor_bytes(codes_name(key), (count,), 4 * count, INT32))
+            + field_bytes(tensor_bytes(scale_name(key), (count,), 4 * count, FLOAT32))
+            + field_bytes(dequantize_node_bytes(key)))  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,6 +151,64 @@ class GroupedConv:
         return self.node_rest + field_bytes(self.attribute_rest + 1 + varint_bytes(group))
 
 
+# the names an activation pair adds, per side ("in", "out") of a layer with weight `key`
+def act_name(key: str, side: str, what: str) -> str:
+    """what: scale, zero, quantized, quantize (node), dequantize (node), float (the layer's
+    own output before its pair) or dequantized (the pair's output on the input side)."""
+    return f"{key}_{side}_{what}"
+
+
+def quantize_node_bytes(inputs: tuple[str, str, str], output: str, name: str, op: str) -> int:
+    """A QuantizeLinear / DequantizeLinear NodeProto, per tensor: three inputs, one
+    output, name, op_type, no attribute."""
+    return (sum(text_bytes(x) for x in inputs) + text_bytes(output) + text_bytes(name)
+            + text_bytes(op))  # fmt: skip
+
+
+def _pair_bytes(key: str, side: str, source: str, result: str) -> int:
+    """One side's pair: its scale and zero point (scalar initializers) and two nodes."""
+    scale, zero, quantized = (act_name(key, side, w) for w in ("scale", "zero", "quantized"))
+    return (field_bytes(tensor_bytes(scale, (), 4, FLOAT32))
+            + field_bytes(tensor_bytes(zero, (), 1, UINT8))
+            + field_bytes(quantize_node_bytes((source, scale, zero), quantized,
+                                              act_name(key, side, "quantize"), "QuantizeLinear"))
+            + field_bytes(quantize_node_bytes((quantized, scale, zero), result,
+                                              act_name(key, side, "dequantize"),
+                                              "DequantizeLinear")))  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActNode:
+    """The Conv or Gemm node that applies a layer's weight `key` (its input 1), where an
+    `act_bits` knob quantizes its input 0 and its output 0."""
+
+    key: str
+    node: int  # its index in the skeleton's graph
+    input: str  # its input 0 in the skeleton
+    output: str  # its output 0 in the skeleton
+    node_bytes: int  # its bytes in the skeleton (grouped convs: see GroupedConv)
+    bias: str | None = None  # its input 2, a state tensor
+
+    @property
+    def renamed(self) -> tuple[str, str]:
+        """The node's input 0 and output 0 with the pairs in place."""
+        return act_name(self.key, "in", "dequantized"), act_name(self.key, "out", "float")
+
+    @property
+    def growth(self) -> int:
+        """Bytes the node itself gains by the renaming."""
+        new_input, new_output = self.renamed
+        return (text_bytes(new_input) - text_bytes(self.input) + text_bytes(new_output)
+                - text_bytes(self.output))  # fmt: skip
+
+    @property
+    def pairs_bytes(self) -> int:
+        """The graph's bytes the two pairs add (initializers and nodes)."""
+        new_input, new_output = self.renamed
+        return (_pair_bytes(self.key, "in", self.input, new_input)
+                + _pair_bytes(self.key, "out", new_output, self.output))  # fmt: skip
+
+
 @dataclass(frozen=True, kw_only=True)
 class OnnxLayout:
     """What prices and builds a candidate's ONNX file: the skeleton and where the state
@@ -132,19 +220,48 @@ class OnnxLayout:
     tensors: tuple[tuple[str, int, int], ...]  # (state key, element bytes, ONNX data type)
     convs: tuple[GroupedConv, ...] = ()
     inputs: tuple[str, ...] = ()  # the graph's input names, in call order
+    acts: tuple[ActNode, ...] = ()  # nodes whose activations an act_bits knob may quantize
+
+    @functools.cached_property
+    def activation_keys(self) -> dict[str, ActNode]:
+        """The weights (state keys) whose node can take activation pairs."""
+        return {a.key: a for a in self.acts}
 
     def weight_encoding(self, key: str, shape: tuple[int, ...], bits: int, element: int,
-                        data_type: int = FLOAT32) -> tuple[str, int]:  # fmt: skip
+                        data_type: int = FLOAT32, zero: bool = False) -> tuple[str, int]:  # fmt: skip
         """("float" or "codes", bytes in the graph) of a tensor at `bits`."""
-        return weight_encoding(key, shape, bits, element, data_type)
+        return weight_encoding(key, shape, bits, element, data_type, zero)
 
-    def file_bytes(self, shapes: Mapping[str, tuple[int, ...]], bits: Mapping[str, int]) -> int:
+    def integer_biases(self, shapes: Mapping[str, tuple[int, ...]], bits: Mapping[str, int],
+                       acts: Collection[str]) -> dict[str, str]:  # fmt: skip
+        """Biases stored as int32 codes, with their node's weight key: those of the nodes whose activations are quantized
+        and whose weight is stored as codes (the integer kernel's inputs; with a float
+        weight the node stays float and so does its bias)."""
+        element = {key: (size, data_type) for key, size, data_type in self.tensors}
+        return {act.bias: act.key for act in map(self.activation_keys.__getitem__, acts)
+                if act.bias is not None and bits.get(act.key, FLOAT_BITS) < FLOAT_BITS
+                and weight_encoding(act.key, shapes[act.key], bits[act.key],
+                                    *element[act.key], True)[0] == "codes"}  # fmt: skip
+
+    def file_bytes(self, shapes: Mapping[str, tuple[int, ...]], bits: Mapping[str, int],
+                   acts: Collection[str] = ()) -> int:  # fmt: skip
         """The file's bytes for tensors of `shapes` (by state key), weights of `bits` (by
-        key; float where absent)."""
+        key; float where absent), activation pairs around the nodes of the weights `acts`."""
         graph = self.graph_rest
+        integer = self.integer_biases(shapes, bits, acts)
         for key, element, data_type in self.tensors:
+            if key in integer:
+                graph += bias_codes_bytes(key, shapes[key][0])
+                continue
             graph += weight_encoding(key, shapes[key], bits.get(key, FLOAT_BITS), element,
-                                     data_type)[1]  # fmt: skip
+                                     data_type, key in acts)[1]  # fmt: skip
+        grouped = {conv.key for conv in self.convs}
         for conv in self.convs:
-            graph += field_bytes(conv.bytes(conv.group_of(shapes[conv.key])))
+            growth = self.activation_keys[conv.key].growth if conv.key in acts else 0
+            graph += field_bytes(conv.bytes(conv.group_of(shapes[conv.key])) + growth)
+        for key in acts:
+            act = self.activation_keys[key]
+            graph += act.pairs_bytes
+            if key not in grouped:  # a grouped conv's node is counted above
+                graph += field_bytes(act.node_bytes + act.growth) - field_bytes(act.node_bytes)
         return self.model_rest + field_bytes(graph)

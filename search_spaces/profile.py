@@ -44,6 +44,9 @@ class LayerInfo:
     weights: tuple[WeightInfo, ...]
     uses: int  # multiply-accumulates per weight element in one forward over example_inputs
     dtype_bytes: int
+    # its module's forward runs (False: its weights are used functionally by another
+    # module, e.g. nn.MultiheadAttention's out_proj): what activation hooks can see
+    called: bool = True
 
     @property
     def numel(self) -> int:
@@ -150,6 +153,7 @@ def profile_model(model: nn.Module, example_inputs: Any) -> ModelProfile:
     finally:
         for h in hooks:
             h.remove()
+    called = set(uses)
     _driven_uses(model, uses)
     uncalled = {
         name: module for name, module in model.named_modules()
@@ -157,7 +161,7 @@ def profile_model(model: nn.Module, example_inputs: Any) -> ModelProfile:
     }  # fmt: skip
     if uncalled:
         uses.update(_functional_uses(model, example_inputs, uncalled))
-    return _assemble(model, uses)
+    return _assemble(model, uses, called)
 
 
 def _driven_uses(model: nn.Module, uses: dict[str, int]) -> None:
@@ -208,7 +212,7 @@ def _functional_uses(model: nn.Module, example_inputs: Any,
     return {name: total // max(1, numel[name]) for name, total in macs.items()}
 
 
-def _assemble(model: nn.Module, uses: dict[str, int]) -> ModelProfile:
+def _assemble(model: nn.Module, uses: dict[str, int], called: set[str]) -> ModelProfile:
     state = model.state_dict()
     layers, weight_keys, left_out = [], set(), {}
     for name, module in model.named_modules():
@@ -227,7 +231,8 @@ def _assemble(model: nn.Module, uses: dict[str, int]) -> ModelProfile:
         weight_keys.update(w.key for w in weights)
         dtype_bytes = state[weights[0].key].element_size()
         layers.append(LayerInfo(name=name, kind=type(module).__name__, weights=weights,
-                                uses=uses[name], dtype_bytes=dtype_bytes))  # fmt: skip
+                                uses=uses[name], dtype_bytes=dtype_bytes,
+                                called=name in called))  # fmt: skip
     other = sum(t.numel() * t.element_size() for k, t in state.items() if k not in weight_keys)
     modules = list(model.modules())
     marked = {layer.family for layer in LAYERS.values()

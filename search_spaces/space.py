@@ -43,6 +43,7 @@ class LayerSetting:
 
     bits: int = FLOAT_BITS
     keep_count: int  # weight elements kept (after slicing or masking)
+    act_bits: int = FLOAT_BITS  # its input and output activations (kinds/act_bits.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,7 +181,7 @@ class _Resolved:
 def _config_choices(source: SpaceConfig | Rule) -> dict[str, tuple[Value, ...]]:
     """The choices a config or rule gives per kind (None: not given). The `space:` keys
     name the built-in kinds; a registered kind without a key takes its defaults."""
-    given = {"bits": source.bits,
+    given = {"bits": source.bits, "act_bits": source.act_bits,
              "keep": None if source.keep is None else keep_choices(source.keep)}  # fmt: skip
     return {name: given.get(name, kind.default_choices if isinstance(source, SpaceConfig)
                             else None) for name, kind in KINDS.items()}  # fmt: skip
@@ -244,7 +245,8 @@ def derive_space(
         if plan is None:
             raise SpaceError("structured pruning needs a pruning plan of the model")
         plan, unpruned = _without_skipped(plan, ruled)
-    where = Targets(profile=profile, active=active, pruning=pruning, plan=plan)
+    where = Targets(profile=profile, active=active, pruning=pruning, plan=plan,
+                    artifact=artifact)  # fmt: skip
     knobs = [knob for kind in KINDS.values() for knob in _knobs(kind.name, kind.targets(where),
                                                                  resolved)]  # fmt: skip
     position = {layer.name: i for i, layer in enumerate(profile.layers)}
@@ -331,8 +333,11 @@ def _knobs(kind: str, targets: list[tuple[str, int]],
     largest member's) for canonical rounding."""
     units = dict(targets)
     knobs = []
+    optional = KINDS[kind].optional
     for key, members in _tied([name for name, _ in targets], resolved).items():
         _check_tie(key, members, resolved, kind)
+        if optional and resolved[members[0]].choices[kind] == (KINDS[kind].reference,):
+            continue
         knobs.append(Knob(name=f"{kind}:{key}", kind=kind, layers=tuple(members),
                           choices=resolved[members[0]].choices[kind],
                           units=max(units[m] for m in members)))  # fmt: skip

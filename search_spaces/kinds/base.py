@@ -24,6 +24,7 @@ from search_spaces.errors import SpaceError
 if TYPE_CHECKING:
     from torch import nn
 
+    from search_spaces.onnx_layout import OnnxLayout
     from search_spaces.profile import ModelProfile
     from search_spaces.space import Knob, SearchSpace
     from search_spaces.structure import PruningPlan
@@ -40,6 +41,7 @@ class Targets:
     active: Sequence[str]
     pruning: str  # "structured", "unstructured" or "none"
     plan: PruningPlan | None
+    artifact: OnnxLayout | None = None  # the target's file, where it is not the torch model
 
 
 class KnobKind:
@@ -47,6 +49,8 @@ class KnobKind:
     reference: Value = 0  # the value that changes nothing
     default_choices: tuple[Value, ...] = ()  # where the config has no key for the kind
     ordered_grid: bool = False  # an even grid the sampler may see as ordered steps
+    # a knob whose only choice is the reference is left out (a kind the config turns on)
+    optional: bool = False
 
     def targets(self, where: Targets) -> list[tuple[str, int]]:
         """(layer or group, units for canonical rounding) that get a knob of this kind."""
