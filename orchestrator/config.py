@@ -92,6 +92,8 @@ class RecoveryConfig(_Frozen):
     finetune_steps: StrictInt = Field(default=0, ge=0)  # short fine-tune on the train batches
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: Finite = Field(default=1e-3, gt=0)
+    # how activation scales are calibrated (space.act_bits; orchestrator/compress/activations.py)
+    act_calibration: Literal["minmax", "percentile"] = "minmax"
 
 
 class FidelityConfig(_Frozen):

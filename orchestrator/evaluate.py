@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from orchestrator.batches import Batch, call_model, logits_of, to_device
+from orchestrator.compress.activations import calibrate
 from orchestrator.compress.rebuild import Rebuilder
 from orchestrator.fidelity import FidelitySettings, dominated, prefix_lengths, upper_bound
 from orchestrator.targets import Artifact, TargetSettings, target_of
@@ -33,6 +34,7 @@ class RecoverySettings:
     finetune_steps: int = 0  # optimizer steps on the task's train batches before quantizing
     optimizer: str = "adam"
     lr: float = 1e-3
+    act_calibration: str = "minmax"  # compress/activations.py METHODS
 
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
@@ -163,7 +165,7 @@ class Evaluator:
         rebuilt = time.perf_counter()
         self._recover(model, compressed)
         recovered = time.perf_counter()
-        artifact = self.runner.artifact(model, self.rebuilder.weight_bits(policy))
+        artifact = self.artifact_of(model, policy)
         metric, scored, stopped_early = self._score(artifact.model, size, front, fidelity, share)
         result = {
             "metric": metric,
@@ -175,6 +177,15 @@ class Evaluator:
         }
         result["eval_seconds"] = time.perf_counter() - start  # rebuild + recovery + scoring
         return result
+
+    def artifact_of(self, model: nn.Module, policy: Mapping[str, int | float]) -> Artifact:
+        """The rebuilt, recovered `model` of `policy` as its target runs it: quantized
+        weights by their bits, quantized activations with scales calibrated on it now."""
+        acts = self.rebuilder.activation_bits(policy)
+        params = (
+            calibrate(model, acts, self.calibration, self.recovery.act_calibration) if acts else {}
+        )
+        return self.runner.artifact(model, self.rebuilder.weight_bits(policy), params)
 
     def _deployed(self, artifact: Artifact, *, measure: bool) -> dict[str, Any]:
         """The artifact's figures: its file's bytes and the time to write and load it, and

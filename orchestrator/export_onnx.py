@@ -53,7 +53,7 @@ def export_onnx_trial(config: SearchConfig, run: RunRecord, row: Any, space: Sea
     if not deployed:  # no layout priced this study: the candidate's own architecture's
         own = dataclasses.replace(space, artifact=onnxruntime.layout(model, task.example_inputs()))
         evaluator.runner = onnxruntime.runner(own, settings, evaluator.device)
-    artifact = evaluator.runner.artifact(model, evaluator.rebuilder.weight_bits(policy))
+    artifact = evaluator.artifact_of(model, policy)  # activations calibrated as when scored
     metric = float(task.metric(artifact.model, evaluator.validation))
     median, p90 = evaluator.runner.latency(artifact, evaluator.latency_inputs)
     data = artifact.data

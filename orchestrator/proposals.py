@@ -27,6 +27,7 @@ channels, which costs far more metric per byte than a bit does.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import random
@@ -41,11 +42,12 @@ from orchestrator.budget import Budget
 from orchestrator.latency import LatencyModel
 from search_spaces import Knob, SearchSpace
 from search_spaces.cost import Cost, policy_cost
-from search_spaces.kinds import BITS, KEEP, KnobKind, kind_of
+from search_spaces.kinds import ACT_BITS, BITS, KEEP, KnobKind, kind_of
 from search_spaces.policy import Policy
 
 Values = dict[str, Any]
 UNIFORM_BASELINE_BITS = (32, 8, 4, 2)  # without a budget: the uniform float/8/4/2 policies
+INT8 = 8  # with activation knobs, the uniform 8-bit baseline also runs W8A8
 MOVE_TRIES = 32  # local moves drawn before giving the ask back to the sampler
 # of the local moves that are not a raise, the share that set one knob to any other
 # choice: steps of one grid point never cross to policies such as "this layer's FFN at
@@ -119,7 +121,8 @@ def baselines(pricing: Pricing, *, within_budget: bool) -> list[Values]:
     size/macs/bops limits): for every bits choice of the space (largest first) the largest
     uniform keep that fits, so the study always holds the best uniform policy within the
     budget and the answer can never be worse. Else (the front): float, 8, 4 and 2 bits,
-    nothing pruned, the landmarks of the size axis."""
+    nothing pruned, the landmarks of the size axis. With activation knobs, each uniform
+    8-bit one also with 8-bit activations (W8A8), where it fits."""
     space = pricing.space
     if not (within_budget and pricing.budget.priced):
         found = [uniform_values(space, bits) for bits in UNIFORM_BASELINE_BITS]
@@ -132,10 +135,22 @@ def baselines(pricing: Pricing, *, within_budget: bool) -> list[Values]:
             first = next((v for v in fitting if pricing.excess(v) <= 0), None)
             if first is not None:
                 found.append(first)
+    found += [v for v in map(functools.partial(_integer, space), found)
+              if v is not None and not (within_budget and pricing.excess(v) > 0)]  # fmt: skip
     unique: dict[str, Values] = {}
     for values in found:
         unique.setdefault(pricing.policy(values).hash, values)
     return list(unique.values())
+
+
+def _integer(space: SearchSpace, values: Values) -> Values | None:
+    """A uniform 8-bit policy with its activations in 8 bits too (W8A8: what integer
+    kernels run), where the space has activation knobs; None otherwise."""
+    bits = {values[k.name] for k in space.searchable if k.kind == BITS.name}
+    acts = [k.name for k in space.searchable if k.kind == ACT_BITS.name and INT8 in k.choices]
+    if not acts or bits != {INT8}:
+        return None
+    return {**values, **dict.fromkeys(acts, INT8)}
 
 
 def _choices(space: SearchSpace, kind: KnobKind) -> set[Any]:

@@ -25,7 +25,7 @@ from orchestrator.compress.quantize import fake_quantize, fake_quantize_
 from orchestrator.compress.structured import Slicer
 from search_spaces import LayerInfo, LayerSetting, SearchSpace
 from search_spaces.config import FLOAT_BITS
-from search_spaces.kinds import BITS, KnobKind, kind_of
+from search_spaces.kinds import BITS, KnobKind, kind_of, layer_act_bits
 
 PruneStep = Callable[[LayerInfo, list[torch.Tensor], LayerSetting], list[torch.Tensor]]
 
@@ -148,6 +148,11 @@ class Rebuilder:
             if value < FLOAT_BITS:
                 bits.update(dict.fromkeys(keys, value))
         return bits
+
+    def activation_bits(self, policy: Mapping[str, int | float]) -> dict[str, int]:
+        """Bits of the layers whose activations the policy quantizes, by layer (module)
+        name (orchestrator/compress/activations.py calibrates and applies them)."""
+        return layer_act_bits(self.space, policy)
 
     @torch.no_grad()
     def _mask(self, settings: Mapping[str, LayerSetting]) -> dict[str, torch.Tensor]:

@@ -61,7 +61,11 @@ class Runner:
     def __init__(self, space: SearchSpace, settings: TargetSettings, device: Any) -> None:
         self.space, self.settings, self.device = space, settings, device
 
-    def artifact(self, model: nn.Module, bits: Mapping[str, int]) -> Artifact:
+    def artifact(self, model: nn.Module, bits: Mapping[str, int],
+                 activations: Mapping[str, Any] | None = None) -> Artifact:  # fmt: skip
+        """The candidate `model` (its weights fake-quantized to `bits`, by state key) as
+        the target runs it; `activations`: (input, output) QParams by layer name, for the
+        layers whose activations are quantized (compress/activations.py)."""
         return Artifact(model=model)
 
     def latency(self, artifact: Artifact, inputs: Any) -> tuple[float, float]:

@@ -1,5 +1,5 @@
 """The `torch` target (the default): the rebuilt PyTorch model is scored as it is
-(fake-quantized weights), exported as prunesearch's packed safetensors file, and its
+(fake-quantized weights and, where `act_bits` says, activations), exported as prunesearch's packed safetensors file, and its
 latency, when asked for, is PyTorch's forward on the worker."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from orchestrator.batches import call_model
+from orchestrator.compress.activations import ActQuantized
 from orchestrator.targets.base import Artifact, Runner, Target, register
 
 
@@ -22,7 +23,9 @@ class TorchRunner(Runner):
         finally:
             torch.set_num_threads(previous)
 
-    def artifact(self, model: torch.nn.Module, bits: Any) -> Artifact:
+    def artifact(self, model: torch.nn.Module, bits: Any, activations: Any = None) -> Artifact:
+        if activations:  # simulated: fake-quant around each layer (compress/activations.py)
+            model = ActQuantized(model, activations)
         cuda = torch.device(self.device).type == "cuda"
 
         def run(inputs: Any) -> Any:

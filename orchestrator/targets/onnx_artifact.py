@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from copy import deepcopy
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,14 +34,19 @@ from orchestrator.compress.quantize import quantize
 from search_spaces.onnx_layout import (
     CODE_TYPES,
     FLOAT32,
+    INT32,
+    UINT8,
+    ActNode,
     GroupedConv,
     OnnxLayout,
+    act_name,
     codes_name,
     container,
     field_bytes,
     node_name,
     scale_name,
     varint_bytes,
+    zero_name,
 )
 
 OPSET = 21  # DequantizeLinear on int4 initializers, per axis
@@ -139,7 +145,31 @@ def skeleton_of(model: nn.Module, example_inputs: Any) -> OnnxLayout:
         model_rest=proto.ByteSize() - field_bytes(graph_bytes),
         graph_rest=graph_bytes - sum(field_bytes(graph.node[c.node].ByteSize()) for c in convs),
         tensors=tensors, convs=convs, inputs=tuple(i.name for i in graph.input),
+        acts=_act_nodes(graph, state),
     )  # fmt: skip
+
+
+# nodes that apply a layer's weight (input 1) and have integer kernels in ONNX Runtime
+ACT_OPS = ("Conv", "Gemm")
+
+
+def _act_nodes(graph: Any, state: Mapping[str, torch.Tensor]) -> tuple[ActNode, ...]:
+    """The Conv/Gemm nodes fed a state weight directly, one per weight (a weight applied
+    twice gets no activation knob: its two uses would need one pair each)."""
+    uses: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            if name in state:
+                uses.setdefault(name, []).append(i)
+    acts = []
+    for i, node in enumerate(graph.node):
+        key = node.input[1] if node.op_type in ACT_OPS and len(node.input) > 1 else None
+        if key in state and uses[key] == [i] and len(node.output) == 1:
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] in state else None
+            acts.append(ActNode(key=key, node=i, input=node.input[0], output=node.output[0],
+                                node_bytes=node.ByteSize(),
+                                bias=bias if bias and uses[bias] == [i] else None))  # fmt: skip
+    return tuple(acts)
 
 
 def _group(node: Any) -> int:
@@ -179,21 +209,81 @@ def _raw(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().numpy().tobytes()
 
 
-def write_artifact(layout: OnnxLayout, model: nn.Module, bits: Mapping[str, int]) -> bytes:
+def _scalar(name: str, value: float | int, data_type: int) -> Any:
+    dtype = "<f4" if data_type == FLOAT32 else "u1"
+    return _tensor(name, (), data_type, np.asarray(value, dtype=dtype).tobytes())
+
+
+def _pair(key: str, side: str, params: Any, source: str, result: str) -> tuple[list, list]:
+    """One side's QuantizeLinear -> DequantizeLinear: (initializers, nodes)."""
+    from onnx import helper
+
+    scale, zero, quantized = (act_name(key, side, w) for w in ("scale", "zero", "quantized"))
+    tensors = [_scalar(scale, params.scale, FLOAT32), _scalar(zero, params.zero, UINT8)]
+    nodes = [helper.make_node("QuantizeLinear", [source, scale, zero], [quantized],
+                              name=act_name(key, side, "quantize")),
+             helper.make_node("DequantizeLinear", [quantized, scale, zero], [result],
+                              name=act_name(key, side, "dequantize"))]  # fmt: skip
+    return tensors, nodes
+
+
+def _with_pairs(layout: OnnxLayout, graph: Any, activations: Mapping[str, Any]) -> list:
+    """The graph's nodes with activation pairs around the nodes of `activations`' weights,
+    in topological order (the input's pair just before its node, the output's just after);
+    adds the pairs' initializers to the graph."""
+    around = {layout.activation_keys[key].node: key for key in activations}
+    nodes = []
+    for i, node in enumerate(graph.node):
+        key = around.get(i)
+        if key is None:
+            nodes.append(node)
+            continue
+        act = layout.activation_keys[key]
+        new_input, new_output = act.renamed
+        before, after = (
+            _pair(key, "in", activations[key][0], act.input, new_input),
+            _pair(key, "out", activations[key][1], new_output, act.output),
+        )
+        node.input[0], node.output[0] = new_input, new_output
+        graph.initializer.extend(before[0] + after[0])
+        nodes.extend([*before[1], node, *after[1]])
+    return nodes
+
+
+def write_artifact(layout: OnnxLayout, model: nn.Module, bits: Mapping[str, int],
+                   activations: Mapping[str, Any] | None = None) -> bytes:  # fmt: skip
     """The candidate `model` (rebuilt, recovered; its quantized weights fake-quantized to
-    `bits`, by state key) as an ONNX file of `layout`."""
+    `bits`, by state key) as an ONNX file of `layout`; `activations`: (input, output)
+    QParams (compress/activations.py) by the weight key of each layer whose activations
+    are quantized."""
     from onnx import ModelProto, helper
 
     proto = ModelProto()
     proto.ParseFromString(layout.skeleton)
     graph = proto.graph
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    shapes = {key: tuple(state[key].shape) for key, _, _ in layout.tensors}
+    activations = activations or {}
+    biases = layout.integer_biases(shapes, bits, activations)
     nodes = []
     for key, element, data_type in layout.tensors:
         tensor = state[key]
         shape = tuple(tensor.shape)
+        if key in biases:
+            weight = biases[key]
+            scale = quantize(state[weight], bits[weight])[1].float().reshape(-1)
+            scale = scale * np.float32(activations[weight][0].scale)
+            graph.initializer.extend([
+                _tensor(codes_name(key), shape, INT32,
+                        _raw(torch.round(tensor.float() / scale).to(torch.int32))),
+                _tensor(scale_name(key), shape, FLOAT32, _raw(scale))])  # fmt: skip
+            nodes.append(helper.make_node("DequantizeLinear", [codes_name(key), scale_name(key)],
+                                          [key], name=node_name(key), axis=0))  # fmt: skip
+            continue
         b = bits.get(key)
-        encoding = layout.weight_encoding(key, shape, b, element, data_type) if b else None
+        zero = key in activations
+        encoding = (layout.weight_encoding(key, shape, b, element, data_type, zero)
+                    if b else None)  # fmt: skip
         if encoding is not None and encoding[0] == "codes":
             codes, scale = quantize(tensor, b)  # the fake-quantized values' own codes
             width = container(b)
@@ -201,16 +291,29 @@ def write_artifact(layout: OnnxLayout, model: nn.Module, bits: Mapping[str, int]
                                               _code_bytes(codes, width)),
                                       _tensor(scale_name(key), (shape[0],), FLOAT32,
                                               _raw(scale.float()))])  # fmt: skip
-            nodes.append(helper.make_node("DequantizeLinear", [codes_name(key), scale_name(key)],
-                                          [key], name=node_name(key), axis=0))  # fmt: skip
+            inputs = [codes_name(key), scale_name(key)]
+            if zero:  # ONNX Runtime's integer kernels take a weight with its zero point
+                graph.initializer.append(
+                    _tensor(
+                        zero_name(key),
+                        (shape[0],),
+                        CODE_TYPES[width],
+                        _code_bytes(torch.zeros(shape[0]), width),
+                    )
+                )
+                inputs.append(zero_name(key))
+            nodes.append(helper.make_node("DequantizeLinear", inputs, [key], name=node_name(key),
+                                          axis=0))  # fmt: skip
         else:
             graph.initializer.append(_tensor(key, shape, data_type, _raw(tensor)))
     for conv in layout.convs:
         attribute = next(a for a in graph.node[conv.node].attribute if a.name == "group")
         attribute.i = conv.group_of(tuple(state[conv.key].shape))
-    if nodes:  # DequantizeLinear reads only initializers: first in topological order
+    if activations:
+        nodes.extend(_with_pairs(layout, graph, activations))
+    else:
         nodes.extend(graph.node)
-        del graph.node[:]
-        graph.node.extend(nodes)
+    # a weight's DequantizeLinear reads only initializers: first in topological order
+    del graph.node[:]
+    graph.node.extend(nodes)
     return proto.SerializeToString()
-

@@ -73,13 +73,20 @@ def session_of(data: bytes, *, threads: int, device: torch.device | str = "cpu",
 
 
 class OrtRunner(Runner):
-    def artifact(self, model: nn.Module, bits: Mapping[str, int]) -> Artifact:
+    def artifact(self, model: nn.Module, bits: Mapping[str, int],
+                 activations: Mapping[str, Any] | None = None) -> Artifact:  # fmt: skip
         from orchestrator.targets.onnx_artifact import write_artifact
 
         start = time.perf_counter()
         layout = self.space.artifact
-        data = write_artifact(layout, model, bits)
-        session = session_of(data, threads=self.settings.latency.threads, device=self.device)
+        weights = {layer.name: layer.weights[0].key for layer in self.space.profile.layers}
+        # a torch study's policy exported to ONNX: a layer its graph cannot give a pair
+        # (a Linear applied as MatMul) stays float there, as the parity table then shows
+        acts = {weights[name]: params for name, params in (activations or {}).items()
+                if weights[name] in layout.activation_keys}  # fmt: skip
+        data = write_artifact(layout, model, bits, acts)
+        session = session_of(data, threads=self.settings.latency.threads, device=self.device,
+                             integer=bool(acts))  # fmt: skip
         ort_model = OrtModel(session, layout.inputs)
         return Artifact(model=ort_model, data=data, seconds=time.perf_counter() - start,
                         run=lambda inputs: ort_model(*_tuple(inputs)))  # fmt: skip
