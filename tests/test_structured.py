@@ -264,3 +264,20 @@ def test_reused_variants_equal_slicing_and_quantizing_directly(name, data):
             assert torch.equal(got(example), expected(example))
         recalibrate_batchnorm(got, [(example, None)])  # the next candidate resets it
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_the_same_policy_scores_the_same_whichever_bits_were_built_before_it():
+    """A layer's quantized variants are built for all its bits at once, in one stack: a
+    later slot's weight started mid-allocation, and a misaligned weight sends BLAS down
+    another path (the logits differed in their last bits from slicing directly)."""
+    model, example, space, _ = _space("plain-cnn")
+    small = {k.name: min(k.choices) for k in space.knobs}
+    policy = Policy.from_values(space, {**small, "keep:head.1": 0.95, "bits:head.3": 3})
+    worker = Rebuilder(model, space)
+    worker(Policy.from_values(space, small))  # the 2..8-bit stacks exist now
+    with torch.no_grad():
+        after_stacks = worker(policy)(example)
+        assert all(p.data_ptr() % 64 == 0 for p in worker(policy).parameters())
+        fresh = Rebuilder(model, space)
+        fresh(policy)
+        assert torch.equal(after_stacks, fresh(policy)(example))

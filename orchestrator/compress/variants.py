@@ -33,6 +33,7 @@ from search_spaces.structure import DimSlice, GroupPlan, PruningPlan
 # a stack of every bits variant up to this size: beyond it arithmetic, not dispatch, is
 # the cost, and the variants a candidate does not use would crowd the cache
 STACK_BYTES = 2**20
+ALIGN_BYTES = 64  # what the CPU allocator aligns a new tensor to (a cache line, AVX-512)
 
 Owner = tuple[GroupPlan, DimSlice]
 
@@ -77,7 +78,11 @@ class Variants:
         if bits >= FLOAT_BITS:
             return self._lookup(key, state, None)
         stacked, i = self._stacks.get(key, {}).get(bits) or ((bits,), 0)
-        return self._lookup(key, state, stacked)[i]
+        tensor = self._lookup(key, state, stacked)[i]
+        # a stack's later slots start mid-allocation: BLAS kernels take another path on
+        # a misaligned weight and round differently (last bits of the outputs), so the
+        # same policy would score differently by the bits its neighbours in the stack had
+        return tensor if tensor.data_ptr() % ALIGN_BYTES == 0 else tensor.clone()
 
     def _lookup(
         self, key: str, state: tuple[int, ...], stacked: tuple[int, ...] | None
