@@ -1,5 +1,5 @@
-"""Search what you deploy (issue 15): float ONNX vs uniform int8 weights vs the best
-searched policy under a latency budget of 60% of the float model's, all measured in ONNX
+"""Search what you deploy (issue 15): float ONNX vs uniform int8 weights (W8A32) vs uniform
+int8 weights and activations (W8A8) vs the best searched policy under a latency budget of 60% of the float model's, all measured in ONNX
 Runtime on this machine, side by side in one run.
 
     python benchmarks/latency.py                        # four models, 32 trials each
@@ -7,10 +7,12 @@ Runtime on this machine, side by side in one run.
 
 Per model (`target: onnxruntime`, `latency: {batch: 1, threads: 1, warmup: 10, repeats:
 50}`, 2 workers, `objective: budget`):
-- float / int8 W8A32: the uniform policies, each evaluated once by the same Evaluator a
-  worker runs (its ONNX file built, scored and timed in ONNX Runtime). Activations stay
-  float: the activation-bits knob (W8A8) is not built yet;
-- searched: `prunesearch run` with `budget: latency<=0.6 x float`; the best trial within it;
+- float / W8A32 / W8A8: the uniform policies, each evaluated once by the same Evaluator a
+  worker runs (its ONNX file built, scored and timed in ONNX Runtime). W8A32 keeps
+  activations float (weights dequantized to float kernels); W8A8 puts Q/DQ pairs on every
+  Conv/Gemm's input and output, which ONNX Runtime fuses into QLinearConv/QGemm;
+- searched: `prunesearch run` with `budget: latency<=0.6 x float` over weight bits, keep
+  ratios and activation bits (`space.act_bits: [8, 32]`); the best trial within it;
 - prediction error: |predicted / measured - 1| of the driver's latency prediction over
   every candidate measured in the search (median, p90; target median <= 10%);
 - size vs predicted: every evaluated candidate's ONNX file against the cost model's
@@ -38,9 +40,10 @@ TASKS = ["digits-resnet", "digits-lstm", "orchestrator.tasks.vision:resnet18",
          "orchestrator.tasks.vision:mobilenet_v2"]  # fmt: skip
 LATENCY = {"batch": 1, "threads": 1, "warmup": 10, "repeats": 50}
 SHARE = 0.6  # the latency budget, of the float model's latency
+SPACE = {"act_bits": [8, 32]}  # the search may put any Conv/Gemm in 8-bit integers
 
 
-def _uniform(config, bits: int) -> dict:
+def _uniform(config, bits: int, act_bits: int = 32) -> dict:
     from orchestrator.evaluate import Evaluator, RecoverySettings
     from orchestrator.prepare import build_space
     from search_spaces.cost import policy_cost
@@ -49,7 +52,10 @@ def _uniform(config, bits: int) -> dict:
     task, _, space = build_space(config)
     evaluator = Evaluator(task, space, recovery=RecoverySettings(),
                           target=config.target_settings())  # fmt: skip
-    policy = Policy.uniform(space, bits)
+    uniform = Policy.uniform(space, bits)
+    acts = {k.name for k in space.knobs if k.kind == "act_bits"}
+    policy = Policy.from_values(space, {k: act_bits if k in acts else v
+                                        for k, v in uniform.items()})  # fmt: skip
     result = evaluator.evaluate(policy)
     return {"metric": result["metric"], "latency_ms": result["latency_ms"],
             "size_bytes": result["artifact_bytes"],
@@ -105,20 +111,21 @@ def main() -> None:
     args = parser.parse_args()
     from orchestrator.config import make_config
 
-    header = ["model", "float", "int8 W8A32", "budget", "searched (best within budget)",
+    header = ["model", "float", "int8 W8A32", "int8 W8A8", "budget", "searched (best within budget)",
               "prediction error median / p90 (measured)", "size = predicted",
               "artifact share of eval", "trials: within / infeasible by prediction", "search s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task in args.tasks.split(","):
-        data = {"task": task, "target": "onnxruntime", "latency": LATENCY}
+        data = {"task": task, "target": "onnxruntime", "latency": LATENCY, "space": SPACE}
         config = make_config(data)
-        base, int8 = _uniform(config, 32), _uniform(config, 8)
+        base, int8, w8a8 = _uniform(config, 32), _uniform(config, 8), _uniform(config, 8, 8)
         limit = SHARE * base["latency_ms"]
         with tempfile.TemporaryDirectory() as tmp:
             found = _search(data, limit, args.trials, Path(tmp))
-        exact = all(r["size_bytes"] == r["predicted_bytes"] for r in (base, int8))
+        exact = all(r["size_bytes"] == r["predicted_bytes"] for r in (base, int8, w8a8))
         cells = [
             task.rpartition(":")[2], _row("", base).strip(), _row("", int8).strip(),
+            _row("", w8a8).strip(),
             f"<= {limit:.3f} ms", _row("", found["best"]).strip(),
             (f"{found['error_median']:.1%} / {found['error_p90']:.1%} ({found['measured']})"
              if found["error_median"] is not None else "-"),

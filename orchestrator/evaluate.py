@@ -181,11 +181,17 @@ class Evaluator:
     def artifact_of(self, model: nn.Module, policy: Mapping[str, int | float]) -> Artifact:
         """The rebuilt, recovered `model` of `policy` as its target runs it: quantized
         weights by their bits, quantized activations with scales calibrated on it now."""
-        acts = self.rebuilder.activation_bits(policy)
-        params = (
-            calibrate(model, acts, self.calibration, self.recovery.act_calibration) if acts else {}
-        )
+        params = self.activation_params(model, policy)
         return self.runner.artifact(model, self.rebuilder.weight_bits(policy), params)
+
+    def activation_params(self, model: nn.Module,
+                          policy: Mapping[str, int | float]) -> dict[str, Any]:  # fmt: skip
+        """Scales of the activations `policy` quantizes, calibrated on `model` (float
+        activations) with the calibration batches; {} where it quantizes none."""
+        acts = self.rebuilder.activation_bits(policy)
+        if not acts:
+            return {}
+        return calibrate(model, acts, self.calibration, self.recovery.act_calibration)
 
     def _deployed(self, artifact: Artifact, *, measure: bool) -> dict[str, Any]:
         """The artifact's figures: its file's bytes and the time to write and load it, and

@@ -42,6 +42,7 @@ from torch import nn
 from orchestrator.atomic import atomic_write_bytes, atomic_write_json
 from orchestrator.batches import call_model, to_device
 from orchestrator.budget import Budget, BudgetError, format_bytes, parse_budget
+from orchestrator.compress.activations import params_from_json, params_to_json, quantize_activations
 from orchestrator.compress.architecture import architecture, build_architecture
 from orchestrator.compress.codec import (
     Encoded,
@@ -61,8 +62,9 @@ from orchestrator.errors import ConfigError
 from orchestrator.export_onnx import check_format, export_onnx_trial
 from orchestrator.runrecord import RunRecord, read_study
 from search_spaces import SearchSpace, SpaceError
+from search_spaces.config import FLOAT_BITS
 from search_spaces.cost import FILE_FORMAT, file_bytes, policy_cost
-from search_spaces.kinds import BITS
+from search_spaces.kinds import ACT_BITS, BITS, layer_act_bits
 from search_spaces.policy import Policy
 
 FORMAT = FILE_FORMAT  # 2: the tensors in one safetensors entry, the manifest's `stored` index
@@ -195,6 +197,8 @@ def _assemble(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], 
         first = str(exc).strip().splitlines()
         raise ConfigError(f"the model of task '{manifest['task']}' no longer matches this "
                           f"export ({' '.join(line.strip() for line in first[:2])})") from None  # fmt: skip
+    # 8-bit activations (act_bits): the scales the trial was scored with, as fake-quant
+    quantize_activations(model, params_from_json(manifest.get("activations", {})))
     return model.eval()
 
 
@@ -431,12 +435,15 @@ def export_trial(config: SearchConfig, run: RunRecord, row: Any, *,
                           f"now says {cost.size_bytes}: task '{config.task}' changed")  # fmt: skip
     with _threads(int(config.workers.cpus_per_worker)):
         evaluator, scored, before = _rebuild(config, space, task, policy)
+        acts = evaluator.activation_params(scored, policy)
         encoded = encode(scored, before, space, policy, layer_masks(space, policy, base))
         model_bytes, stored = model_file(encoded.tensors)
         if len(model_bytes) != cost.size_bytes:
             raise ExportError(f"internal: the model file takes {len(model_bytes)} bytes, the "
                               f"cost model counted {cost.size_bytes}")  # fmt: skip
         manifest = _manifest(config, space, policy, task, scored, encoded, model_bytes, stored)
+        if acts:  # older readers never see the key unless a layer needs it
+            manifest["activations"] = params_to_json(acts)
         tensors = unpack_file(_load_bytes(model_bytes), stored)
         loaded = _assemble(manifest, tensors, base=base, space=space)
         _same_state(loaded, encoded.state)
@@ -500,10 +507,12 @@ def _policy_record(run: RunRecord, row: Any, space: SearchSpace,
                    metric: float) -> dict[str, Any]:  # fmt: skip
     channels = {t["key"]: t["shape"] for t in manifest["tensors"]}
     layers = []
+    acts = layer_act_bits(space, policy)
     for entry, info in zip(manifest["layers"], space.profile.layers, strict=True):
         first = info.weights[0]
         layers.append({
             "layer": entry["name"], "kind": entry["kind"], BITS.name: entry[BITS.name],
+            ACT_BITS.name: acts.get(info.name, FLOAT_BITS),
             "channels": channels[first.key][0], "channels_of": first.shape[0],
             "weights": entry["kept"], "weights_of": info.numel,
             "encoding": entry["encoding"], "bytes": entry["bytes"],

@@ -4,6 +4,7 @@ simulation and the onnxruntime target's QuantizeLinear/DequantizeLinear pairs.""
 from __future__ import annotations
 
 import collections
+import json
 import random
 
 import numpy as np
@@ -217,3 +218,41 @@ def test_a_search_over_activation_bits_on_onnxruntime(ray_cluster, tmp_path):
         assert row.bops == policy_cost(space, policy).bops
         acts += any(policy[k] == 8 for k in _act_knobs(space))
     assert acts  # the search tried 8-bit activations
+
+
+def test_a_torch_export_keeps_its_activation_scales_and_reproduces_the_metric(tmp_path):
+    """The packed safetensors export of a W8A8 policy: the manifest keeps each layer's
+    input and output scales and load_compressed fake-quantizes with them, so the loaded
+    model scores what the trial recorded (without them it would score the float
+    activations' metric and the export would be refused)."""
+    from types import SimpleNamespace
+
+    from orchestrator.export import MANIFEST_FILE, POLICY_FILE, export_trial, load_compressed
+    from orchestrator.runrecord import RunRecord
+
+    config = make_config({"task": "digits-cnn", "space": ACTS})
+    task, _, space = build_space(config)
+    policy = _uniform(space, 8, 8)
+    evaluator = Evaluator(task, space, recovery=RecoverySettings())
+    metric = evaluator.evaluate(policy)["metric"]
+    row = SimpleNamespace(trial=0, policy=policy.to_json(), metric=metric,
+                          size_bytes=policy_cost(space, policy).size_bytes)  # fmt: skip
+    exported = export_trial(config, RunRecord(study="t", space=space.to_dict()), row)
+    for name, data in exported.files.items():
+        (tmp_path / name).write_bytes(data)
+    manifest = json.loads(exported.files[MANIFEST_FILE])
+    layers = [x.name for x in space.profile.layers]
+    assert sorted(manifest["activations"]) == sorted(layers)
+    for scales in manifest["activations"].values():
+        assert scales["input"]["scale"] > 0 and 0 <= scales["output"]["zero"] <= 255
+    record = json.loads(exported.files[POLICY_FILE])
+    assert {entry["act_bits"] for entry in record["layers"]} == {8}
+    loaded = load_compressed(tmp_path)
+    assert task.metric(loaded, evaluator.validation) == pytest.approx(metric, abs=1e-9)
+    # the loaded model's outputs sit on the last layer's uint8 grid
+    out_scale = manifest["activations"][layers[-1]]["output"]
+    with torch.no_grad():
+        logits = loaded(evaluator.validation[0][0])
+    codes = logits / out_scale["scale"] + out_scale["zero"]
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert len(torch.unique(codes.round())) <= 256

@@ -120,6 +120,36 @@ def calibrate(model: nn.Module, layers: Iterable[str], batches: Iterable[Any],
             for name, (i, o) in seen.items()}  # fmt: skip
 
 
+def quantize_activations(model: nn.Module, params: Mapping[str, tuple[QParams, QParams]]) -> list:
+    """Fake-quantize the named layers' inputs and outputs from now on (forward hooks on
+    the layers; returns their handles). A loaded export keeps them for good."""
+    handles = []
+    for name, (into, out) in params.items():
+        module = model.get_submodule(name)
+        handles.append(
+            module.register_forward_pre_hook(
+                lambda _m, a, p=into: (fake_quantize_act(a[0], p), *a[1:])
+            )
+        )
+        handles.append(
+            module.register_forward_hook(lambda _m, _a, y, p=out: fake_quantize_act(y, p))
+        )
+    return handles
+
+
+def params_to_json(params: Mapping[str, tuple[QParams, QParams]]) -> dict[str, Any]:
+    """The scales as an export's manifest keeps them: {layer: {input, output}}."""
+    return {name: {"input": {"scale": i.scale, "zero": i.zero},
+                   "output": {"scale": o.scale, "zero": o.zero}}
+            for name, (i, o) in sorted(params.items())}  # fmt: skip
+
+
+def params_from_json(data: Mapping[str, Any]) -> dict[str, tuple[QParams, QParams]]:
+    return {name: (QParams(float(d["input"]["scale"]), int(d["input"]["zero"])),
+                   QParams(float(d["output"]["scale"]), int(d["output"]["zero"])))
+            for name, d in data.items()}  # fmt: skip
+
+
 class ActQuantized(nn.Module):
     """`model` with the named layers' inputs and outputs fake-quantized (the torch
     target's simulation). The hooks live only during a forward: the rebuild reuses the
@@ -130,17 +160,7 @@ class ActQuantized(nn.Module):
         self.model, self.params = model, dict(params)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hooks = []
-        for name, (into, out) in self.params.items():
-            module = self.model.get_submodule(name)
-            hooks.append(
-                module.register_forward_pre_hook(
-                    lambda _m, a, p=into: (fake_quantize_act(a[0], p), *a[1:])
-                )
-            )
-            hooks.append(
-                module.register_forward_hook(lambda _m, _a, y, p=out: fake_quantize_act(y, p))
-            )
+        hooks = quantize_activations(self.model, self.params)
         try:
             return self.model(*args, **kwargs)
         finally:
