@@ -99,7 +99,7 @@ def _search(config_data: dict, limit_ms: float, trials: int, out: Path) -> dict:
 
 def _row(name: str, row: dict | None) -> str:
     if row is None:
-        return f"{name}: none within the budget"
+        return f"{name} none within the budget"
     return (f"{name} {row['latency_ms']:.3f} ms, {row['size_bytes'] / 1e3:,.1f} KB, "
             f"metric {row['metric']:.4f}")  # fmt: skip
 

@@ -6,6 +6,7 @@ scores many policies; `evaluate` returns a plain dict that crosses the wire to t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -151,6 +152,32 @@ class Evaluator:
         self.rebuilder.restore()
         return self.runner.latency(self.runner.artifact(self.rebuilder.model, {}),
                                    self.latency_inputs)[0]  # fmt: skip
+
+    def latency_probes(self, acts: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+        """The per-layer latency table's probes of the named layers at their activation
+        bits (orchestrator/latency_table.py), read from this machine's cache or timed here
+        in the target runtime: plain data for the driver's LayerTable."""
+        from orchestrator.latency_table import (
+            OVERHEAD,
+            cache_bytes,
+            geometry,
+            grid,
+            machine,
+            measure,
+            probe_order,
+        )
+
+        self.rebuilder.restore()
+        base = geometry(self.rebuilder.model, self.latency_inputs, acts, call_model)
+        probes = {name: grid(probe, acts[name]) for name, probe in base.items()}
+        order = probe_order(probes)
+        machine_id = machine(self.target.name, self.device, self.runner.settings.latency.threads)
+        times, timed = measure(order, machine_id, self.runner.probe_ms)
+        ms = dict(zip(order, times, strict=True))
+        return {"machine": machine_id, "timed": timed, "overhead": ms[OVERHEAD] or 0.0,
+                "cache_bytes": cache_bytes(self.device),
+                "layers": {name: [(dataclasses.asdict(p), ms[p]) for p in found]
+                           for name, found in probes.items()}}  # fmt: skip
 
     def evaluate(self, policy: Mapping[str, int | float], *, size: int | None = None,
                  front: Sequence[tuple[int, float]] = (),

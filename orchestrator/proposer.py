@@ -81,15 +81,17 @@ class Proposer:
     def __init__(self, prepared: Prepared, study: optuna.Study, *, record: Record,
                  flight: Flight, guidance: Guidance = Guidance(),
                  requeue: Sequence[Mapping[str, Any]] = (), first: bool = True,
-                 base_latency: float | None = None) -> None:  # fmt: skip
+                 base_latency: float | None = None, latency_table: Any = None) -> None:  # fmt: skip
         """`requeue`: params of a resumed study's interrupted trials; `first`: this driver
         created the study, so it queues the baselines and seeds (a joining one does not);
-        `base_latency`: the unchanged model's, measured by a worker (a latency limit)."""
+        `base_latency`: the unchanged model's, measured by a worker (a latency limit);
+        `latency_table`: the per-layer table the predictor prices layers with."""
         config, space = prepared.config, prepared.space
         self.study, self.record, self.flight = study, record, flight
         self.target = config.trials
         self.distributions = {k.name: distribution(k) for k in space.searchable}
-        self.latency = LatencyModel(space) if prepared.budget.latency_ms is not None else None
+        self.latency = (LatencyModel(space, latency_table)
+                        if prepared.budget.latency_ms is not None else None)  # fmt: skip
         if self.latency is not None and base_latency is not None:  # the unchanged model's
             self.latency.observe(Policy.from_values(space, reference_values(space.knobs)),
                                  base_latency)  # fmt: skip

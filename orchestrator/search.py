@@ -247,7 +247,7 @@ class Driver:
 def open_driver(prepared: Prepared, pool: Any, *, sampler: str, quiet: bool,
                 fidelity: FidelitySettings | None = None,
                 guidance: Guidance | None = None,
-                base_latency: float | None = None) -> Driver:  # fmt: skip
+                base_latency: float | None = None, latency_table: Any = None) -> Driver:  # fmt: skip
     """Open the study (new, resumed or joined) and build the driver's parts on it: the
     sampler's in-memory copy, and the durable study the recorder process writes."""
     p, stats, driver_id = prepared, DriverStats(), new_driver_id()
@@ -268,27 +268,51 @@ def open_driver(prepared: Prepared, pool: Any, *, sampler: str, quiet: bool,
                             backlog=recorder)  # fmt: skip
     proposer = Proposer(p, study, record=ledger, flight=dispatcher,
                         guidance=guidance or Guidance(), requeue=opened.requeue,
-                        first=opened.created, base_latency=base_latency)  # fmt: skip
+                        first=opened.created, base_latency=base_latency,
+                        latency_table=latency_table)  # fmt: skip
     for _, row in loaded:  # a resumed study's measured latencies teach the predictor too
         proposer.learn(row.get("policy"), row.get("latency_ms"))
     return Driver(proposer, dispatcher, ledger, target=p.config.trials, quiet=quiet,
                   stats=stats, driver_id=driver_id)  # fmt: skip
 
 
-def _say_reach(prepared: Prepared, base_latency: float) -> None:
+def _latency_table(prepared: Prepared, pool: Any, *, quiet: bool) -> Any:
+    """The per-layer latency table of the space's layers, at float and (where a layer has
+    an activation knob) 8-bit activations, from a worker: timed there, or read from its
+    machine's cache (orchestrator/latency_table.py). None: the evaluator times none."""
+    from orchestrator.latency_table import LayerTable
+    from search_spaces.config import FLOAT_BITS
+    from search_spaces.kinds import layer_act_bits
+
+    space = prepared.space
+    lowest = layer_act_bits(space, Policy.from_values(space, space.extreme_values("min")))
+    acts = {x.name: sorted({FLOAT_BITS, lowest.get(x.name, FLOAT_BITS)}) for x in space.profile.layers}
+    start = time.monotonic()
+    found = pool.latency_probes(acts)
+    if found is None:
+        return None
+    table = LayerTable.of(found)
+    if not quiet:
+        print(f"latency: {len(table.base)} of {len(acts)} layers in the per-layer table "
+              f"({table.probes} probes, {table.timed} timed now, the rest from this machine's "
+              f"cache) in {time.monotonic() - start:.1f} s", file=sys.stderr)  # fmt: skip
+    return table
+
+
+def _say_reach(prepared: Prepared, base_latency: float, table: Any = None) -> None:
     """The base model's latency beside the limit, and a warning when even the space's
     smallest policy is predicted over it (e.g. nothing it can cut changes latency)."""
     from orchestrator.latency import LatencyModel
 
     space, limit = prepared.space, prepared.budget.latency_ms
-    model = LatencyModel(space)
+    model = LatencyModel(space, table)
     model.observe(Policy.from_values(space, reference_values(space.knobs)), base_latency)
     least = model.predict(Policy.from_values(space, space.extreme_values("min")))
     print(f"latency: the base model runs in {base_latency:.3f} ms; limit {limit:g} ms",
           file=sys.stderr)  # fmt: skip
     if least is not None and least > limit:
         print(f"latency: even the smallest policy of this space is predicted at {least:.3f} "
-              f"ms (in proportion to the work it keeps): the limit may be out of reach; "
+              f"ms (by the work it keeps): the limit may be out of reach; "
               "candidates predicted over it are recorded INFEASIBLE", file=sys.stderr)  # fmt: skip
 
 
@@ -566,8 +590,9 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
         base_metric = pool.base_metric()
         eval_seconds = time.perf_counter() - timed  # one evaluation, and a Ray round trip
         base_latency = pool.base_latency() if prepared.budget.latency_ms is not None else None
+        table = _latency_table(prepared, pool, quiet=quiet) if base_latency is not None else None
         if base_latency is not None and not quiet:
-            _say_reach(prepared, base_latency)
+            _say_reach(prepared, base_latency, table)
         sampler = config.sampler
         if sampler == "auto":  # by knobs, trial budget, workers started and evaluation time
             sampler = auto_sampler(len(prepared.space.searchable), config.trials, pool.size,
@@ -588,7 +613,7 @@ def run_prepared(prepared: Prepared, *, quiet: bool = True, evaluator_factory: A
         with _deferred_interrupt() as deferred:  # a study half opened is no study to resume
             driver = open_driver(prepared, pool, sampler=sampler, quiet=quiet,
                                  fidelity=fidelity, guidance=guidance,
-                                 base_latency=base_latency)  # fmt: skip
+                                 base_latency=base_latency, latency_table=table)  # fmt: skip
             write_run_json(prepared, sampler=sampler, base_metric=base_metric, workers=infos,
                            driver_id=driver.driver_id)  # fmt: skip
         interrupted = interrupted or deferred.hit

@@ -84,6 +84,10 @@ class _Worker:
         measure = getattr(self.evaluator, "base_latency", None)  # a custom evaluator may not
         return measure() if measure is not None else None
 
+    def latency_probes(self, acts: dict[str, list[int]]) -> dict[str, Any] | None:
+        probe = getattr(self.evaluator, "latency_probes", None)
+        return probe(acts) if probe is not None else None
+
     def evaluate(
         self, policy: dict[str, Any], context: dict[str, Any] | None = None
     ) -> dict[str, Any]:
@@ -219,6 +223,15 @@ class WorkerPool:
             return self._get([self._idle[0].base_latency.remote()])[0]
         except RayError as exc:
             raise WorkerStartError(f"measuring the unchanged model's latency failed: "
+                                   f"{_cause(exc)}") from exc  # fmt: skip
+
+    def latency_probes(self, acts: dict[str, list[int]]) -> dict[str, Any] | None:
+        """The per-layer latency table's probes, timed on a worker (orchestrator/
+        latency_table.py); None: its evaluator times none."""
+        try:
+            return self._get([self._idle[0].latency_probes.remote(acts)])[0]
+        except RayError as exc:
+            raise WorkerStartError(f"timing the layers' latency probes failed: "
                                    f"{_cause(exc)}") from exc  # fmt: skip
 
     @property

@@ -40,6 +40,15 @@ def container(bits: int) -> int:
     return next(width for width in CODE_TYPES if bits <= width)
 
 
+def code_width(bits: int, integer: bool = False) -> int:
+    """The width a weight's codes are stored in; `integer` (its layer's activations are
+    quantized too): at least 8, since ONNX Runtime's integer kernels (QLinearConv, QGemm)
+    take int8 weights only and would leave an int4 one to a float kernel, dequantizing
+    weights and activations on every run. Its 2..4-bit codes are exact in int8."""
+    width = container(bits)
+    return max(width, 8) if integer else width
+
+
 FLOAT32 = 1
 UINT8 = 2
 INT32 = 6
@@ -109,7 +118,7 @@ def weight_encoding(key: str, shape: tuple[int, ...], bits: int, element: int,
     plain = field_bytes(tensor_bytes(key, shape, numel * element, data_type))
     if bits >= FLOAT_BITS:
         return "float", plain
-    width = container(bits)
+    width = code_width(bits, zero)
     coded = (field_bytes(tensor_bytes(codes_name(key), shape, code_bytes(numel, width),
                                       CODE_TYPES[width]))
              + field_bytes(tensor_bytes(scale_name(key), (shape[0],), 4 * shape[0], FLOAT32))

@@ -195,6 +195,12 @@ def test_onnx_runtime_runs_8_bit_layers_as_integer_kernels(tmp_path):
     deployed = artifact.model(x)
     agree = (simulated.argmax(1) == deployed.argmax(1)).float().mean()
     assert agree >= 0.95
+    # 4-bit weights under 8-bit activations: int8 codes, which the integer kernels take
+    # (int4 ones would leave the layer to a float kernel dequantizing every run)
+    w4a8 = _uniform(space, 4, 8)
+    artifact = evaluator.artifact_of(evaluator.compressed_model(w4a8), w4a8)
+    ops = _optimized_ops(artifact.data, tmp_path / "w4a8.onnx")
+    assert ops["QLinearConv"] == kinds["Conv2d"] and ops["QGemm"] == kinds["Linear"]
     # activations in float: the integer weights are dequantized once, the kernels are float
     float_acts = _uniform(space, 8, 32)
     artifact = evaluator.artifact_of(evaluator.compressed_model(float_acts), float_acts)

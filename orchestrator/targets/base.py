@@ -68,6 +68,10 @@ class Runner:
         layers whose activations are quantized (compress/activations.py)."""
         return Artifact(model=model)
 
+    def probe_ms(self, probe: Any) -> float:
+        """Median ms of one layer alone in this runtime (orchestrator/latency_table.py)."""
+        raise NotImplementedError(f"{type(self).__name__} times no layer probes")
+
     def latency(self, artifact: Artifact, inputs: Any) -> tuple[float, float]:
         """(median, p90) milliseconds of one forward over `inputs`."""
         latency = self.settings.latency

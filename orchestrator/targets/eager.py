@@ -9,8 +9,10 @@ from typing import Any
 import torch
 
 from orchestrator.batches import call_model
-from orchestrator.compress.activations import ActQuantized
+from orchestrator.compress.activations import ActQuantized, QParams, fake_quantize_act
+from orchestrator.latency_table import time_ms
 from orchestrator.targets.base import Artifact, Runner, Target, register
+from search_spaces.config import FLOAT_BITS
 
 
 class TorchRunner(Runner):
@@ -35,6 +37,42 @@ class TorchRunner(Runner):
             return output
 
         return Artifact(model=model, run=run)
+
+
+    @torch.no_grad()
+    def probe_ms(self, probe: Any) -> float:
+        """The layer alone as a torch module (fake-quant around it at 8 bits)."""
+        module = _module_of(probe).to(self.device).eval()
+        x = torch.randn(probe.input, device=self.device)
+        params = QParams(scale=0.05, zero=128)
+        act = probe.act < FLOAT_BITS
+
+        def forward() -> Any:
+            y = module(fake_quantize_act(x, params) if act else x)
+            return fake_quantize_act(y, params) if act else y
+
+        artifact = Artifact(model=module, run=lambda _inputs: forward())
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.settings.latency.threads)
+        try:
+            return time_ms(lambda: self._sync(artifact.run(None)))
+        finally:
+            torch.set_num_threads(previous)
+
+    def _sync(self, output: Any) -> Any:
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return output
+
+
+def _module_of(probe: Any) -> torch.nn.Module:
+    if probe.op == "Identity":
+        return torch.nn.Identity()
+    if probe.op == "Gemm":
+        return torch.nn.Linear(probe.input[1], probe.out, bias=False)
+    conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[len(probe.kernel)]
+    return conv(probe.input[1], probe.out, probe.kernel, stride=probe.stride,
+                padding=probe.padding, dilation=probe.dilation, groups=probe.groups, bias=False)  # fmt: skip
 
 
 class TorchTarget(Target):

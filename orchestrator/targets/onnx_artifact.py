@@ -40,8 +40,8 @@ from search_spaces.onnx_layout import (
     GroupedConv,
     OnnxLayout,
     act_name,
+    code_width,
     codes_name,
-    container,
     field_bytes,
     node_name,
     scale_name,
@@ -286,7 +286,7 @@ def write_artifact(layout: OnnxLayout, model: nn.Module, bits: Mapping[str, int]
                     if b else None)  # fmt: skip
         if encoding is not None and encoding[0] == "codes":
             codes, scale = quantize(tensor, b)  # the fake-quantized values' own codes
-            width = container(b)
+            width = code_width(b, zero)
             graph.initializer.extend([_tensor(codes_name(key), shape, CODE_TYPES[width],
                                               _code_bytes(codes, width)),
                                       _tensor(scale_name(key), (shape[0],), FLOAT32,

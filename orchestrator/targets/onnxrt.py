@@ -15,10 +15,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from orchestrator.errors import ConfigError
+from orchestrator.latency_table import time_ms
 from orchestrator.targets.base import Artifact, Runner, Target, TargetSettings, register
 from search_spaces.config import FLOAT_BITS
 from search_spaces.space import StoredBits
@@ -90,6 +92,71 @@ class OrtRunner(Runner):
         ort_model = OrtModel(session, layout.inputs)
         return Artifact(model=ort_model, data=data, seconds=time.perf_counter() - start,
                         run=lambda inputs: ort_model(*_tuple(inputs)))  # fmt: skip
+
+    def probe_ms(self, probe: Any) -> float:
+        session = session_of(probe_bytes(probe), threads=self.settings.latency.threads,
+                             device=self.device, integer=probe.act < FLOAT_BITS)  # fmt: skip
+        feeds = {"x": np.random.default_rng(0).standard_normal(probe.input).astype(np.float32)}
+        return time_ms(lambda: session.run(None, feeds))
+
+
+def probe_bytes(probe: Any) -> bytes:
+    """A one-node ONNX model of a latency probe (orchestrator/latency_table.py): Conv or
+    Gemm, random weights; at 8-bit activations a QuantizeLinear/DequantizeLinear pair on
+    the input and the output and int8 weights behind DequantizeLinear, the pattern ONNX
+    Runtime fuses into QLinearConv / QGemm, as in a candidate's artifact. `Identity`: a
+    model that does nothing (one run's fixed cost)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from orchestrator.targets.onnx_artifact import OPSET
+
+    integer = probe.act < FLOAT_BITS
+    nodes, inits = [], []
+
+    def pair(name: str) -> str:  # x -> Q -> DQ
+        inits.extend([numpy_helper.from_array(np.array(0.05, np.float32), f"{name}_s"),
+                      numpy_helper.from_array(np.array(128, np.uint8), f"{name}_z")])  # fmt: skip
+        nodes.append(helper.make_node("QuantizeLinear", [name, f"{name}_s", f"{name}_z"], [f"{name}_q"]))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"],
+                                      [f"{name}_dq"]))  # fmt: skip
+        return f"{name}_dq"
+
+    x = pair("x") if integer else "x"
+    if probe.op == "Identity":
+        nodes.append(helper.make_node("Identity", [x], ["y"]))
+    else:
+        inits += _probe_weight(probe, nodes, integer)
+        if probe.op == "Conv":
+            nodes.append(helper.make_node("Conv", [x, "w"], ["y"], group=probe.groups,
+                                          kernel_shape=list(probe.kernel),
+                                          strides=list(probe.stride),
+                                          pads=[*probe.padding, *probe.padding],
+                                          dilations=list(probe.dilation)))  # fmt: skip
+        else:
+            nodes.append(helper.make_node("Gemm", [x, "w"], ["y"], transB=1))
+    y = pair("y") if integer else "y"
+    graph = helper.make_graph(
+        nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(probe.input))],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, list(probe.output))], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 10
+    return model.SerializeToString()
+
+
+def _probe_weight(probe: Any, nodes: list, integer: bool) -> list:
+    """The initializers of a probe's weight `w`: float, or int8 codes per output channel
+    behind DequantizeLinear (its node added to `nodes`)."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    shape = ([probe.out, probe.input[1] // probe.groups, *probe.kernel] if probe.op == "Conv"
+             else [probe.out, probe.input[1]])  # fmt: skip
+    if not integer:
+        return [numpy_helper.from_array((rng.standard_normal(shape) * 0.05).astype(np.float32), "w")]
+    nodes.append(helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], axis=0))
+    return [numpy_helper.from_array(rng.integers(-127, 128, size=shape, dtype=np.int8), "w_q"),
+            numpy_helper.from_array(np.full(probe.out, 0.01, np.float32), "w_s"),
+            numpy_helper.from_array(np.zeros(probe.out, np.int8), "w_z")]  # fmt: skip
 
 
 def _tuple(inputs: Any) -> tuple:

@@ -1,0 +1,218 @@
+"""The per-layer latency table (issue 15): probes, their cache per machine, interpolation,
+and the predictor calibrated on top of it."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orchestrator.config import make_config
+from orchestrator.evaluate import Evaluator, RecoverySettings
+from orchestrator.latency import LatencyModel
+from orchestrator.latency_table import (
+    ALIGN,
+    LayerTable,
+    Probe,
+    aligned,
+    geometry,
+    grid,
+    measure,
+    read_table,
+    table_path,
+)
+from orchestrator.prepare import build_space
+from orchestrator.targets import TargetSettings
+from orchestrator.targets.eager import _module_of
+from orchestrator.targets.onnxrt import probe_bytes
+from search_spaces.policy import Policy
+
+ACTS = {"act_bits": [8, 32]}
+
+
+def _conv(channels: int, out: int, groups: int, kernel: int, stride: int, size: int) -> Probe:
+    return Probe(op="Conv", input=(1, channels, size, size), out=out, kernel=(kernel, kernel),
+                 stride=(stride, stride), padding=(kernel // 2,) * 2, dilation=(1, 1),
+                 groups=groups)  # fmt: skip
+
+
+geometries = st.one_of(
+    st.builds(lambda c, o, k, s, n: _conv(c, o, 1, k, s, n), st.integers(1, 48),
+              st.integers(1, 48), st.sampled_from([1, 3, 5]), st.sampled_from([1, 2]),
+              st.integers(5, 12)),  # fmt: skip
+    st.builds(lambda c, k, s, n: _conv(c, c, c, k, s, n), st.integers(2, 48),
+              st.sampled_from([3, 5]), st.sampled_from([1, 2]), st.integers(5, 12)),  # fmt: skip
+    st.builds(lambda g, w, o, n: _conv(g * w, g * o, g, 3, 1, n), st.integers(2, 6),
+              st.integers(1, 8), st.integers(1, 8), st.integers(5, 10)),  # fmt: skip
+    st.builds(lambda m, c, o: Probe(op="Gemm", input=(m, c), out=o), st.integers(1, 8),
+              st.integers(1, 64), st.integers(1, 64)),  # fmt: skip
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(base=geometries)
+def test_every_probe_of_the_grid_is_a_valid_layer_and_counts_its_macs(base):
+    """Depthwise convs keep a group per channel, grouped ones their group count; each
+    probe runs as a module, and its MACs are the module's."""
+    probes = grid(base, (32, 8))
+    assert probes[0] == base.at(base.out, base.input[1], 32)
+    assert {p.act for p in probes} == {32, 8}
+    for probe in probes:
+        module = _module_of(probe)
+        with torch.no_grad():
+            y = module(torch.zeros(probe.input))
+        assert y.shape[1 if probe.op == "Conv" else -1] == probe.out
+        per_output = module.weight[0].numel()  # inputs per group x kernel
+        assert probe.macs == y.numel() * per_output
+        if base.groups > 1 and base.groups == base.input[1] == base.out:
+            assert probe.groups == probe.out == probe.input[1]
+        elif base.groups > 1:
+            assert probe.groups == base.groups
+
+
+def _optimized(data: bytes, path) -> collections.Counter:
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(path)
+    onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def test_an_onnx_probe_at_8_bits_runs_the_integer_kernel_a_candidate_would(tmp_path):
+    conv = _conv(16, 32, 1, 3, 1, 8)
+    for probe, op in [(conv, "Conv"), (Probe(op="Gemm", input=(1, 64), out=10), "Gemm")]:
+        onnx.checker.check_model(onnx.load_from_string(probe_bytes(probe)))
+        assert _optimized(probe_bytes(probe), tmp_path / "f.onnx")[op] == 1
+        integer = _optimized(probe_bytes(probe.at(probe.out, probe.input[1], 8)), tmp_path / "i.onnx")
+        assert integer[{"Conv": "QLinearConv", "Gemm": "QGemm"}[op]] == 1 and integer[op] == 0
+
+
+def test_probes_are_timed_once_per_machine_and_read_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path))
+    probes = [_conv(8, 8, 1, 3, 1, 6), _conv(8, 16, 1, 3, 1, 6), Probe(op="Gemm", input=(1, 4), out=2)]
+    timed = []
+
+    def run(probe):
+        timed.append(probe)
+        return float(probe.macs) / 1e6
+
+    first, count = measure(probes, "machine A", run)
+    assert count == 3 and first == [p.macs / 1e6 for p in probes]
+    again, count = measure(probes, "machine A", run)
+    assert count == 0 and again == first and len(timed) == 3
+    _, count = measure(probes, "machine B", run)  # another machine type: its own table
+    assert count == 3 and table_path("machine A") != table_path("machine B")
+    assert set(read_table("machine A")) == {p.key for p in probes}
+    table_path("machine A").write_text("{not json")  # damaged: timed again, not an error
+    _, count = measure(probes, "machine A", run)
+    assert count == 3 and json.loads(table_path("machine A").read_text())["machine"] == "machine A"
+    # out of time: the rest come back unmeasured (None), nothing is blocked
+    found, count = measure([_conv(8, 24, 1, 3, 1, 6)], "machine C", run, seconds=0.0)
+    assert found == [None] and count == 0
+
+
+def _table(base: Probe, times: dict[int, dict[str, float]], overhead: float = 0.0) -> LayerTable:
+    """A one-layer table with probe times of `time(probe)` per activation bits."""
+    probes = grid(base, tuple(times))
+    ms = {p: times[p.act]["per_mac"] * p.macs * (1.0 if aligned(p) else times[p.act]["odd"])
+          + overhead for p in probes}  # fmt: skip
+    return LayerTable({"conv": probes}, ms, overhead)
+
+
+def test_the_table_interpolates_widths_never_probed_and_prices_odd_ones_by_their_ratio():
+    base = _conv(64, 64, 1, 3, 1, 16)
+    table = _table(base, {32: {"per_mac": 1e-7, "odd": 2.0}, 8: {"per_mac": 0.4e-7, "odd": 1.5}},
+                   overhead=0.01)  # fmt: skip
+    for out, inputs in [(64, 64), (48, 40), (24, 16), (8, 8)]:  # aligned: linear in MACs
+        probe = base.at(out, inputs, 32)
+        assert table.layer_ms("conv", (out, inputs, 3, 3), 32) == pytest.approx(probe.macs * 1e-7)
+        assert table.layer_ms("conv", (out, inputs, 3, 3), 8) == pytest.approx(probe.macs * 0.4e-7)
+    odd = base.at(37, 29, 32)
+    assert not aligned(odd)
+    assert table.layer_ms("conv", (37, 29, 3, 3), 32) == pytest.approx(2.0 * odd.macs * 1e-7)
+    assert table.layer_ms("other", (8, 8, 3, 3), 32) is None
+    sizes = [table.layer_ms("conv", (c, c, 3, 3), 32) for c in range(ALIGN, 65, ALIGN)]
+    assert sizes == sorted(sizes)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    config = make_config({"task": "digits-resnet", "target": "onnxruntime", "space": ACTS})
+    task, _, space = build_space(config)
+    evaluator = Evaluator(task, space, recovery=RecoverySettings(),
+                          target=TargetSettings(name="onnxruntime"))  # fmt: skip
+    return evaluator, space
+
+
+def _w8a8(space, keep: float = 1.0) -> Policy:
+    acts = {k.name for k in space.knobs if k.kind == "act_bits"}
+    values = Policy.uniform(space, 8, keep)
+    return Policy.from_values(space, {k: 8 if k in acts else v for k, v in values.items()})
+
+
+def test_a_worker_probes_every_conv_and_linear_and_the_predictor_starts_from_them(
+    resnet, tmp_path, monkeypatch
+):
+    """The table prices 8-bit activations before any such candidate is measured: a
+    model's own measurements could never teach the predictor what it never admitted."""
+    monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path))
+    evaluator, space = resnet
+    acts = {x.name: [8, 32] for x in space.profile.layers}
+    found = evaluator.latency_probes(acts)
+    layers = {x.name for x in space.profile.layers}
+    assert set(found["layers"]) == layers and found["timed"] > 2 * len(layers)
+    assert found["machine"] and table_path(found["machine"]).exists()
+    assert evaluator.latency_probes(acts)["timed"] == 0  # the machine's cache
+    base = geometry(evaluator.rebuilder.model, evaluator.latency_inputs, acts,
+                    lambda m, x: m(x))  # fmt: skip
+    assert {name: p.input[0] for name, p in base.items()} == dict.fromkeys(layers, 1)  # batch 1
+    table = LayerTable.of(json.loads(json.dumps(found)))  # as it crosses the wire
+    model = LatencyModel(space, table)
+    reference = Policy.uniform(space, 32)
+    model.observe(reference, 0.5)
+    assert model.predict(reference) == pytest.approx(0.5)
+    # the layers' share of the time, as the table has it, and the rest unchanged
+    layers_float, layers_int8 = model.features(reference)[1], model.features(_w8a8(space))[1]
+    assert model.predict(_w8a8(space)) == pytest.approx(0.5 - layers_float + layers_int8)
+    smaller = model.predict(Policy.uniform(space, 32, 0.5))
+    assert smaller < 0.5
+
+
+def test_the_calibration_learns_what_the_layers_alone_do_not_show(resnet, tmp_path, monkeypatch):
+    """measured = c0 + c1 x table + c3 x MB beyond the cache: fitted once candidates are
+    measured; a whole model slower than its layers (weights streamed from memory) is
+    priced by its bytes."""
+    monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path))
+    evaluator, space = resnet
+    found = evaluator.latency_probes({x.name: [8, 32] for x in space.profile.layers})
+    found["cache_bytes"] = 60_000  # most of these policies hold more than half of it
+    table = LayerTable.of(found)
+    model = LatencyModel(space, table)
+    rng = np.random.default_rng(0)
+    truth = np.array([0.02, 1.3, 0.0, 0.4])  # ms per MB beyond half the cache
+
+    def measured(policy):
+        return float(model._beyond(model.features(policy), 0.5) @ truth)
+
+    policies = [Policy.from_values(space, {k.name: k.choices[rng.integers(len(k.choices))]
+                                           for k in space.knobs}) for _ in range(12)]  # fmt: skip
+    for policy in [Policy.uniform(space, 32), *policies]:
+        model.observe(policy, measured(policy))
+    assert any(model._beyond(model.features(p), 0.5)[3] > 0 for p in policies)
+    for policy in [*policies, _w8a8(space), Policy.uniform(space, 32, 0.5)]:
+        assert model.predict(policy) == pytest.approx(measured(policy), rel=0.02)
+
+
+def test_the_torch_target_times_a_probe_as_its_module():
+    from orchestrator.targets.eager import TorchRunner
+
+    runner = TorchRunner(None, TargetSettings(), "cpu")
+    conv = _conv(16, 16, 1, 3, 1, 8)
+    for probe in [conv, conv.at(16, 16, 8), Probe(op="Gemm", input=(2, 32), out=8)]:
+        assert 0 < runner.probe_ms(probe) < 1000
