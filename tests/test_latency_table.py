@@ -175,13 +175,17 @@ def test_a_worker_probes_every_conv_and_linear_and_the_predictor_starts_from_the
     table = LayerTable.of(json.loads(json.dumps(found)))  # as it crosses the wire
     model = LatencyModel(space, table)
     reference = Policy.uniform(space, 32)
-    model.observe(reference, 0.5)
-    assert model.predict(reference) == pytest.approx(0.5)
-    # the layers' share of the time, as the table has it, and the rest unchanged
     layers_float, layers_int8 = model.features(reference)[1], model.features(_w8a8(space))[1]
-    assert model.predict(_w8a8(space)) == pytest.approx(0.5 - layers_float + layers_int8)
-    smaller = model.predict(Policy.uniform(space, 32, 0.5))
-    assert smaller < 0.5
+    whole = 2 * layers_float  # the model measured slower than its layers alone
+    model.observe(reference, whole)
+    assert model.predict(reference) == pytest.approx(whole)
+    # the layers' share of the time, as the table has it, and the rest unchanged
+    assert model.predict(_w8a8(space)) == pytest.approx(whole - layers_float + layers_int8)
+    assert model.predict(Policy.uniform(space, 32, 0.5)) < whole
+    # a model measured faster than its layers alone: the table scaled down to it
+    faster = LatencyModel(space, table)
+    faster.observe(reference, layers_float / 2)
+    assert faster.predict(_w8a8(space)) == pytest.approx(layers_int8 / 2)
 
 
 def test_the_calibration_learns_what_the_layers_alone_do_not_show(resnet, tmp_path, monkeypatch):
