@@ -6,13 +6,17 @@ Runtime on this machine, side by side in one run.
     python benchmarks/latency.py --tasks digits-resnet --trials 16
 
 Per model (`target: onnxruntime`, `latency: {batch: 1, threads: 1, warmup: 10, repeats:
-50}`, 2 workers, `objective: budget`):
+50}`, `--workers` workers (default 1: on a 2-core machine a second worker scoring beside
+the one timing a candidate moves its latency by 30-70%), `objective: budget`):
 - float / W8A32 / W8A8: the uniform policies, each evaluated once by the same Evaluator a
   worker runs (its ONNX file built, scored and timed in ONNX Runtime). W8A32 keeps
   activations float (weights dequantized to float kernels); W8A8 puts Q/DQ pairs on every
   Conv/Gemm's input and output, which ONNX Runtime fuses into QLinearConv/QGemm;
 - searched: `prunesearch run` with `budget: latency<=0.6 x float` over weight bits, keep
   ratios and activation bits (`space.act_bits: [8, 32]`); the best trial within it;
+- layer table: the per-layer latency table's probes (orchestrator/latency_table.py) and
+  the seconds a worker took to time them, with an empty cache (the benchmark uses a
+  temporary cache directory; a user's second study on the same machine reads them back);
 - prediction error: |predicted / measured - 1| of the driver's latency prediction over
   every candidate measured in the search (median, p90; target median <= 10%);
 - size vs predicted: every evaluated candidate's ONNX file against the cost model's
@@ -28,6 +32,7 @@ and the predictions.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -41,6 +46,22 @@ TASKS = ["digits-resnet", "digits-lstm", "orchestrator.tasks.vision:resnet18",
 LATENCY = {"batch": 1, "threads": 1, "warmup": 10, "repeats": 50}
 SHARE = 0.6  # the latency budget, of the float model's latency
 SPACE = {"act_bits": [8, 32]}  # the search may put any Conv/Gemm in 8-bit integers
+
+
+def _table(config) -> str:
+    """The layer table's probes and the seconds to time them (cold cache)."""
+    from orchestrator.evaluate import Evaluator, RecoverySettings
+    from orchestrator.prepare import build_space
+
+    task, _, space = build_space(config)
+    evaluator = Evaluator(task, space, recovery=RecoverySettings(),
+                          target=config.target_settings())  # fmt: skip
+    acts = {layer.name: [8, 32] for layer in space.profile.layers}
+    start = time.perf_counter()
+    found = evaluator.latency_probes(acts)
+    seconds = time.perf_counter() - start
+    probes = sum(len(v) for v in found["layers"].values())
+    return f"{len(found['layers'])} layers, {probes} probes, {seconds:.1f} s"
 
 
 def _uniform(config, bits: int, act_bits: int = 32) -> dict:
@@ -62,7 +83,7 @@ def _uniform(config, bits: int, act_bits: int = 32) -> dict:
             "predicted_bytes": policy_cost(space, policy).size_bytes}  # fmt: skip
 
 
-def _search(config_data: dict, limit_ms: float, trials: int, out: Path) -> dict:
+def _search(config_data: dict, limit_ms: float, trials: int, out: Path, workers: int) -> dict:
     import numpy as np
 
     from orchestrator.config import make_config
@@ -73,7 +94,7 @@ def _search(config_data: dict, limit_ms: float, trials: int, out: Path) -> dict:
 
     config = make_config({**config_data, "objective": "budget", "trials": trials,
                           "budget": f"latency<={limit_ms:.4f}ms", "out": str(out),
-                          "study": "s", "workers": {"count": 2}})  # fmt: skip
+                          "study": "s", "workers": {"count": workers}})  # fmt: skip
     start = time.monotonic()
     result = run_search(config)
     seconds = time.monotonic() - start
@@ -108,24 +129,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--trials", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     from orchestrator.config import make_config
 
-    header = ["model", "float", "int8 W8A32", "int8 W8A8", "budget", "searched (best within budget)",
+    os.environ["PRUNESEARCH_CACHE"] = tempfile.mkdtemp(prefix="latency-bench-")  # cold tables
+    header = ["model", "float", "int8 W8A32", "int8 W8A8", "layer table", "budget", "searched (best within budget)",
               "prediction error median / p90 (measured)", "size = predicted",
               "artifact share of eval", "trials: within / infeasible by prediction", "search s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task in args.tasks.split(","):
         data = {"task": task, "target": "onnxruntime", "latency": LATENCY, "space": SPACE}
         config = make_config(data)
+        table = _table(config)
         base, int8, w8a8 = _uniform(config, 32), _uniform(config, 8), _uniform(config, 8, 8)
         limit = SHARE * base["latency_ms"]
         with tempfile.TemporaryDirectory() as tmp:
-            found = _search(data, limit, args.trials, Path(tmp))
+            found = _search(data, limit, args.trials, Path(tmp), args.workers)
         exact = all(r["size_bytes"] == r["predicted_bytes"] for r in (base, int8, w8a8))
         cells = [
             task.rpartition(":")[2], _row("", base).strip(), _row("", int8).strip(),
-            _row("", w8a8).strip(),
+            _row("", w8a8).strip(), table,
             f"<= {limit:.3f} ms", _row("", found["best"]).strip(),
             (f"{found['error_median']:.1%} / {found['error_p90']:.1%} ({found['measured']})"
              if found["error_median"] is not None else "-"),
@@ -137,7 +161,7 @@ def main() -> None:
         lines.append("| " + " | ".join(cells) + " |")
         print(lines[-1], file=sys.stderr, flush=True)  # progress, row by row
     print(f"latency: target onnxruntime (CPU), batch {LATENCY['batch']}, "
-          f"{LATENCY['threads']} thread, {args.trials} trials per search, 2 workers")
+          f"{LATENCY['threads']} thread, {args.trials} trials per search, {args.workers} worker(s)")
     print("\n".join(lines))
 
 

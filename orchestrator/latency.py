@@ -1,18 +1,25 @@
 """The driver's latency predictor (issue 15): a candidate over a latency budget is recorded
 INFEASIBLE before any worker runs it.
 
-Latency is priced from the work the candidate keeps, from the policy alone (the cost
-model's shapes): its multiply-accumulates in layers whose channel counts are multiples
-of ALIGN, those in layers that are not, and how many such layers there are. The split is
-measured, not assumed: on ONNX Runtime's CPU kernels (blocked by 8 channels), a
-mobilenet_v3_small cut to odd widths in 25 of 27 groups ran at 0.82 ms with 2.7M MACs,
-one cut in 7 groups at 0.27 ms with 3.5M MACs (issue 15 notes; total MACs alone
-predicted those candidates with a median error of 34%, these features 10% in
-leave-one-out).
+With the per-layer table (orchestrator/latency_table.py, the default where the worker's
+evaluator times probes): each Conv/Linear layer is priced at its kept widths and
+activation bits by the table, timed alone on the worker's hardware; a candidate costs
+`c0 + c1 x (sum of its layers) + c2 x (MACs of layers the table lacks) + c3 x (MB of
+weights the runtime holds beyond a share of the last-level cache)`. The last term is
+what no layer alone shows: resnet18's float weights (47 MB) stream from memory on every
+run, so the whole model took 5.3 ms where its layers alone sum to 2.7; at W8A8 (12 MB)
+1.1-1.3 against 1.0. The coefficients start from the base model's measurement (c1 = 1,
+the rest of its time on its streamed bytes or on c0) and are fitted by non-negative least
+squares once FIT_AFTER distinct candidates are measured, at the cache share
+(CACHE_SHARES) the measurements agree with best, c1 at least MAC_FLOOR of its start.
 
-The model is fitted to what the workers measured in the target runtime on their own
-hardware: the base model first (measured before the first trial), then every candidate
-scored in full. While the distinct measurements are fewer than FIT_AFTER, a candidate is
+Without a table (a custom evaluator): priced from the work the candidate keeps, from the
+policy alone (the cost model's shapes): its multiply-accumulates in layers whose channel
+counts are multiples of ALIGN, those in layers that are not, how many such layers there
+are, and MACs and layers with 8-bit activations. The split is measured, not assumed: on
+ONNX Runtime's CPU kernels (blocked by 8 channels), a mobilenet_v3_small cut to odd
+widths in 25 of 27 groups ran at 0.82 ms with 2.7M MACs, one cut in 7 groups at 0.27 ms
+with 3.5M MACs. While the distinct measurements are fewer than FIT_AFTER, a candidate is
 priced in proportion to its total MACs; then by non-negative least squares over the
 features, each MAC costing at least MAC_FLOOR of the mean ms per MAC (noisy timings can
 otherwise fit the work a weight of zero: a prediction never ignores the work kept).
@@ -21,9 +28,6 @@ Every prediction is recorded beside the measurement (`latency_predicted_ms`). A
 candidate is called over budget before dispatch only beyond the predictor's own typical
 error (`margin`: the median relative error of its predictions so far, at least
 MIN_MARGIN): a noisy machine's timings must not shut the search out of the budget's edge.
-
-Not yet: the per-layer table measured per machine that issue 15 asks for (the features
-here are learnt per study, from its own measurements).
 """
 
 from __future__ import annotations
