@@ -198,3 +198,52 @@ def test_a_skeleton_shared_by_equal_initializers_is_not_merged():
     assert batchnorm and set(batchnorm) <= used
     data = write_artifact(space.artifact, model, {})
     assert len(data) == policy_cost(space, Policy.from_values(space, space.extreme_values("max"))).size_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["digits-cnn", "digits-resnet", "digits-lstm"])
+def test_every_built_in_task_searches_on_onnxruntime_and_every_trial_exports_as_scored(
+    ray_cluster, tmp_path, task
+):
+    """Issue 15: for every built-in task a few onnxruntime trials (8-bit activations in
+    the space); each COMPLETE trial's exported ONNX file is the recorded size to the byte
+    and scores the recorded metric in ONNX Runtime."""
+    cfg = make_config({"task": task, "target": "onnxruntime", "out": str(tmp_path),
+                       "study": "s", "trials": 6, "workers": {"count": 2}, "seeding": False,
+                       "space": {"act_bits": [8, 32]}, "latency": {"repeats": 3, "warmup": 1}})  # fmt: skip
+    run_search(cfg)
+    trials = pd.read_parquet(tmp_path / "s" / "trials")
+    assert (trials["state"] != "FAIL").all()
+    done = trials[(trials["state"] == "COMPLETE") & trials["cached_from"].isna()]
+    assert len(done) >= 3
+    for row in done.itertuples():
+        out = export_best(tmp_path / "s", trial=int(row.trial), out=tmp_path / f"x{row.trial}")
+        assert (out / "model.onnx").stat().st_size == row.size_bytes
+        record = json.loads((out / "policy.json").read_text())
+        assert record["artifact_metric"] == pytest.approx(row.metric, abs=1e-6)
+
+
+def _cuda_onnxruntime() -> bool:
+    import onnxruntime
+
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+@pytest.mark.skipif(not _cuda_onnxruntime(), reason="needs a GPU and onnxruntime-gpu (the "
+                    "CUDA execution provider); this machine has neither")  # fmt: skip
+def test_on_a_gpu_worker_the_artifact_runs_on_the_cuda_execution_provider():
+    """The CUDA path: a worker on a GPU scores and times the candidate's ONNX file with
+    ONNX Runtime's CUDA execution provider, with the CPU provider's metric."""
+    cfg = make_config({"task": "digits-cnn", "target": "onnxruntime", "space": {"act_bits": [8, 32]}})
+    task, _, space = build_space(cfg)
+    scores = {}
+    for device in ("cpu", "cuda"):
+        evaluator = Evaluator(task, space, recovery=RecoverySettings(),
+                              target=cfg.target_settings(), device=torch.device(device))  # fmt: skip
+        policy = Policy.uniform(space, 8)
+        artifact = evaluator.artifact_of(evaluator.compressed_model(policy), policy)
+        providers = artifact.model.session.get_providers()
+        assert providers[0] == ("CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider")
+        scores[device] = evaluator.evaluate(policy)
+        assert scores[device]["latency_ms"] > 0
+    assert scores["cuda"]["metric"] == pytest.approx(scores["cpu"]["metric"], abs=0.01)
