@@ -263,6 +263,7 @@ def _config(tmp_path: Path, trials: int) -> Any:
                         "study": "s", "baselines": False, "seeding": False})  # fmt: skip
 
 
+@pytest.mark.slow  # processes killed or started for real: CI runs it (.ci/run)
 def test_a_stopped_recorder_stops_new_evaluations_at_the_bound(ray_cluster, tmp_path):
     """SIGSTOP the real recorder mid-run: the driver evaluates at most the bound beyond
     what is durable, waits (the evaluations stall), and finishes once it is resumed."""
@@ -311,6 +312,7 @@ run_search(config, evaluator_factory=CountingFactory(counted), quiet=True)
 """
 
 
+@pytest.mark.slow  # processes killed or started for real: CI runs it (.ci/run)
 def test_a_driver_sigkill_loses_at_most_the_bound_of_evaluations(tmp_path):
     """Trivial evaluations outrun the SQLite recorder; at a driver SIGKILL, the evaluations
     that never became durable trials (evaluated again on --resume) are within the bound.

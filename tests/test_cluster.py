@@ -157,6 +157,7 @@ def test_a_stopped_job_resumes_with_submit_resume(head, tmp_path):
     assert repeated["cached_from"].notna().all()
 
 
+@pytest.mark.slow  # processes killed or started for real: CI runs it (.ci/run)
 def test_bad_submissions_are_one_line_and_start_nothing(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     config = _config(tmp_path)
@@ -287,6 +288,7 @@ def test_postgres_storage_keeps_the_study_and_never_the_password(postgres, tmp_p
     assert secret not in out + err + resumed.stdout + resumed.stderr
 
 
+@pytest.mark.slow  # processes killed or started for real: CI runs it (.ci/run)
 def test_storage_mistakes_are_one_line_before_anything_starts(postgres, tmp_path):
     bad = [
         (postgres.replace("prune@", "prune:pw@"), "holds a password"),

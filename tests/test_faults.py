@@ -117,6 +117,7 @@ def _killer(marks: Path, kills: int, stop: threading.Event, killed: list[int]) -
             break
 
 
+@pytest.mark.slow  # processes killed or started for real: CI runs it (.ci/run)
 def test_workers_killed_mid_evaluation_lose_and_repeat_nothing(ray_cluster, tmp_path):
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -260,6 +261,7 @@ def _kept(policy_json: str) -> int:
     return round(keep * 32)
 
 
+@pytest.mark.slow  # processes killed or started for real: CI runs it (.ci/run)
 def test_metric_faults_fail_their_trials_and_the_study_goes_on(ray_cluster, task_dir):
     module = _task_module(task_dir, FAULTS)
     config = make_config({

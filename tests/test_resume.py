@@ -124,6 +124,7 @@ def test_driver_killed_then_resume_finishes_with_every_trial_once(tmp_path):
     assert evaluated["policy_hash"].is_unique  # no completed trial evaluated twice
 
 
+@pytest.mark.slow  # processes killed or started for real: CI runs it (.ci/run)
 def test_resume_is_refused_while_another_driver_runs_the_study(tmp_path):
     """--resume fails the trials a dead driver left running: never a live driver's."""
     study_dir = tmp_path / "s"

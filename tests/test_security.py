@@ -220,6 +220,7 @@ finally:
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
+@pytest.mark.slow  # processes killed or started for real: CI runs it (.ci/run)
 def test_a_local_ray_listens_on_loopback_only():
     """The local Ray a run starts: every port of every Ray process (GCS, raylet, agents,
     workers) on the loopback interface, so nothing on the network can submit work to it;
