@@ -272,16 +272,21 @@ def time_ms(run: Callable[[], Any]) -> float:
 
 def measure(probes: Sequence[Probe], machine_id: str, run_probe: Callable[[Probe], float], *,
             seconds: float = PROBE_SECONDS) -> tuple[list[float | None], int]:  # fmt: skip
-    """ms of each probe (None: not measured within `seconds`), from the machine's cache or
-    timed now and added to it; and how many were timed now."""
+    """ms of each probe (None: not measured within `seconds`, or the runtime could not run
+    it alone: its layer is then priced by its MACs), from the machine's cache or timed now
+    and added to it; and how many were timed now."""
     known = read_table(machine_id)
     new: dict[str, float] = {}
+    failed: set[str] = set()
     deadline = time.monotonic() + seconds
     found: list[float | None] = []
     for probe in probes:
         key = probe.key
-        if key not in known and key not in new and time.monotonic() < deadline:
-            new[key] = run_probe(probe)
+        if key not in known and key not in new and key not in failed and time.monotonic() < deadline:
+            try:
+                new[key] = run_probe(probe)
+            except Exception:  # noqa: BLE001 - a layer the runtime cannot run alone
+                failed.add(key)
         found.append(known.get(key, new.get(key)))
     if new:
         write_table(machine_id, new)

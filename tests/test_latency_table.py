@@ -116,6 +116,15 @@ def test_probes_are_timed_once_per_machine_and_read_back(tmp_path, monkeypatch):
     found, count = measure([_conv(8, 24, 1, 3, 1, 6)], "machine C", run, seconds=0.0)
     assert found == [None] and count == 0
 
+    def refuse(probe):
+        if probe.op == "Gemm":
+            raise RuntimeError("the runtime cannot run it alone")
+        return 1.0
+
+    found, count = measure(probes, "machine D", refuse)
+    assert found == [1.0, 1.0, None] and count == 2
+    assert set(read_table("machine D")) == {p.key for p in probes[:2]}  # tried again next time
+
 
 def _table(base: Probe, times: dict[int, dict[str, float]], overhead: float = 0.0) -> LayerTable:
     """A one-layer table with probe times of `time(probe)` per activation bits."""
