@@ -282,7 +282,12 @@ def measure(probes: Sequence[Probe], machine_id: str, run_probe: Callable[[Probe
     found: list[float | None] = []
     for probe in probes:
         key = probe.key
-        if key not in known and key not in new and key not in failed and time.monotonic() < deadline:
+        if (
+            key not in known
+            and key not in new
+            and key not in failed
+            and time.monotonic() < deadline
+        ):
             try:
                 new[key] = run_probe(probe)
             except Exception:  # noqa: BLE001 - a layer the runtime cannot run alone
@@ -342,7 +347,9 @@ class LayerTable:
         for layer, entries in found["layers"].items():
             probes[layer] = []
             for data, value in entries:
-                probe = Probe(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+                probe = Probe(
+                    **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+                )
                 probes[layer].append(probe)
                 if value is not None:
                     ms[probe] = float(value)

@@ -121,8 +121,9 @@ def baselines(pricing: Pricing, *, within_budget: bool) -> list[Values]:
     size/macs/bops limits): for every bits choice of the space (largest first) the largest
     uniform keep that fits, so the study always holds the best uniform policy within the
     budget and the answer can never be worse. Else (the front): float, 8, 4 and 2 bits,
-    nothing pruned, the landmarks of the size axis. With activation knobs, each uniform
-    8-bit one also with 8-bit activations (W8A8), where it fits."""
+    nothing pruned, the landmarks of the size axis. With activation knobs, W8A8 too (every
+    layer 8-bit weights and activations): on the front beside uniform 8-bit, within a
+    budget at the largest uniform keep that fits."""
     space = pricing.space
     integer = functools.partial(_integer, space)
     if not (within_budget and pricing.budget.priced):

@@ -1,6 +1,7 @@
 """The `torch` target (the default): the rebuilt PyTorch model is scored as it is
-(fake-quantized weights and, where `act_bits` says, activations), exported as prunesearch's packed safetensors file, and its
-latency, when asked for, is PyTorch's forward on the worker."""
+(fake-quantized weights and, where `act_bits` says, activations), exported as
+prunesearch's packed safetensors file, and its latency, when asked for, is PyTorch's
+forward on the worker."""
 
 from __future__ import annotations
 
@@ -38,7 +39,6 @@ class TorchRunner(Runner):
 
         return Artifact(model=model, run=run)
 
-
     @torch.no_grad()
     def probe_ms(self, probe: Any) -> float:
         """The layer alone as a torch module (fake-quant around it at 8 bits)."""
@@ -46,23 +46,21 @@ class TorchRunner(Runner):
         x = torch.randn(probe.input, device=self.device)
         params = QParams(scale=0.05, zero=128)
         act = probe.act < FLOAT_BITS
+        cuda = torch.device(self.device).type == "cuda"
 
-        def forward() -> Any:
+        def forward() -> None:
             y = module(fake_quantize_act(x, params) if act else x)
-            return fake_quantize_act(y, params) if act else y
+            if act:
+                fake_quantize_act(y, params)
+            if cuda:
+                torch.cuda.synchronize(self.device)
 
-        artifact = Artifact(model=module, run=lambda _inputs: forward())
         previous = torch.get_num_threads()
         torch.set_num_threads(self.settings.latency.threads)
         try:
-            return time_ms(lambda: self._sync(artifact.run(None)))
+            return time_ms(forward)
         finally:
             torch.set_num_threads(previous)
-
-    def _sync(self, output: Any) -> Any:
-        if torch.device(self.device).type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return output
 
 
 def _module_of(probe: Any) -> torch.nn.Module:
