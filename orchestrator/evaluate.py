@@ -176,6 +176,7 @@ class Evaluator:
         ms = dict(zip(order, times, strict=True))
         return {"machine": machine_id, "timed": timed, "overhead": ms[OVERHEAD] or 0.0,
                 "cache_bytes": cache_bytes(self.device),
+                "integer_weights": self.runner.integer_weights,
                 "layers": {name: [(dataclasses.asdict(p), ms[p]) for p in found]
                            for name, found in probes.items()}}  # fmt: skip
 

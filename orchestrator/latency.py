@@ -101,7 +101,8 @@ class LatencyModel:
     def _table_features(self, policy: Mapping[str, int | float]) -> np.ndarray:
         """[1, the table's ms for the layers it covers, MACs of the others, MB of weights
         beyond the cache]. The runtime holds a weight in float unless its layer runs an
-        integer kernel (weight-only quantization is dequantized before the first run)."""
+        integer kernel (weight-only quantization is dequantized before the first run; the
+        torch target's fake-quant holds float weights whatever the activations)."""
         x = np.zeros(len(TABLE_FEATURES))
         x[0] = 1.0
         integer = layer_act_bits(self.space, policy)
@@ -109,7 +110,8 @@ class LatencyModel:
         for layer, shapes in sliced_weight_shapes(self.space, policy):
             act = integer.get(layer.name, FLOAT_BITS)
             numel = sum(math.prod(shape) for shape in shapes)
-            held += numel * (INT8_BYTES if act < FLOAT_BITS else layer.dtype_bytes)
+            int8 = act < FLOAT_BITS and self.table.integer_weights
+            held += numel * (INT8_BYTES if int8 else layer.dtype_bytes)
             ms = self.table.layer_ms(layer.name, shapes[0], act)
             if ms is None:
                 x[2] += numel * layer.uses

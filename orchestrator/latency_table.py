@@ -317,10 +317,12 @@ class LayerTable:
 
     def __init__(self, probes: Mapping[str, Sequence[Probe]], ms: Mapping[Probe, float],
                  overhead: float, *, machine: str = "", timed: int = 0,
-                 cache_bytes: int = 0) -> None:  # fmt: skip
+                 cache_bytes: int = 0, integer_weights: bool = False) -> None:  # fmt: skip
         # one run's fixed cost, in every probe: a model pays it once (the calibration's c0)
         self.overhead, self.machine, self.timed = overhead, machine, timed
         self.cache_bytes = cache_bytes  # the worker's last-level cache (0: unknown)
+        # whether layers on 8-bit activations hold int8 weights in the runtime (onnxruntime)
+        self.integer_weights = integer_weights
         self.base = {layer: found[0] for layer, found in probes.items() if found}
         self.probes = sum(len(found) for found in probes.values())
         self.curves: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, float]] = {}
@@ -354,7 +356,8 @@ class LayerTable:
                 if value is not None:
                     ms[probe] = float(value)
         return cls(probes, ms, float(found["overhead"]), machine=found["machine"],
-                   timed=int(found["timed"]), cache_bytes=int(found.get("cache_bytes", 0)))  # fmt: skip
+                   timed=int(found["timed"]), cache_bytes=int(found.get("cache_bytes", 0)),
+                   integer_weights=bool(found.get("integer_weights", False)))  # fmt: skip
 
     def layer_ms(self, layer: str, weight_shape: Sequence[int], act: int) -> float | None:
         """The layer's time with this (sliced) weight and activation precision; None where

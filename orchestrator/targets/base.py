@@ -68,6 +68,10 @@ class Runner:
         layers whose activations are quantized (compress/activations.py)."""
         return Artifact(model=model)
 
+    # whether a layer on 8-bit activations holds its weights as int8 when it runs (an
+    # integer kernel's); the torch target's fake-quant keeps them float
+    integer_weights = False
+
     def probe_ms(self, probe: Any) -> float:
         """Median ms of one layer alone in this runtime (orchestrator/latency_table.py)."""
         raise NotImplementedError(f"{type(self).__name__} times no layer probes")

@@ -75,6 +75,7 @@ def session_of(data: bytes, *, threads: int, device: torch.device | str = "cpu",
 
 
 class OrtRunner(Runner):
+    integer_weights = True  # QLinearConv / QGemm hold int8 weights
     def artifact(self, model: nn.Module, bits: Mapping[str, int],
                  activations: Mapping[str, Any] | None = None) -> Artifact:  # fmt: skip
         from orchestrator.targets.onnx_artifact import write_artifact
