@@ -280,21 +280,23 @@ def measure(probes: Sequence[Probe], machine_id: str, run_probe: Callable[[Probe
     failed: set[str] = set()
     deadline = time.monotonic() + seconds
     found: list[float | None] = []
-    for probe in probes:
-        key = probe.key
-        if (
-            key not in known
-            and key not in new
-            and key not in failed
-            and time.monotonic() < deadline
-        ):
-            try:
-                new[key] = run_probe(probe)
-            except Exception:  # noqa: BLE001 - a layer the runtime cannot run alone
-                failed.add(key)
-        found.append(known.get(key, new.get(key)))
-    if new:
-        write_table(machine_id, new)
+    try:
+        for probe in probes:
+            key = probe.key
+            if (
+                key not in known
+                and key not in new
+                and key not in failed
+                and time.monotonic() < deadline
+            ):
+                try:
+                    new[key] = run_probe(probe)
+                except Exception:  # noqa: BLE001 - a layer the runtime cannot run alone
+                    failed.add(key)
+            found.append(known.get(key, new.get(key)))
+    finally:  # interrupted too: the probes timed so far are kept for the next study
+        if new:
+            write_table(machine_id, new)
     return found, len(new)
 
 

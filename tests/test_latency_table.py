@@ -125,6 +125,15 @@ def test_probes_are_timed_once_per_machine_and_read_back(tmp_path, monkeypatch):
     assert found == [1.0, 1.0, None] and count == 2
     assert set(read_table("machine D")) == {p.key for p in probes[:2]}  # tried again next time
 
+    def interrupted(probe):
+        if probe.op == "Gemm":
+            raise KeyboardInterrupt
+        return 2.0
+
+    with pytest.raises(KeyboardInterrupt):
+        measure(probes, "machine E", interrupted)
+    assert set(read_table("machine E")) == {p.key for p in probes[:2]}  # what was timed stays
+
 
 def _table(base: Probe, times: dict[int, dict[str, float]], overhead: float = 0.0) -> LayerTable:
     """A one-layer table with probe times of `time(probe)` per activation bits."""
