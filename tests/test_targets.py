@@ -162,8 +162,8 @@ def test_torch_target_latency_is_measured_only_when_asked():
 
 def test_a_run_on_onnxruntime_records_the_files_size_latency_and_metric(ray_cluster, tmp_path):
     cfg = make_config({"task": "digits-cnn", "target": "onnxruntime", "out": str(tmp_path),
-                       "study": "s", "trials": 10, "workers": {"count": 2},
-                       "latency": {"repeats": 5, "warmup": 1}})  # fmt: skip
+                       "study": "s", "trials": 10, "workers": {"count": 1},
+                       "latency": {"repeats": 10, "warmup": 3}})  # fmt: skip
     run_search(cfg)
     trials = pd.read_parquet(tmp_path / "s" / "trials")
     done = trials[(trials["state"] == "COMPLETE") & trials["cached_from"].isna()]
