@@ -199,7 +199,9 @@ def test_a_worker_probes_every_conv_and_linear_and_the_predictor_starts_from_the
     assert model.predict(reference) == pytest.approx(whole)
     # the layers' share of the time, as the table has it, and the rest unchanged
     assert model.predict(_w8a8(space)) == pytest.approx(whole - layers_float + layers_int8)
-    assert model.predict(Policy.uniform(space, 32, 0.5)) < whole
+    half = Policy.uniform(space, 32, 0.5)  # priced the same way (the times are the probes')
+    assert model.predict(half) == pytest.approx(whole - layers_float + model.features(half)[1])
+    assert model.features(half)[1] != layers_float
     # a model measured faster than its layers alone: the table scaled down to it
     faster = LatencyModel(space, table)
     faster.observe(reference, layers_float / 2)
