@@ -18,7 +18,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from search_spaces.config import DEFAULT_ACT_BITS, FLOAT_BITS
-from search_spaces.kinds.base import KnobKind, Targets, Value, register
+from search_spaces.kinds.base import (
+    KnobKind,
+    Targets,
+    Value,
+    per_layer,
+    quantization_noise,
+    register,
+)
 
 if TYPE_CHECKING:
     from search_spaces.space import SearchSpace
@@ -46,13 +53,12 @@ class ActBits(KnobKind):
         return chosen
 
     def settle(self, space: SearchSpace, values: Mapping[str, Value]) -> dict[str, dict[str, Any]]:
-        return {name: {"act_bits": int(values[k.name])}
-                for k in space.knobs if k.kind == self.name for name in k.layers}  # fmt: skip
+        return per_layer(self, space, values)
 
     def prior_loss(self, value: Value) -> float:
         # as a weight's: the noise power of an 8-bit grid (calibrated per tensor, so a
         # little coarser than per-channel weights)
-        return 0.0 if value >= FLOAT_BITS else 4.0 ** (1 - value)
+        return quantization_noise(value, FLOAT_BITS)
 
 
 ACT_BITS = register(ActBits())

@@ -89,6 +89,20 @@ class KnobKind:
 KINDS: dict[str, KnobKind] = {}  # in registration order: each layer's knobs in this order
 
 
+def per_layer(kind: KnobKind, space: SearchSpace,
+              values: Mapping[str, Value]) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """`settle` for a kind whose integer value is one LayerSetting field of its name, the
+    same for every layer its knob covers (bits, act_bits)."""
+    return {name: {kind.name: int(values[k.name])}
+            for k in space.knobs if k.kind == kind.name for name in k.layers}  # fmt: skip
+
+
+def quantization_noise(bits: Value, float_bits: int = 32) -> float:
+    """Prior loss of a b-bit grid: its step halves with every bit, so its noise power falls
+    4x (HAWQ's perturbation view, Dong et al. 2019); none in float."""
+    return 0.0 if bits >= float_bits else 4.0 ** (1 - bits)
+
+
 def register(kind: KnobKind) -> KnobKind:
     """Make `kind` known by its name (again: replaced, so a re-imported module is fine)."""
     if not kind.name or ":" in kind.name:

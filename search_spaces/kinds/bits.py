@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from search_spaces.config import DEFAULT_BITS, FLOAT_BITS
 from search_spaces.errors import SpaceError
-from search_spaces.kinds.base import KnobKind, Value, register
+from search_spaces.kinds.base import KnobKind, Value, per_layer, quantization_noise, register
 
 if TYPE_CHECKING:
     from search_spaces.space import Knob, SearchSpace
@@ -39,13 +39,10 @@ class Bits(KnobKind):
         return value
 
     def settle(self, space: SearchSpace, values: Mapping[str, Value]) -> dict[str, dict[str, Any]]:
-        return {name: {"bits": int(values[k.name])}
-                for k in space.knobs if k.kind == self.name for name in k.layers}  # fmt: skip
+        return per_layer(self, space, values)
 
     def prior_loss(self, value: Value) -> float:
-        # quantization noise: the step of a b-bit grid halves with every bit, so its noise
-        # power falls 4x (HAWQ's perturbation view, Dong et al. 2019)
-        return 0.0 if value >= FLOAT_BITS else 4.0 ** (1 - value)
+        return quantization_noise(value, FLOAT_BITS)
 
 
 BITS = register(Bits())
