@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=("safetensors", "onnx"), help="safetensors: the packed "
                     "model file (default for target torch); onnx: the trial's ONNX file with "
                     "integer weights, checked in ONNX Runtime (default for target onnxruntime)")  # fmt: skip
+    ex.add_argument("--accept-latency", action="store_true", help="onnx: export even when the "
+                    "trial's latency here is more than 2x off the recorded one (it was timed on "
+                    "another or a loaded machine); policy.json records both")  # fmt: skip
     rp = sub.add_parser("report", help="write the front (PNG, HTML), the chosen policy by layer "
                         "(PNG) and a markdown summary of a study directory")  # fmt: skip
     rp.add_argument("study_dir", help="<out>/<study>")
@@ -416,10 +419,18 @@ def _onnx_lines(record: dict, out: Path, shown: Any) -> str:
     return "\n".join([
         f"exported trial {record['trial']} of study {record['study']} as ONNX (target "
         f"{record['target']}): metric in ONNX Runtime {record['artifact_metric']:.4f} (recorded "
-        f"{record['metric']:.4f}), latency {record['latency_ms']:.3f} ms",
+        f"{record['metric']:.4f}), latency {record['latency_ms']:.3f} ms" + _latency_note(record),
         f"{shown(out / model['name'])}: {model['bytes']:,} bytes ({format_bytes(model['bytes'])})",
         shown(out / "policy.json"),
     ])  # fmt: skip
+
+
+def _latency_note(record: dict) -> str:
+    """What the user must know about the latency: accepted though it disagrees."""
+    if record.get("latency_check") != "accepted":
+        return ""
+    return (f" (ACCEPTED with --accept-latency: the trial recorded "
+            f"{record['recorded_latency_ms']:.3f} ms; policy.json keeps both)")
 
 
 @contextlib.contextmanager
@@ -451,7 +462,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     with _study_and_out(args) as (study_dir, out, shown):
         try:
             out = export_best(study_dir, budget=args.budget, trial=args.trial, out=out,
-                              onnx=args.onnx, format=args.format)  # fmt: skip
+                              onnx=args.onnx, format=args.format,
+                              accept_latency=args.accept_latency)  # fmt: skip
         except ExportError as exc:
             print(f"prunesearch: error: {_one_line(exc)}", file=sys.stderr)
             return 1

@@ -544,6 +544,7 @@ def export_best(
     out: str | Path | None = None,
     onnx: bool = False,
     format: str | None = None,
+    accept_latency: bool = False,
 ) -> Path:
     """Export the best trial of a study within `budget` (default: the study's budget, else
     the best metric overall; ties: the smaller model), or trial number `trial`.
@@ -551,8 +552,10 @@ def export_best(
     Writes policy.json, model.safetensors and manifest.json (and model.onnx with `onnx`)
     to `out` (default `<study_dir>/export/`) and returns that directory. `format` "onnx"
     (the default for a study of the onnxruntime target) writes model.onnx, the trial's
-    ONNX file with integer weights, and policy.json (orchestrator/export_onnx.py). Refusals raise
-    ConfigError (one line) and write nothing; so does a failed check (ExportError)."""
+    ONNX file with integer weights, and policy.json (orchestrator/export_onnx.py);
+    `accept_latency` writes it even where its latency here disagrees with the trial's.
+    Refusals raise ConfigError (one line) and write nothing; so does a failed check
+    (ExportError)."""
     study_dir = Path(study_dir)
     run, trials = read_study(study_dir, needs=("config",))
     try:
@@ -570,7 +573,8 @@ def export_best(
         task, base, space = study_space(config, run)
         with _threads(int(config.workers.cpus_per_worker)):
             data, record = export_onnx_trial(config, run, row, space, task, base, budget=limits,
-                                             device=_device(config))  # fmt: skip
+                                             device=_device(config),
+                                             accept_latency=accept_latency)  # fmt: skip
         record["model_file"]["name"] = ONNX_FILE
         record["versions"] = versions()
         _write(target, {ONNX_FILE: data, POLICY_FILE: _json_bytes(record)},

@@ -14,6 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
+from orchestrator import export_onnx
+from orchestrator.cli import main
+from orchestrator.compress.codec import ExportError
 from orchestrator.config import make_config
 from orchestrator.errors import ConfigError
 from orchestrator.evaluate import Evaluator, RecoverySettings
@@ -160,7 +163,8 @@ def test_torch_target_latency_is_measured_only_when_asked():
     assert 0 < timed["latency_ms"] <= timed["latency_p90_ms"]
 
 
-def test_a_run_on_onnxruntime_records_the_files_size_latency_and_metric(ray_cluster, tmp_path):
+def test_a_run_on_onnxruntime_records_the_files_size_latency_and_metric(ray_cluster, tmp_path,
+                                                                       monkeypatch, capsys):  # fmt: skip
     cfg = make_config({"task": "digits-cnn", "target": "onnxruntime", "out": str(tmp_path),
                        "study": "s", "trials": 10, "workers": {"count": 1},
                        "latency": {"repeats": 10, "warmup": 3}})  # fmt: skip
@@ -186,6 +190,56 @@ def test_a_run_on_onnxruntime_records_the_files_size_latency_and_metric(ray_clus
     with pytest.raises(ConfigError, match="export with --format onnx"):
         export_best(tmp_path / "s", out=tmp_path / "y", format="safetensors")
     assert not (tmp_path / "y").exists()
+    assert record["latency_check"] == "within noise" and 1 <= record["latency_rounds"] <= 3
+    # a latency that disagrees (no noise allowed): refused with the way out, nothing
+    # written; with --accept-latency written, both latencies in policy.json and the output
+    monkeypatch.setattr(export_onnx, "LATENCY_NOISE", 1.0)
+    monkeypatch.setattr(export_onnx, "LATENCY_FLOOR_MS", -1.0)
+    args = ["export", str(tmp_path / "s"), "--trial", str(int(best["trial"]))]
+    assert main([*args, "--out", str(tmp_path / "z")]) == 1
+    assert "--accept-latency" in capsys.readouterr().err and not (tmp_path / "z").exists()
+    assert main([*args, "--out", str(tmp_path / "z"), "--accept-latency"]) == 0
+    assert "ACCEPTED with --accept-latency" in capsys.readouterr().out
+    record = json.loads((tmp_path / "z" / "policy.json").read_text())
+    assert record["latency_check"] == "accepted" and record["latency_rounds"] == 3
+    assert record["recorded_latency_ms"] == pytest.approx(best["latency_ms"])
+    assert (tmp_path / "z" / "model.onnx").stat().st_size == best["size_bytes"]
+
+
+class _Runner:
+    """Times as told: a machine loaded in some rounds."""
+
+    def __init__(self, medians):
+        self.medians = list(medians)
+
+    def latency(self, artifact, inputs):
+        median = self.medians.pop(0)
+        return median, median * 1.1
+
+
+class _Timed:
+    def __init__(self, medians):
+        self.runner, self.latency_inputs = _Runner(medians), None
+
+
+def test_export_times_a_disagreeing_artifact_again_and_keeps_its_fastest_round():
+    assert export_onnx._timed(_Timed([1.1]), None, 1.0) == (1.1, pytest.approx(1.21), 1)
+    assert export_onnx._timed(_Timed([5.0, 0.9, 7.0]), None, 1.0)[::2] == (0.9, 2)
+    assert export_onnx._timed(_Timed([5.0, 4.0, 6.0]), None, 1.0)[::2] == (4.0, 3)
+    assert export_onnx._timed(_Timed([5.0]), None, None)[::2] == (5.0, 1)  # nothing recorded
+
+
+def test_export_latency_check_refuses_beyond_noise_unless_accepted():
+    row = pd.Series({"trial": 4, "size_bytes": 100, "metric": 0.5, "latency_ms": 1.0})
+    assert export_onnx._check(row, 100, 0.5, 1.5) == "within noise"
+    with pytest.raises(ExportError, match=r"trial 4 runs in 3\.000 ms.*--accept-latency"):
+        export_onnx._check(row, 100, 0.5, 3.0)
+    assert export_onnx._check(row, 100, 0.5, 3.0, accept_latency=True) == "accepted"
+    with pytest.raises(ExportError, match="takes 99 bytes"):  # size and metric: never accepted
+        export_onnx._check(row, 99, 0.5, 1.0, accept_latency=True)
+    with pytest.raises(ExportError, match="scores 0.400000"):
+        export_onnx._check(row, 100, 0.4, 1.0, accept_latency=True)
+    assert export_onnx._check(row.drop("latency_ms"), 100, 0.5, 9.0) is None
 
 
 def test_a_skeleton_shared_by_equal_initializers_is_not_merged():
