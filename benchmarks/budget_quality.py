@@ -40,8 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 2
 PRUNESEARCH, RANDOM, PLAIN, UNIFORM = "prunesearch", "random", "plain TPE", "best uniform"
 NO_SEEDING, NO_LOCAL = "prunesearch, seeding: false", "prunesearch, local_search: false"
+FULL_SWEEP = "prunesearch, sensitivity.share: 1"  # the sensitivity phase unbounded (issue 14)
 SEARCHES = (PRUNESEARCH, RANDOM, PLAIN)
-ABLATIONS = {NO_SEEDING: {"seeding": False}, NO_LOCAL: {"local_search": False}}  # --ablate
+ABLATIONS = {NO_SEEDING: {"seeding": False}, NO_LOCAL: {"local_search": False},
+             FULL_SWEEP: {"sensitivity": {"share": 1.0}}}  # --ablate
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,8 +269,9 @@ def stretch(runs: list[Run], budgets: list[Budgeted], trials: list[int]) -> list
 
 def run_budget_mode(*, tasks: list[str], trials: list[int], seeds: list[int], bits: list[int],
                     ablate: bool = False, only: str | None = None) -> int:  # fmt: skip
-    """`ablate`: also prunesearch without seeding (the quantization-noise prior, no seeds)
-    and without local moves, to see what each part buys. `only`: the systems whose name
+    """`ablate`: also prunesearch without seeding (the quantization-noise prior, no seeds),
+    without local moves and with the sensitivity phase unbounded, to see what each part
+    buys. `only`: the systems whose name
     starts with it (e.g. "prunesearch")."""
     systems = SEARCHES + (tuple(ABLATIONS) if ablate else ())
     systems = tuple(s for s in systems if only is None or s.startswith(only))

@@ -4,6 +4,7 @@ Runtime on this machine, side by side in one run.
 
     python benchmarks/latency.py                        # four models, 32 trials each
     python benchmarks/latency.py --tasks digits-resnet --trials 16
+    python benchmarks/latency.py --keep /tmp/studies   # keep each search's study to read
 
 Per model (`target: onnxruntime`, `latency: {batch: 1, threads: 1, warmup: 10, repeats:
 50}`, `--workers` workers (default 1: on a 2-core machine a second worker scoring beside
@@ -130,6 +131,8 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--trials", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--keep", type=Path, help="write each search's study under this "
+                        "directory (default: a temporary one, removed)")  # fmt: skip
     args = parser.parse_args()
     from orchestrator.config import make_config
 
@@ -145,7 +148,8 @@ def main() -> None:
         base, int8, w8a8 = _uniform(config, 32), _uniform(config, 8), _uniform(config, 8, 8)
         limit = SHARE * base["latency_ms"]
         with tempfile.TemporaryDirectory() as tmp:
-            found = _search(data, limit, args.trials, Path(tmp), args.workers)
+            out = args.keep / task.rpartition(":")[2] if args.keep else Path(tmp)
+            found = _search(data, limit, args.trials, out, args.workers)
         exact = all(r["size_bytes"] == r["predicted_bytes"] for r in (base, int8, w8a8))
         cells = [
             task.rpartition(":")[2], _row("", base).strip(), _row("", int8).strip(),

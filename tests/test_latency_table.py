@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from orchestrator.config import make_config
 from orchestrator.evaluate import Evaluator, RecoverySettings
-from orchestrator.latency import LatencyModel
+from orchestrator.latency import BEYOND, FLOAT_MS, HELD, INT_MS, LatencyModel
 from orchestrator.latency_table import (
     ALIGN,
     LayerTable,
@@ -193,25 +193,41 @@ def test_a_worker_probes_every_conv_and_linear_and_the_predictor_starts_from_the
     table = LayerTable.of(json.loads(json.dumps(found)))  # as it crosses the wire
     model = LatencyModel(space, table)
     reference = Policy.uniform(space, 32)
-    layers_float, layers_int8 = model.features(reference)[1], model.features(_w8a8(space))[1]
+    layers_float = model.features(reference)[FLOAT_MS]
+    layers_int8 = model.features(_w8a8(space))[INT_MS]
+    assert model.features(reference)[INT_MS] == model.features(_w8a8(space))[FLOAT_MS] == 0
     whole = 2 * layers_float  # the model measured slower than its layers alone
     model.observe(reference, whole)
     assert model.predict(reference) == pytest.approx(whole)
     # the layers' share of the time, as the table has it, and the rest unchanged
     assert model.predict(_w8a8(space)) == pytest.approx(whole - layers_float + layers_int8)
     half = Policy.uniform(space, 32, 0.5)  # priced the same way (the times are the probes')
-    assert model.predict(half) == pytest.approx(whole - layers_float + model.features(half)[1])
-    assert model.features(half)[1] != layers_float
+    assert model.predict(half) == pytest.approx(whole - layers_float + model.features(half)[FLOAT_MS])
+    assert model.features(half)[FLOAT_MS] != layers_float
     # a model measured faster than its layers alone: the table scaled down to it
     faster = LatencyModel(space, table)
     faster.observe(reference, layers_float / 2)
     assert faster.predict(_w8a8(space)) == pytest.approx(layers_int8 / 2)
+    # a few measurements more calibrate that start: float ones by one factor (the median
+    # measured / predicted: the base as predicted, half 1.2x), ...
+    scaled = LatencyModel(space, table)
+    scaled.observe(reference, whole)
+    scaled.observe(half, 1.2 * model.predict(half))
+    assert scaled.predict(_w8a8(space)) == pytest.approx(1.1 * model.predict(_w8a8(space)))
+    # ... 8-bit layers by their own factor (chained, they run unlike their probes alone)
+    scaled = LatencyModel(space, table)
+    scaled.observe(reference, whole)
+    scaled.observe(_w8a8(space), 1.5 * model.predict(_w8a8(space)))
+    assert scaled.predict(_w8a8(space)) == pytest.approx(1.5 * model.predict(_w8a8(space)))
+    assert scaled.predict(half) == pytest.approx(model.predict(half))
 
 
 def test_the_calibration_learns_what_the_layers_alone_do_not_show(resnet, tmp_path, monkeypatch):
-    """measured = c0 + c1 x table + c3 x MB beyond the cache: fitted once candidates are
-    measured; a whole model slower than its layers (weights streamed from memory) is
-    priced by its bytes."""
+    """measured = c0 + c1 x float layers' table ms + c2 x 8-bit layers' + c4 x MB held +
+    c5 x MB beyond the cache: fitted once candidates are measured; a whole model slower
+    than its layers (weights streamed from memory) is priced by its bytes, and 8-bit
+    layers chained faster than alone (one quantize at the chain's start, not one per
+    layer) by their own coefficient."""
     monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path))
     evaluator, space = resnet
     found = evaluator.latency_probes({x.name: [8, 32] for x in space.profile.layers})
@@ -219,7 +235,7 @@ def test_the_calibration_learns_what_the_layers_alone_do_not_show(resnet, tmp_pa
     table = LayerTable.of(found)
     model = LatencyModel(space, table)
     rng = np.random.default_rng(0)
-    truth = np.array([0.02, 1.3, 0.0, 0.4])  # ms per MB beyond half the cache
+    truth = np.array([0.02, 1.3, 0.7, 0.0, 0.05, 0.4])  # ms per MB held, beyond half the cache
 
     def measured(policy):
         return float(model._beyond(model.features(policy), 0.5) @ truth)
@@ -228,8 +244,13 @@ def test_the_calibration_learns_what_the_layers_alone_do_not_show(resnet, tmp_pa
                                            for k in space.knobs}) for _ in range(12)]  # fmt: skip
     for policy in [Policy.uniform(space, 32), *policies]:
         model.observe(policy, measured(policy))
-    assert any(model._beyond(model.features(p), 0.5)[3] > 0 for p in policies)
+    assert any(model._beyond(model.features(p), 0.5)[BEYOND] > 0 for p in policies)
+    assert any(model.features(p)[INT_MS] > 0 for p in policies)
     for policy in [*policies, _w8a8(space), Policy.uniform(space, 32, 0.5)]:
+        assert model.predict(policy) == pytest.approx(measured(policy), rel=0.02)
+    # one run disturbed by the machine (3x its time) is left out of the fit
+    model.observe(policies[0], 3 * measured(policies[0]))
+    for policy in [*policies[1:], _w8a8(space), Policy.uniform(space, 32, 0.5)]:
         assert model.predict(policy) == pytest.approx(measured(policy), rel=0.02)
 
 
@@ -255,7 +276,7 @@ def test_only_a_runtime_with_integer_kernels_holds_8_bit_layers_weights_in_int8(
     held = {}
     for integer in (True, False):
         model = LatencyModel(space, LayerTable.of({**found, "integer_weights": integer}))
-        held[integer] = (model.features(Policy.uniform(space, 32))[3],
-                         model.features(_w8a8(space))[3])  # fmt: skip
+        held[integer] = (model.features(Policy.uniform(space, 32))[HELD],
+                         model.features(_w8a8(space))[HELD])  # fmt: skip
     assert held[True][1] < held[True][0] / 3.5  # int8 against float32 weights
     assert held[False][1] == held[False][0]
