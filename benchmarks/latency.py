@@ -20,6 +20,9 @@ the one timing a candidate moves its latency by 30-70%), `objective: budget`):
   temporary cache directory; a user's second study on the same machine reads them back);
 - prediction error: |predicted / measured - 1| of the driver's latency prediction over
   every candidate measured in the search (median, p90; target median <= 10%);
+- timing noise: the float model's file timed again NOISE_ROUNDS times as a worker times a
+  candidate (each a median of `repeats` runs): the median and largest |time / median - 1|.
+  A prediction cannot be judged closer than the timings it is judged against;
 - size vs predicted: every evaluated candidate's ONNX file against the cost model's
   size_bytes (target: equal to the byte);
 - artifact share: writing the ONNX file and making its session, over the whole
@@ -84,6 +87,29 @@ def _uniform(config, bits: int, act_bits: int = 32) -> dict:
             "predicted_bytes": policy_cost(space, policy).size_bytes}  # fmt: skip
 
 
+NOISE_ROUNDS = 10
+
+
+def _noise(config) -> str:
+    """The float model's file timed NOISE_ROUNDS times: how far one timing strays."""
+    import statistics
+
+    from orchestrator.evaluate import Evaluator, RecoverySettings
+    from orchestrator.prepare import build_space
+    from search_spaces.policy import Policy
+
+    task, _, space = build_space(config)
+    evaluator = Evaluator(task, space, recovery=RecoverySettings(),
+                          target=config.target_settings())  # fmt: skip
+    policy = Policy.uniform(space, 32)
+    artifact = evaluator.artifact_of(evaluator.compressed_model(policy), policy)
+    times = [evaluator.runner.latency(artifact, evaluator.latency_inputs)[0]
+             for _ in range(NOISE_ROUNDS)]  # fmt: skip
+    middle = statistics.median(times)
+    strays = [abs(t / middle - 1) for t in times]
+    return f"{statistics.median(strays):.1%} / {max(strays):.0%}"
+
+
 def _search(config_data: dict, limit_ms: float, trials: int, out: Path, workers: int) -> dict:
     import numpy as np
 
@@ -138,7 +164,8 @@ def main() -> None:
 
     os.environ["PRUNESEARCH_CACHE"] = tempfile.mkdtemp(prefix="latency-bench-")  # cold tables
     header = ["model", "float", "int8 W8A32", "int8 W8A8", "layer table", "budget", "searched (best within budget)",
-              "prediction error median / p90 (measured)", "size = predicted",
+              "prediction error median / p90 (measured)", "timing noise median / max",
+              "size = predicted",
               "artifact share of eval", "trials: within / infeasible by prediction", "search s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task in args.tasks.split(","):
@@ -146,6 +173,7 @@ def main() -> None:
         config = make_config(data)
         table = _table(config)
         base, int8, w8a8 = _uniform(config, 32), _uniform(config, 8), _uniform(config, 8, 8)
+        noise = _noise(config)
         limit = SHARE * base["latency_ms"]
         with tempfile.TemporaryDirectory() as tmp:
             out = args.keep / task.rpartition(":")[2] if args.keep else Path(tmp)
@@ -156,7 +184,7 @@ def main() -> None:
             _row("", w8a8).strip(), table,
             f"<= {limit:.3f} ms", _row("", found["best"]).strip(),
             (f"{found['error_median']:.1%} / {found['error_p90']:.1%} ({found['measured']})"
-             if found["error_median"] is not None else "-"),
+             if found["error_median"] is not None else "-"), noise,
             f"{found['measured'] - found['mismatched']} of {found['measured']}"
             + ("" if exact else " (uniform: NOT equal)"),
             f"{found['artifact_share']:.1%}", f"{found['within']} / {found['infeasible']}",
