@@ -202,8 +202,8 @@ class LatencyModel:
     def _fit_table(self) -> np.ndarray:
         """The coefficients over every measurement but the outliers: a timing more than
         OUTLIER x the typical relative error (and OUTLIER_FLOOR) off a first fit is left
-        out of the second (one run disturbed by the machine: mobilenet_v2 once measured
-        1.82 ms where its neighbours took 0.4-0.5); the base model's is always kept."""
+        out of the second (a run disturbed by the machine: one mobilenet_v2 file re-timed
+        ten times ranged 0.45-0.68 ms); the base model's is always kept."""
         rows, y = np.array(self._rows), np.array(self._measured)
         coef = self._fit_rows(rows, y)
         if len(y) < FIT_AFTER:
@@ -218,9 +218,10 @@ class LatencyModel:
         until FIT_AFTER distinct measurements (a few timings cannot pin six coefficients):
         one for the 8-bit layers' table time, one for the rest (how 8-bit layers run
         chained is the model's: resnet18's at 0.95x their probes, mobilenet_v2's at about
-        2x, its ReLU6 and residual adds between them); then non-negative least squares, c1
-        and c2 at least MAC_FLOOR of the prior (noisy timings cannot make the layers free),
-        at the share of the cache that fits the measurements best."""
+        1.2-2x, with a Transpose on each side of each and BatchNorms left unfolded); then
+        non-negative least squares, c1 and c2 at least MAC_FLOOR of the prior (noisy
+        timings cannot make the layers free), at the share of the cache that fits the
+        measurements best."""
         if len({tuple(r) for r in rows.tolist()}) < FIT_AFTER:
             self._share = PRIOR_SHARE
             return self._calibrated(self._beyond(rows, PRIOR_SHARE), y)
