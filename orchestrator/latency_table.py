@@ -19,7 +19,7 @@ not). The table measures that up front.
   Runtime model where some layer runs on 8-bit activations: its QDQ fusion then keeps
   every weight's DequantizeLinear, so a float-activation layer with quantized weights
   dequantizes them on every run and its conv gets no prepacked weights (mobilenet_v2 at
-  keep 0.5 with 8-bit weights: 0.35 ms, 1.6 ms once one layer ran on 8-bit activations;
+  keep 0.5 with 8-bit weights: 0.31 ms, 1.41 ms once one layer ran on 8-bit activations;
   a depthwise conv alone 4.8x slower). Such layers are probed too (`weights`: the code
   width dequantized on every run, DEQUANTIZED), where the runner holds integer weights
   and the space has 8-bit activations.
@@ -34,7 +34,8 @@ not). The table measures that up front.
   bounded by PROBE_SECONDS, with the full-width points first), later ones read them.
 - **Calibration.** A layer alone is not a layer in a graph (fused activations, layout
   reorders, one run's fixed cost): orchestrator/latency.py fits the measured latencies of
-  the study to `c0 + c1 x table sum` as they come, the base model first.
+  the study to the table's float and 8-bit layers and the weight bytes as they come, the
+  base model first.
 """
 
 from __future__ import annotations
@@ -356,7 +357,8 @@ class LayerTable:
         # per (layer, activation bits, dequantized code width): MACs, ms, odd-width ratio
         self.curves: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray, float]] = {}
         for layer, found in probes.items():
-            for mode in sorted({(p.act, p.weights) for p in found}):
+            # float weights first: a mode of dequantized ones borrows their odd-width ratio
+            for mode in sorted({(p.act, p.weights) for p in found}, key=lambda m: (m[1] != FLOAT, m)):
                 same = [p for p in found if (p.act, p.weights) == mode and p in ms]
                 points = sorted((p.macs, max(ms[p] - overhead, 0.0)) for p in same if aligned(p))
                 if not points:

@@ -355,3 +355,17 @@ def test_only_a_runtime_with_integer_kernels_holds_8_bit_layers_weights_in_int8(
                          model.features(_w8a8(space))[HELD])  # fmt: skip
     assert held[True][1] < held[True][0] / 3.5  # int8 against float32 weights
     assert held[False][1] == held[False][0]
+
+
+def test_dequantized_weights_borrow_the_float_curves_odd_width_ratio():
+    """Dequantized-weight probes come at aligned widths only: an odd width of such a layer
+    is priced with the float probes' ratio (ONNX Runtime's blocked kernels: float ones)."""
+    base = _conv(64, 64, 1, 3, 1, 16)
+    probes = grid(base, (32,), (8,))
+    ms = {p: p.macs * 1e-7 * (2.0 if not aligned(p) else 1.0) * (3.0 if p.weights == 8 else 1.0)
+          for p in probes}  # fmt: skip
+    table = LayerTable({"conv": probes}, ms, 0.0)
+    aligned_ms = table.layer_ms("conv", (32, 32, 3, 3), 32, 8)
+    odd_ms = table.layer_ms("conv", (33, 33, 3, 3), 32, 8)
+    assert aligned_ms == pytest.approx(base.at(32, 32, 32).macs * 3e-7)
+    assert odd_ms == pytest.approx(base.at(33, 33, 32).macs * 3e-7 * 2.0)
