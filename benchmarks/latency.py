@@ -52,14 +52,19 @@ SHARE = 0.6  # the latency budget, of the float model's latency
 SPACE = {"act_bits": [8, 32]}  # the search may put any Conv/Gemm in 8-bit integers
 
 
-def _table(config) -> str:
-    """The layer table's probes and the seconds to time them (cold cache)."""
+def _setup(config) -> tuple:
+    """The space and one Evaluator as a worker holds them, for every measurement of a
+    model outside its search."""
     from orchestrator.evaluate import Evaluator, RecoverySettings
     from orchestrator.prepare import build_space
 
     task, _, space = build_space(config)
-    evaluator = Evaluator(task, space, recovery=RecoverySettings(),
-                          target=config.target_settings())  # fmt: skip
+    return space, Evaluator(task, space, recovery=RecoverySettings(),
+                            target=config.target_settings())  # fmt: skip
+
+
+def _table(space, evaluator) -> str:
+    """The layer table's probes and the seconds to time them (cold cache)."""
     acts = {layer.name: [8, 32] for layer in space.profile.layers}
     start = time.perf_counter()
     found = evaluator.latency_probes(acts)
@@ -68,15 +73,10 @@ def _table(config) -> str:
     return f"{len(found['layers'])} layers, {probes} probes, {seconds:.1f} s"
 
 
-def _uniform(config, bits: int, act_bits: int = 32) -> dict:
-    from orchestrator.evaluate import Evaluator, RecoverySettings
-    from orchestrator.prepare import build_space
+def _uniform(space, evaluator, bits: int, act_bits: int = 32) -> dict:
     from search_spaces.cost import policy_cost
     from search_spaces.policy import Policy
 
-    task, _, space = build_space(config)
-    evaluator = Evaluator(task, space, recovery=RecoverySettings(),
-                          target=config.target_settings())  # fmt: skip
     uniform = Policy.uniform(space, bits)
     acts = {k.name for k in space.knobs if k.kind == "act_bits"}
     policy = Policy.from_values(space, {k: act_bits if k in acts else v
@@ -90,17 +90,12 @@ def _uniform(config, bits: int, act_bits: int = 32) -> dict:
 NOISE_ROUNDS = 10
 
 
-def _noise(config) -> str:
+def _noise(space, evaluator) -> str:
     """The float model's file timed NOISE_ROUNDS times: how far one timing strays."""
     import statistics
 
-    from orchestrator.evaluate import Evaluator, RecoverySettings
-    from orchestrator.prepare import build_space
     from search_spaces.policy import Policy
 
-    task, _, space = build_space(config)
-    evaluator = Evaluator(task, space, recovery=RecoverySettings(),
-                          target=config.target_settings())  # fmt: skip
     policy = Policy.uniform(space, 32)
     artifact = evaluator.artifact_of(evaluator.compressed_model(policy), policy)
     times = [evaluator.runner.latency(artifact, evaluator.latency_inputs)[0]
@@ -171,9 +166,10 @@ def main() -> None:
     for task in args.tasks.split(","):
         data = {"task": task, "target": "onnxruntime", "latency": LATENCY, "space": SPACE}
         config = make_config(data)
-        table = _table(config)
-        base, int8, w8a8 = _uniform(config, 32), _uniform(config, 8), _uniform(config, 8, 8)
-        noise = _noise(config)
+        model = _setup(config)
+        table = _table(*model)
+        base, int8, w8a8 = _uniform(*model, 32), _uniform(*model, 8), _uniform(*model, 8, 8)
+        noise = _noise(*model)
         limit = SHARE * base["latency_ms"]
         with tempfile.TemporaryDirectory() as tmp:
             out = args.keep / task.rpartition(":")[2] if args.keep else Path(tmp)

@@ -265,7 +265,7 @@ def test_an_integer_model_prices_the_other_layers_quantized_weights_as_dequantiz
         values.update({a: 8 if integer and a == (knob or chosen) else 32 for a in acts})
         return Policy.from_values(space, values)
 
-    chosen = None  # an activation knob whose layer the table covers at 8 bits
+    # an activation knob whose layer the table covers at 8 bits
     chosen = next(a for a in acts if all((name, 8, 32) in table.curves for name in
                                          layer_act_bits(space, policy(8, True, a))))  # fmt: skip
 
