@@ -225,7 +225,8 @@ class Evaluator:
         acts = self.rebuilder.activation_bits(policy)
         if not acts:
             return {}
-        return calibrate(model, acts, self.calibration, self.recovery.act_calibration)
+        return calibrate(model, acts, self.calibration, self.recovery.act_calibration,
+                         self.runner.observed_outputs())  # fmt: skip
 
     def _deployed(self, artifact: Artifact, *, measure: bool) -> dict[str, Any]:
         """The artifact's figures: its file's bytes and the time to write and load it, and

@@ -187,11 +187,18 @@ def test_onnx_runtime_runs_8_bit_layers_as_integer_kernels(tmp_path):
     ops = _optimized_ops(artifact.data, tmp_path / "w8a8.onnx")
     kinds = collections.Counter(x.kind for x in space.profile.layers)
     assert ops["QLinearConv"] == kinds["Conv2d"] and ops["QGemm"] == kinds["Linear"]
+    # BatchNorm folded into the integer conv, ReLU into the output pair: no float node
+    # between two integer layers
     assert ops["Conv"] == 0 and ops["Gemm"] == 0
-    params = calibrate(model, evaluator.rebuilder.activation_bits(policy), evaluator.calibration)
+    assert ops["BatchNormalization"] == ops["Relu"] == 0
+    # the simulation quantizes where the file does: a folded conv's output after its norm
+    outputs = evaluator.runner.observed_outputs()
+    assert outputs  # digits-cnn's convs each have a BatchNorm after them
+    params = calibrate(model, evaluator.rebuilder.activation_bits(policy), evaluator.calibration,
+                       outputs=outputs)  # fmt: skip
     x = loaded.validation()[0][0]
     with torch.no_grad():
-        simulated = ActQuantized(model, params)(x)
+        simulated = ActQuantized(model, params, outputs)(x)
     deployed = artifact.model(x)
     agree = (simulated.argmax(1) == deployed.argmax(1)).float().mean()
     assert agree >= 0.95
@@ -206,6 +213,37 @@ def test_onnx_runtime_runs_8_bit_layers_as_integer_kernels(tmp_path):
     artifact = evaluator.artifact_of(evaluator.compressed_model(float_acts), float_acts)
     assert artifact.model.session.get_session_options().get_session_config_entry(
         "session.disable_quant_qdq") == "1"  # fmt: skip
+
+
+def test_an_integer_layers_batchnorm_and_relu6_leave_no_float_node_between_integer_kernels(
+    tmp_path,
+):
+    """Conv -> BatchNorm -> ReLU6 at W8A8: the norm is folded into the conv and the output
+    pair follows the ReLU6 with a range from 0, which ONNX Runtime drops; the file's
+    outputs follow the simulation that quantizes where the file does."""
+    loaded, _, space = _space(MOBILE_TASK, "onnxruntime", pruning="none", space=ACTS)
+    evaluator = Evaluator(loaded, space, recovery=RecoverySettings(),
+                          target=TargetSettings(name="onnxruntime"))  # fmt: skip
+    policy = _uniform(space, 8, 8)
+    model = evaluator.compressed_model(policy)
+    artifact = evaluator.artifact_of(model, policy)
+    relu6 = sum(isinstance(m, torch.nn.ReLU6) for m in model.modules())
+    assert sum(a.after is not None for a in space.artifact.acts) == relu6 > 0
+    assert {n.op_type for n in onnx.load_from_string(artifact.data).graph.node} >= {"Clip"}
+    ops = _optimized_ops(artifact.data, tmp_path / "w8a8.onnx")
+    assert ops["Clip"] == ops["Relu"] == ops["BatchNormalization"] == 0
+    assert ops["QLinearConv"] == sum(x.kind == "Conv2d" for x in space.profile.layers)
+    outputs = evaluator.runner.observed_outputs()
+    params = calibrate(model, evaluator.rebuilder.activation_bits(policy), evaluator.calibration,
+                       outputs=outputs)  # fmt: skip
+    relu_out = [params[name][1] for name, at in outputs.items() if at.relu]
+    assert len(relu_out) == relu6 and all(p.zero == 0 for p in relu_out)
+    assert all(p.scale <= 6 / 255 * (1 + 1e-6) for p in relu_out)  # ReLU6's bound
+    x = loaded.validation()[0][0]
+    with torch.no_grad():
+        simulated = ActQuantized(model, params, outputs)(x)
+    deployed = artifact.model(x)
+    assert (simulated.argmax(1) == deployed.argmax(1)).float().mean() >= 0.95
 
 
 def test_a_search_over_activation_bits_on_onnxruntime(ray_cluster, tmp_path):

@@ -248,10 +248,37 @@ def test_a_skeleton_shared_by_equal_initializers_is_not_merged():
     loaded, model, space = _onnx_space(MOBILE_TASK, pruning="structured")
     state = model.state_dict()
     used = {key for key, _, _ in space.artifact.tensors}
-    batchnorm = [k for k in state if k.endswith("running_var")]
-    assert batchnorm and set(batchnorm) <= used
+    folded = {k for f in space.artifact.folds for k in (f.scale, f.mean, f.var, f.conv_bias) if k}
+    batchnorm = [k for k in state if k.endswith(("running_var", ".bias"))]
+    assert batchnorm and set(batchnorm) <= used | folded and not used & folded
     data = write_artifact(space.artifact, model, {})
     assert len(data) == policy_cost(space, Policy.from_values(space, space.extreme_values("max"))).size_bytes
+
+
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_batchnorm_is_folded_into_its_conv_exactly_whatever_the_sign_of_its_scale(bits, tmp_path):
+    """Every BatchNorm after a conv leaves the file (its conv takes its factor: a quantized
+    weight's scales its magnitude, its codes its sign); the outputs stay the model's, with
+    negative and zero BatchNorm scales too."""
+    loaded, _, space = _onnx_space(MOBILE_TASK, pruning="structured")
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.model().modules())
+    assert len(space.artifact.folds) == norms > 0
+    evaluator = Evaluator(loaded, space, recovery=RecoverySettings(), target=ORT)
+    policy = Policy.parse(space, f"uniform:{bits}")
+    model = evaluator.compressed_model(policy)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight[0::3] *= -1
+                m.weight[1] = 0.0
+    artifact = evaluator.runner.artifact(model, evaluator.rebuilder.weight_bits(policy))
+    assert len(artifact.data) == policy_cost(space, policy).size_bytes
+    proto = onnx.load_from_string(artifact.data)
+    assert "BatchNormalization" not in {n.op_type for n in proto.graph.node}
+    inputs = loaded.validation()[0][0]
+    with torch.no_grad():
+        expected = model(inputs)
+    assert torch.allclose(artifact.model(inputs), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ outputs of a last layer, say); `recovery.act_calibration` picks it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,23 @@ LEVELS = 255  # uint8
 PERCENTILE = 0.9999
 SAMPLE = 1 << 20  # values a percentile is taken over, per tensor and batch
 MIN_SCALE = 1e-8  # a tensor (nearly) constant at 0: any positive scale, not a subnormal one
+
+
+@dataclass(frozen=True)
+class OutputAt:
+    """Where a layer's output is quantized in its artifact: after `module` (a BatchNorm
+    folded into the layer; None: the layer's own output), the range clamped to [0, high]
+    where a ReLU (high inf) or ReLU6 (high 6) follows that the quantization applies (its
+    range from 0 makes the zero point 0, so the codes' floor is the ReLU)."""
+
+    module: str | None = None
+    relu: bool = False
+    high: float = math.inf
+
+    def clamp(self, low: float, high: float) -> tuple[float, float]:
+        if not self.relu:
+            return low, high
+        return min(max(low, 0.0), self.high), min(max(high, 0.0), self.high)
 
 
 @dataclass(frozen=True)
@@ -88,22 +106,24 @@ def _first_tensor(value: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, layers: Iterable[str], batches: Iterable[Any],
-              method: str = "minmax") -> dict[str, tuple[QParams, QParams]]:  # fmt: skip
+              method: str = "minmax", outputs: Mapping[str, OutputAt] | None = None,
+              ) -> dict[str, tuple[QParams, QParams]]:  # fmt: skip
     """(input, output) quantization of each named layer, from the float model's
-    activations on `batches` ((inputs, targets) pairs)."""
+    activations on `batches` ((inputs, targets) pairs). `outputs`: where a layer's output
+    is quantized in its artifact (`OutputAt`); its own output, unclamped, otherwise."""
     measure, combine = METHODS[method]
+    outputs = outputs or {}
     seen: dict[str, tuple[list, list]] = {name: ([], []) for name in layers}
     hooks = []
-    for name, (inputs, outputs) in seen.items():
-        module = model.get_submodule(name)
+    for name, (into, out) in seen.items():
         hooks.append(
-            module.register_forward_pre_hook(
-                lambda _m, args, into=inputs: into.append(measure(_first_tensor(args)))
+            model.get_submodule(name).register_forward_pre_hook(
+                lambda _m, args, into=into: into.append(measure(_first_tensor(args)))
             )
         )
         hooks.append(
-            module.register_forward_hook(
-                lambda _m, _a, out, into=outputs: into.append(measure(_first_tensor(out)))
+            model.get_submodule(_output_module(name, outputs)).register_forward_hook(
+                lambda _m, _a, y, into=out: into.append(measure(_first_tensor(y)))
             )
         )
     try:
@@ -116,23 +136,34 @@ def calibrate(model: nn.Module, layers: Iterable[str], batches: Iterable[Any],
     if missing:
         raise ValueError(f"activation calibration: layer {missing[0]} was not called on the "
                          "calibration batches (does the task have any?)")  # fmt: skip
-    return {name: (QParams.of_range(*combine(i)), QParams.of_range(*combine(o)))
+    at = {name: outputs.get(name, OutputAt()) for name in seen}
+    return {name: (QParams.of_range(*combine(i)), QParams.of_range(*at[name].clamp(*combine(o))))
             for name, (i, o) in seen.items()}  # fmt: skip
 
 
-def quantize_activations(model: nn.Module, params: Mapping[str, tuple[QParams, QParams]]) -> list:
+def _output_module(layer: str, outputs: Mapping[str, OutputAt]) -> str:
+    at = outputs.get(layer)
+    return layer if at is None or at.module is None else at.module
+
+
+def quantize_activations(model: nn.Module, params: Mapping[str, tuple[QParams, QParams]],
+                         outputs: Mapping[str, OutputAt] | None = None) -> list:  # fmt: skip
     """Fake-quantize the named layers' inputs and outputs from now on (forward hooks on
-    the layers; returns their handles). A loaded export keeps them for good."""
+    the layers, or for an output where `outputs` says, as in `calibrate`: a range from 0
+    applies the ReLU after it, which then changes nothing; returns their handles). A
+    loaded export keeps them for good."""
+    outputs = outputs or {}
     handles = []
     for name, (into, out) in params.items():
-        module = model.get_submodule(name)
         handles.append(
-            module.register_forward_pre_hook(
+            model.get_submodule(name).register_forward_pre_hook(
                 lambda _m, a, p=into: (fake_quantize_act(a[0], p), *a[1:])
             )
         )
         handles.append(
-            module.register_forward_hook(lambda _m, _a, y, p=out: fake_quantize_act(y, p))
+            model.get_submodule(_output_module(name, outputs)).register_forward_hook(
+                lambda _m, _a, y, p=out: fake_quantize_act(y, p)
+            )
         )
     return handles
 
@@ -155,12 +186,13 @@ class ActQuantized(nn.Module):
     target's simulation). The hooks live only during a forward: the rebuild reuses the
     model's modules for the next candidate."""
 
-    def __init__(self, model: nn.Module, params: Mapping[str, tuple[QParams, QParams]]) -> None:
+    def __init__(self, model: nn.Module, params: Mapping[str, tuple[QParams, QParams]],
+                 outputs: Mapping[str, OutputAt] | None = None) -> None:  # fmt: skip
         super().__init__()
-        self.model, self.params = model, dict(params)
+        self.model, self.params, self.outputs = model, dict(params), dict(outputs or {})
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hooks = quantize_activations(self.model, self.params)
+        hooks = quantize_activations(self.model, self.params, self.outputs)
         try:
             return self.model(*args, **kwargs)
         finally:

@@ -68,6 +68,12 @@ class Runner:
         layers whose activations are quantized (compress/activations.py)."""
         return Artifact(model=model)
 
+    def observed_outputs(self) -> dict[str, Any]:
+        """Layer name -> where its output is quantized in the artifact (an `OutputAt` of
+        compress/activations.py: after a BatchNorm folded into it, and a ReLU the
+        quantization applies); the layer's own output where absent."""
+        return {}
+
     # whether a layer on 8-bit activations holds its weights as int8 when it runs (an
     # integer kernel's); the torch target's fake-quant keeps them float
     integer_weights = False

@@ -1,9 +1,10 @@
 """ONNX artifacts (issue 15): the base model exported once, each candidate written into it.
 
 `skeleton_of` exports the base model with torch's TorchScript-based exporter (no constant
-folding, so every initializer keeps its state-dict name and BatchNorm stays a node) and
-keeps the graph without the state tensors: an `OnnxLayout` (search_spaces/onnx_layout.py),
-which also prices every candidate's file to the byte. `write_artifact` fills the skeleton
+folding, so every initializer keeps its state-dict name), folds each BatchNormalization
+that follows a Conv into it (`Fold`: exact, per output channel) and keeps the graph
+without the state tensors: an `OnnxLayout` (search_spaces/onnx_layout.py), which also
+prices every candidate's file to the byte. `write_artifact` fills the skeleton
 with a rebuilt candidate's tensors: float initializers, or for a quantized weight its
 integer codes (int8, or int4 two to a byte), one float32 scale per output row and a
 `DequantizeLinear` node (axis 0) named as the float tensor was, so the rest of the graph
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import warnings
 from collections.abc import Iterator, Mapping
 from copy import deepcopy
@@ -37,6 +39,7 @@ from search_spaces.onnx_layout import (
     INT32,
     UINT8,
     ActNode,
+    Fold,
     GroupedConv,
     OnnxLayout,
     act_name,
@@ -130,6 +133,7 @@ def skeleton_of(model: nn.Module, example_inputs: Any) -> OnnxLayout:
     state = model.state_dict()
     graph = proto.graph
     graph.ClearField("value_info")  # intermediate shapes: a sliced candidate changes them
+    folds = _fold_batchnorms(graph, state)
     kept = [t for t in graph.initializer if t.name not in state]
     tensors = tuple((t.name, state[t.name].element_size(), t.data_type)
                     for t in graph.initializer if t.name in state)  # fmt: skip
@@ -145,8 +149,69 @@ def skeleton_of(model: nn.Module, example_inputs: Any) -> OnnxLayout:
         model_rest=proto.ByteSize() - field_bytes(graph_bytes),
         graph_rest=graph_bytes - sum(field_bytes(graph.node[c.node].ByteSize()) for c in convs),
         tensors=tensors, convs=convs, inputs=tuple(i.name for i in graph.input),
-        acts=_act_nodes(graph, state),
+        acts=_act_nodes(graph, state), folds=folds,
     )  # fmt: skip
+
+
+def _uses(graph: Any) -> dict[str, list[int]]:
+    """Each tensor name's consuming nodes, by index."""
+    uses: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            uses.setdefault(name, []).append(i)
+    return uses
+
+
+def _fold_of(graph: Any, index: int, uses: Mapping[str, list[int]],
+             state: Mapping[str, torch.Tensor]) -> Fold | None:  # fmt: skip
+    """The fold of the BatchNormalization after Conv node `index`, if it is the conv's only
+    consumer and all the tensors involved are float32 state tensors used there alone."""
+    conv = graph.node[index]
+    if conv.op_type != "Conv" or len(conv.input) < 2 or len(conv.output) != 1:
+        return None
+    users = uses.get(conv.output[0], [])
+    if len(users) != 1 or conv.output[0] in {o.name for o in graph.output}:
+        return None
+    norm = graph.node[users[0]]
+    conv_bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+    if norm.op_type != "BatchNormalization" or len(norm.output) != 1 or len(norm.input) != 5:
+        return None
+    own = [(conv.input[1], index), *([(conv_bias, index)] if conv_bias else [])]
+    own += [(key, users[0]) for key in norm.input[1:]]
+    if not all(key in state and state[key].dtype == torch.float32 and uses[key] == [node]
+               for key, node in own):  # fmt: skip
+        return None
+    epsilon = next((a.f for a in norm.attribute if a.name == "epsilon"), 1e-5)
+    scale, bias, mean, var = norm.input[1:]
+    return Fold(weight=conv.input[1], bias=bias, conv_bias=conv_bias, scale=scale, mean=mean,
+                var=var, epsilon=epsilon)  # fmt: skip
+
+
+def _fold_batchnorms(graph: Any, state: Mapping[str, torch.Tensor]) -> tuple[Fold, ...]:
+    """Fold every BatchNormalization that follows a Conv into it, in `graph`: the conv
+    writes the norm's output with the norm's bias as its input 2; the norm's node and its
+    other tensors (and the conv's own bias) leave the graph."""
+    uses = _uses(graph)
+    folds, norms = [], set()
+    for i, conv in enumerate(graph.node):
+        fold = _fold_of(graph, i, uses, state)
+        if fold is None:
+            continue
+        norm = uses[conv.output[0]][0]
+        conv.output[0] = graph.node[norm].output[0]
+        if fold.conv_bias:
+            conv.input[2] = fold.bias
+        else:
+            conv.input.append(fold.bias)
+        folds.append(fold)
+        norms.add(norm)
+    gone = {k for f in folds for k in (f.scale, f.mean, f.var, f.conv_bias) if k}
+    nodes = [node for i, node in enumerate(graph.node) if i not in norms]
+    initializers = [t for t in graph.initializer if t.name not in gone]
+    del graph.node[:], graph.initializer[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    return tuple(folds)
 
 
 # nodes that apply a layer's weight (input 1) and have integer kernels in ONNX Runtime
@@ -155,21 +220,53 @@ ACT_OPS = ("Conv", "Gemm")
 
 def _act_nodes(graph: Any, state: Mapping[str, torch.Tensor]) -> tuple[ActNode, ...]:
     """The Conv/Gemm nodes fed a state weight directly, one per weight (a weight applied
-    twice gets no activation knob: its two uses would need one pair each)."""
-    uses: dict[str, list[int]] = {}
-    for i, node in enumerate(graph.node):
-        for name in node.input:
-            if name in state:
-                uses.setdefault(name, []).append(i)
+    twice gets no activation knob: its two uses would need one pair each), each with the
+    ReLU after it that its output pair can take in (`ActNode.after`)."""
+    uses, values = _uses(graph), _constants(graph)
     acts = []
     for i, node in enumerate(graph.node):
         key = node.input[1] if node.op_type in ACT_OPS and len(node.input) > 1 else None
         if key in state and uses[key] == [i] and len(node.output) == 1:
             bias = node.input[2] if len(node.input) > 2 and node.input[2] in state else None
-            acts.append(ActNode(key=key, node=i, input=node.input[0], output=node.output[0],
-                                node_bytes=node.ByteSize(),
-                                bias=bias if bias and uses[bias] == [i] else None))  # fmt: skip
+            after = _relu_after(graph, i, uses, values)
+            output = node.output[0] if after is None else graph.node[after[0]].output[0]
+            acts.append(ActNode(
+                key=key, node=i, input=node.input[0], output=output, node_bytes=node.ByteSize(),
+                bias=bias if bias and uses[bias] == [i] else None,
+                **({} if after is None else {"after": after[0], "after_high": after[1],
+                                             "after_bytes": graph.node[after[0]].ByteSize()}),
+            ))  # fmt: skip
     return tuple(acts)
+
+
+def _constants(graph: Any) -> dict[str, np.ndarray]:
+    """The values of the graph's Constant nodes and non-state initializers, by name."""
+    from onnx import numpy_helper
+
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _relu_after(graph: Any, index: int, uses: Mapping[str, list[int]],
+                values: Mapping[str, np.ndarray]) -> tuple[int, float] | None:  # fmt: skip
+    """(index, upper bound) of the Relu, or Clip from exactly 0 (ReLU6), that alone reads
+    node `index`'s output: a uint8 range from 0 computes it exactly, so the output pair
+    can sit after it (a Clip from elsewhere would need a zero point the range sets)."""
+    users = uses.get(graph.node[index].output[0], [])
+    if len(users) != 1 or graph.node[index].output[0] in {o.name for o in graph.output}:
+        return None
+    node = graph.node[users[0]]
+    if node.op_type == "Relu":
+        return users[0], math.inf
+    if node.op_type != "Clip" or len(node.input) != 3:
+        return None
+    low, high = (values.get(name) for name in node.input[1:])
+    if low is None or high is None or low.size != 1 or high.size != 1 or float(low) != 0.0:
+        return None
+    return users[0], float(high)
 
 
 def _group(node: Any) -> int:
@@ -232,22 +329,54 @@ def _with_pairs(layout: OnnxLayout, graph: Any, activations: Mapping[str, Any]) 
     in topological order (the input's pair just before its node, the output's just after);
     adds the pairs' initializers to the graph."""
     around = {layout.activation_keys[key].node: key for key in activations}
+    # a ReLU the output pair takes in: the pair follows it, where it stands in the graph
+    # (after the Constants of its bounds)
+    relus = {act.after: key for key in activations
+             if (act := layout.activation_keys[key]).after is not None}  # fmt: skip
     nodes = []
     for i, node in enumerate(graph.node):
-        key = around.get(i)
+        key = around.get(i, relus.get(i))
         if key is None:
             nodes.append(node)
             continue
         act = layout.activation_keys[key]
         new_input, new_output = act.renamed
-        before, after = (
-            _pair(key, "in", activations[key][0], act.input, new_input),
-            _pair(key, "out", activations[key][1], new_output, act.output),
-        )
-        node.input[0], node.output[0] = new_input, new_output
-        graph.initializer.extend(before[0] + after[0])
-        nodes.extend([*before[1], node, *after[1]])
+        if i == act.node:
+            before = _pair(key, "in", activations[key][0], act.input, new_input)
+            node.input[0] = new_input
+            graph.initializer.extend(before[0])
+            nodes.extend([*before[1], node])
+        if i == (act.node if act.after is None else act.after):
+            after = _pair(key, "out", activations[key][1], new_output, act.output)
+            node.output[0] = new_output
+            graph.initializer.extend(after[0])
+            nodes.extend([node, *after[1]] if i != act.node else after[1])
     return nodes
+
+
+def _fold_state(layout: OnnxLayout, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each folded conv's factor per output channel, by weight key; `state` gets the folded
+    biases in place of the BatchNorms' (the layout's `Fold`)."""
+    factors = {}
+    for fold in layout.folds:
+        factor = state[fold.scale] / torch.sqrt(state[fold.var] + fold.epsilon)
+        bias = state[fold.conv_bias] if fold.conv_bias else 0.0
+        state[fold.bias] = (bias - state[fold.mean]) * factor + state[fold.bias]
+        factors[fold.weight] = factor
+    return factors
+
+
+def _codes(weight: torch.Tensor, bits: int,
+           factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A quantized weight's codes and float32 scales (the fake-quantized values' own), with
+    a folded BatchNorm's `factor`: the codes take its sign (they are symmetric, so -code is
+    a code), the scales its magnitude; a row the factor zeroes gets zero codes."""
+    codes, scale = quantize(weight, bits)
+    scale = scale.float()
+    if factor is None:
+        return codes, scale
+    sign = torch.sign(factor).to(codes.dtype).view(-1, *[1] * (codes.dim() - 1))
+    return codes * sign, torch.where(factor != 0, scale * factor.abs(), scale)
 
 
 def write_artifact(layout: OnnxLayout, model: nn.Module, bits: Mapping[str, int],
@@ -262,6 +391,7 @@ def write_artifact(layout: OnnxLayout, model: nn.Module, bits: Mapping[str, int]
     proto.ParseFromString(layout.skeleton)
     graph = proto.graph
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    factors = _fold_state(layout, state)
     shapes = {key: tuple(state[key].shape) for key, _, _ in layout.tensors}
     activations = activations or {}
     biases = layout.integer_biases(shapes, bits, activations)
@@ -271,7 +401,7 @@ def write_artifact(layout: OnnxLayout, model: nn.Module, bits: Mapping[str, int]
         shape = tuple(tensor.shape)
         if key in biases:
             weight = biases[key]
-            scale = quantize(state[weight], bits[weight])[1].float().reshape(-1)
+            scale = _codes(state[weight], bits[weight], factors.get(weight))[1].reshape(-1)
             scale = scale * np.float32(activations[weight][0].scale)
             graph.initializer.extend([
                 _tensor(codes_name(key), shape, INT32,
@@ -285,7 +415,7 @@ def write_artifact(layout: OnnxLayout, model: nn.Module, bits: Mapping[str, int]
         encoding = (layout.weight_encoding(key, shape, b, element, data_type, zero)
                     if b else None)  # fmt: skip
         if encoding is not None and encoding[0] == "codes":
-            codes, scale = quantize(tensor, b)  # the fake-quantized values' own codes
+            codes, scale = _codes(tensor, b, factors.get(key))
             width = code_width(b, zero)
             graph.initializer.extend([_tensor(codes_name(key), shape, CODE_TYPES[width],
                                               _code_bytes(codes, width)),
@@ -305,6 +435,8 @@ def write_artifact(layout: OnnxLayout, model: nn.Module, bits: Mapping[str, int]
             nodes.append(helper.make_node("DequantizeLinear", inputs, [key], name=node_name(key),
                                           axis=0))  # fmt: skip
         else:
+            if key in factors:
+                tensor = tensor * factors[key].view(-1, *[1] * (tensor.dim() - 1))
             graph.initializer.append(_tensor(key, shape, data_type, _raw(tensor)))
     for conv in layout.convs:
         attribute = next(a for a in graph.node[conv.node].attribute if a.name == "group")

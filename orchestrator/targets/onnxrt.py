@@ -94,6 +94,16 @@ class OrtRunner(Runner):
         return Artifact(model=ort_model, data=data, seconds=time.perf_counter() - start,
                         run=lambda inputs: ort_model(*_tuple(inputs)))  # fmt: skip
 
+    def observed_outputs(self) -> dict[str, Any]:
+        from orchestrator.compress.activations import OutputAt
+
+        layout = self.space.artifact
+        folded = {f.weight: f.module for f in layout.folds}
+        return {layer.name: OutputAt(module=folded.get(act.key), relu=act.after is not None,
+                                     high=act.after_high)
+                for layer in self.space.profile.layers
+                if (act := layout.activation_keys.get(layer.weights[0].key)) is not None}  # fmt: skip
+
     def probe_ms(self, probe: Any) -> float:
         # a probe of dequantized weights runs as in a model with integer layers: QDQ on
         integer = probe.act < FLOAT_BITS or probe.weights < FLOAT_BITS
