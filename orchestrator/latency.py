@@ -217,8 +217,8 @@ class LatencyModel:
         """The prior of the base model's measurement (`_prior`) calibrated by two factors
         until FIT_AFTER distinct measurements (a few timings cannot pin six coefficients):
         one for the 8-bit layers' table time, one for the rest (how 8-bit layers run
-        chained is the model's: resnet18's at 0.95x their probes, mobilenet_v2's at about
-        1.2-2x, with a Transpose on each side of each and BatchNorms left unfolded); then
+        chained is the model's: a Transpose on each side of a run of them, and
+        mobilenet_v3's hardswish and squeeze-excite blocks in float between); then
         non-negative least squares, c1 and c2 at least MAC_FLOOR of the prior (noisy
         timings cannot make the layers free), at the share of the cache that fits the
         measurements best."""
