@@ -23,7 +23,6 @@ from orchestrator.fidelity import FidelitySettings, dominated, prefix_lengths, u
 from orchestrator.targets import Artifact, TargetSettings, target_of
 from orchestrator.task import Task
 from search_spaces import SearchSpace
-from search_spaces.config import FLOAT_BITS
 from search_spaces.kinds import kind_of
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -159,7 +158,6 @@ class Evaluator:
         bits (orchestrator/latency_table.py), read from this machine's cache or timed here
         in the target runtime: plain data for the driver's LayerTable."""
         from orchestrator.latency_table import (
-            DEQUANTIZED,
             OVERHEAD,
             cache_bytes,
             geometry,
@@ -171,11 +169,7 @@ class Evaluator:
 
         self.rebuilder.restore()
         base = geometry(self.rebuilder.model, self.latency_inputs, acts, call_model)
-        # a runtime with integer kernels dequantizes the other layers' weights on every run
-        # in a model where some layer has 8-bit activations: those layers are probed so too
-        integer = any(a < FLOAT_BITS for found in acts.values() for a in found)
-        dequantized = DEQUANTIZED if integer and self.runner.integer_weights else ()
-        probes = {name: grid(probe, acts[name], dequantized) for name, probe in base.items()}
+        probes = {name: grid(probe, acts[name]) for name, probe in base.items()}
         order = probe_order(probes)
         machine_id = machine(self.target.name, self.device, self.runner.settings.latency.threads)
         times, timed = measure(order, machine_id, self.runner.probe_ms)

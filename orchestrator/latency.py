@@ -55,8 +55,7 @@ from orchestrator.latency_table import LayerTable
 from search_spaces import SearchSpace
 from search_spaces.config import FLOAT_BITS
 from search_spaces.cost import sliced_weight_shapes
-from search_spaces.kinds import layer_act_bits, layer_bits
-from search_spaces.onnx_layout import container
+from search_spaces.kinds import layer_act_bits
 
 ALIGN = 8  # channels per block of the CPU kernels (ONNX Runtime's MLAS: NCHWc, 8 on AVX2)
 FIT_AFTER = 6  # distinct measurements before the fit over every feature
@@ -123,20 +122,13 @@ class LatencyModel:
         x = np.zeros(len(TABLE_FEATURES))
         x[0] = 1.0
         integer = layer_act_bits(self.space, policy)
-        # a model with integer layers: ONNX Runtime dequantizes the others' quantized
-        # weights on every run (orchestrator/latency_table.py, DEQUANTIZED)
-        bits = layer_bits(self.space, policy) if integer and self.table.integer_weights else {}
         held = 0
         for layer, shapes in sliced_weight_shapes(self.space, policy):
             act = integer.get(layer.name, FLOAT_BITS)
             numel = sum(math.prod(shape) for shape in shapes)
             int8 = act < FLOAT_BITS and self.table.integer_weights
             held += numel * (INT8_BYTES if int8 else layer.dtype_bytes)
-            weights = bits.get(layer.name, FLOAT_BITS)
-            coded = container(weights) if act == FLOAT_BITS and weights < FLOAT_BITS else FLOAT_BITS
-            ms = self.table.layer_ms(layer.name, shapes[0], act, coded)
-            if ms is None and coded < FLOAT_BITS:  # a table without such probes
-                ms = self.table.layer_ms(layer.name, shapes[0], act)
+            ms = self.table.layer_ms(layer.name, shapes[0], act)
             if ms is None:
                 x[OUTSIDE] += numel * layer.uses
             else:

@@ -15,14 +15,9 @@ not). The table measures that up front.
   DequantizeLinear pairs and int8 weights at 8 bits, which ONNX Runtime fuses into
   QLinearConv / QGemm); for torch the module itself (fake-quant around it at 8 bits).
   Weight bits cost no time on their own: both runtimes fold weight-only quantization into
-  float weights before they run (ONNX Runtime at session creation). Except in an ONNX
-  Runtime model where some layer runs on 8-bit activations: its QDQ fusion then keeps
-  every weight's DequantizeLinear, so a float-activation layer with quantized weights
-  dequantizes them on every run and its conv gets no prepacked weights (mobilenet_v2 at
-  keep 0.5 with 8-bit weights: 0.31 ms, 1.41 ms once one layer ran on 8-bit activations;
-  a depthwise conv alone 4.8x slower). Such layers are probed too (`weights`: the code
-  width dequantized on every run, DEQUANTIZED), where the runner holds integer weights
-  and the space has 8-bit activations.
+  float weights before they run (ONNX Runtime at session creation: a float-activation
+  layer's codes reach it through Cast and Mul, which it folds also in a model with
+  integer layers, where it would keep a DequantizeLinear and dequantize on every run).
 - **Grid.** Per layer and activation precision: the full width, half and a quarter (in
   and out channels scaled together, kept multiples of ALIGN where the layer's are), and
   one width off the ALIGN grid (its ratio to the aligned curve prices odd widths, which
@@ -63,7 +58,6 @@ GRID = (1.0, 0.5, 0.25)  # widths probed, of the layer's full width
 PROBE_WARMUP, PROBE_REPEATS = 3, 15
 PROBE_SECONDS = 90.0  # at most this long probing on one call; the rest are priced by MACs
 FLOAT = 32
-DEQUANTIZED = (8, 4)  # code widths of weights an integer model dequantizes on every run
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -80,14 +74,10 @@ class Probe:
     dilation: tuple[int, ...] = ()
     groups: int = 1
     act: int = FLOAT
-    weights: int = FLOAT  # the width of weight codes dequantized on every run (FLOAT: none)
 
     @property
     def key(self) -> str:
-        data = asdict(self)
-        if self.weights == FLOAT:  # the keys of tables timed before `weights` existed
-            del data["weights"]
-        return json.dumps(data, separators=(",", ":"), sort_keys=True)
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
 
     @property
     def output(self) -> tuple[int, ...]:
@@ -107,14 +97,14 @@ class Probe:
         per_output = self.input[1] // self.groups * math.prod(self.kernel)  # 1 for a Gemm
         return math.prod(self.output) * per_output
 
-    def at(self, out: int, inputs: int, act: int, weights: int = FLOAT) -> Probe:
+    def at(self, out: int, inputs: int, act: int) -> Probe:
         """This layer with `out` output and `inputs` input channels (a depthwise conv
         keeps one group per channel; other grouped convs keep their group count)."""
         groups = self.groups
         if self.groups > 1 and self.groups == self.input[1] == self.out:
             groups = out
         return replace(self, input=(self.input[0], inputs, *self.input[2:]), out=out,
-                       groups=groups, act=act, weights=weights)  # fmt: skip
+                       groups=groups, act=act)  # fmt: skip
 
 
 def geometry(model: nn.Module, inputs: Any, names: Iterable[str],
@@ -166,15 +156,13 @@ def _scaled(count: int, share: float) -> int:
     return max(1, round(count * share))
 
 
-def grid(base: Probe, acts: Sequence[int], dequantized: Sequence[int] = ()) -> list[Probe]:
+def grid(base: Probe, acts: Sequence[int]) -> list[Probe]:
     """The probes of one layer: GRID widths per activation precision, then one width off
-    the ALIGN grid (where the layer has more than ALIGN channels); and GRID widths on
-    float activations per code width in `dequantized` (weights dequantized on every run)."""
+    the ALIGN grid (where the layer has more than ALIGN channels)."""
     found = []
-    modes = [(act, FLOAT) for act in acts] + [(FLOAT, width) for width in dequantized]
-    for act, weights in modes:
-        found += [base.at(out, inputs, act, weights) for out, inputs in _widths(base)]
-        if base.out > ALIGN and weights == FLOAT and not _grouped(base):
+    for act in acts:
+        found += [base.at(out, inputs, act) for out, inputs in _widths(base)]
+        if base.out > ALIGN and not _grouped(base):
             half = found[-2]  # the GRID point at 0.5
             odd = half.out + 1
             found.append(base.at(odd, odd if _depthwise(base) else half.input[1] + 1, act))
@@ -354,12 +342,11 @@ class LayerTable:
         self.integer_weights = integer_weights
         self.base = {layer: found[0] for layer, found in probes.items() if found}
         self.probes = sum(len(found) for found in probes.values())
-        # per (layer, activation bits, dequantized code width): MACs, ms, odd-width ratio
-        self.curves: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray, float]] = {}
+        # per (layer, activation bits): MACs, ms, odd-width ratio
+        self.curves: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, float]] = {}
         for layer, found in probes.items():
-            # float weights first: a mode of dequantized ones borrows their odd-width ratio
-            for mode in sorted({(p.act, p.weights) for p in found}, key=lambda m: (m[1] != FLOAT, m)):
-                same = [p for p in found if (p.act, p.weights) == mode and p in ms]
+            for act in sorted({p.act for p in found}):
+                same = [p for p in found if p.act == act and p in ms]
                 points = sorted((p.macs, max(ms[p] - overhead, 0.0)) for p in same if aligned(p))
                 if not points:
                     continue
@@ -369,9 +356,7 @@ class LayerTable:
                 if odd:
                     expected = _interpolate(x, y, odd[0][0])
                     ratio = odd[0][1] / expected if expected > 0 else 1.0
-                elif mode[1] != FLOAT and (layer, mode[0], FLOAT) in self.curves:
-                    ratio = self.curves[(layer, mode[0], FLOAT)][2]  # odd widths: as float
-                self.curves[(layer, *mode)] = (x, y, ratio)
+                self.curves[(layer, act)] = (x, y, ratio)
 
     @classmethod
     def of(cls, found: Mapping[str, Any]) -> LayerTable:
@@ -390,12 +375,11 @@ class LayerTable:
                    timed=int(found["timed"]), cache_bytes=int(found.get("cache_bytes", 0)),
                    integer_weights=bool(found.get("integer_weights", False)))  # fmt: skip
 
-    def layer_ms(self, layer: str, weight_shape: Sequence[int], act: int,
-                 weights: int = FLOAT) -> float | None:  # fmt: skip
-        """The layer's time with this (sliced) weight, activation precision and width of
-        weight codes dequantized on every run; None where the table has no curve for it."""
+    def layer_ms(self, layer: str, weight_shape: Sequence[int], act: int) -> float | None:
+        """The layer's time with this (sliced) weight and activation precision; None where
+        the table has no curve for it."""
         base = self.base.get(layer)
-        if base is None or (layer, act, weights) not in self.curves:
+        if base is None or (layer, act) not in self.curves:
             return None
         out = int(weight_shape[0])
         if base.op == "Gemm":
@@ -404,7 +388,7 @@ class LayerTable:
             depthwise = base.groups > 1 and base.groups == base.input[1] == base.out
             inputs = out if depthwise else int(weight_shape[1]) * base.groups
         probe = base.at(out, inputs, act)
-        x, y, ratio = self.curves[(layer, act, weights)]
+        x, y, ratio = self.curves[(layer, act)]
         ms = _interpolate(x, y, probe.macs)
         return ms if aligned(probe) else ms * ratio
 

@@ -208,6 +208,16 @@ def test_onnx_runtime_runs_8_bit_layers_as_integer_kernels(tmp_path):
     artifact = evaluator.artifact_of(evaluator.compressed_model(w4a8), w4a8)
     ops = _optimized_ops(artifact.data, tmp_path / "w4a8.onnx")
     assert ops["QLinearConv"] == kinds["Conv2d"] and ops["QGemm"] == kinds["Linear"]
+    # one layer on 8-bit activations, the others' 8-bit weights folded into float ones when
+    # the session is made (Cast and Mul: a DequantizeLinear would stay for the QDQ fusion
+    # and dequantize on every run): one integer kernel, no weight left to dequantize
+    acts = _act_knobs(space)
+    one = Policy.from_values(space, {**dict(_uniform(space, 8, 32).items()), next(iter(acts)): 8})
+    artifact = evaluator.artifact_of(evaluator.compressed_model(one), one)
+    ops = _optimized_ops(artifact.data, tmp_path / "one.onnx")
+    assert ops["QLinearConv"] + ops["QGemm"] == 1
+    assert ops["DequantizeLinear"] == 1  # the integer layer's output, back to float
+    assert ops["Cast"] == ops["Mul"] == 0
     # activations in float: the integer weights are dequantized once, the kernels are float
     float_acts = _uniform(space, 8, 32)
     artifact = evaluator.artifact_of(evaluator.compressed_model(float_acts), float_acts)

@@ -33,8 +33,12 @@ from orchestrator.targets import TargetSettings
 from orchestrator.targets.eager import _module_of
 from orchestrator.targets.onnxrt import probe_bytes
 from search_spaces.cost import sliced_weight_shapes
-from search_spaces.kinds import layer_act_bits, layer_bits
+from search_spaces.kinds import layer_act_bits
 from search_spaces.policy import Policy
+
+# a probe's cache key: its geometry and activation bits (tables timed by earlier versions
+# read back as they were)
+PROBE_FIELDS = ("op", "input", "out", "kernel", "stride", "padding", "dilation", "groups", "act")
 
 ACTS = {"act_bits": [8, 32]}
 
@@ -63,16 +67,10 @@ geometries = st.one_of(
 def test_every_probe_of_the_grid_is_a_valid_layer_and_counts_its_macs(base):
     """Depthwise convs keep a group per channel, grouped ones their group count; each
     probe runs as a module, and its MACs are the module's."""
-    probes = grid(base, (32, 8), (8, 4))
+    probes = grid(base, (32, 8))
     assert probes[0] == base.at(base.out, base.input[1], 32)
     assert {p.act for p in probes} == {32, 8}
-    # weights dequantized on every run: float activations, the GRID widths of float
-    widths = [(p.out, p.input[1]) for p in probes if p.act == 32 and p.weights == 32]
-    for w in (8, 4):  # the float widths but the odd one
-        dequantized = [(p.out, p.input[1]) for p in probes if p.weights == w]
-        assert set(dequantized) <= set(widths) and len(widths) - len(dequantized) in (0, 1)
-    assert {p.act for p in probes if p.weights < 32} == {32}
-    assert all("weights" not in json.loads(p.key) for p in probes if p.weights == 32)  # old keys
+    assert all(set(json.loads(p.key)) == set(PROBE_FIELDS) for p in probes)  # the cache's keys
     for probe in probes:
         module = _module_of(probe)
         with torch.no_grad():
@@ -86,10 +84,8 @@ def test_every_probe_of_the_grid_is_a_valid_layer_and_counts_its_macs(base):
             assert probe.groups == base.groups
 
 
-def _optimized(data: bytes, path, fold: bool = False) -> collections.Counter:
+def _optimized(data: bytes, path) -> collections.Counter:
     options = onnxruntime.SessionOptions()
-    if fold:  # as orchestrator.targets.onnxrt.session_of without integer layers
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
     options.optimized_model_filepath = str(path)
     onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
@@ -102,19 +98,6 @@ def test_an_onnx_probe_at_8_bits_runs_the_integer_kernel_a_candidate_would(tmp_p
         assert _optimized(probe_bytes(probe), tmp_path / "f.onnx")[op] == 1
         integer = _optimized(probe_bytes(probe.at(probe.out, probe.input[1], 8)), tmp_path / "i.onnx")
         assert integer[{"Conv": "QLinearConv", "Gemm": "QGemm"}[op]] == 1 and integer[op] == 0
-
-
-def test_an_onnx_probe_of_dequantized_weights_runs_them_as_an_integer_model_would(tmp_path):
-    """An integer model keeps every weight's DequantizeLinear (ONNX Runtime's QDQ fusion):
-    a float-activation layer's quantized weights are dequantized on every run. Its probe
-    is timed so (the DQ node stays); a session without integer layers folds it."""
-    for base in [_conv(16, 32, 1, 3, 1, 8), _conv(16, 16, 16, 3, 1, 8), Probe(op="Gemm", input=(1, 64), out=10)]:
-        for width in (8, 4):
-            data = probe_bytes(base.at(base.out, base.input[1], 32, width))
-            onnx.checker.check_model(onnx.load_from_string(data))
-            kept = _optimized(data, tmp_path / "k.onnx")
-            assert kept["DequantizeLinear"] == 1 and kept[base.op] == 1
-            assert _optimized(data, tmp_path / "f.onnx", fold=True)["DequantizeLinear"] == 0
 
 
 def test_probes_are_timed_once_per_machine_and_read_back(tmp_path, monkeypatch):
@@ -246,55 +229,30 @@ def test_a_worker_probes_every_conv_and_linear_and_the_predictor_starts_from_the
     assert scaled.predict(half) == pytest.approx(model.predict(half))
 
 
-def test_an_integer_model_prices_the_other_layers_quantized_weights_as_dequantized(
+def test_a_float_layer_costs_the_same_whatever_its_weight_bits_in_an_integer_model_too(
     resnet, tmp_path, monkeypatch
 ):
-    """One 8-bit-activation layer turns ONNX Runtime's QDQ handling on for the whole model:
-    every other layer with quantized weights is priced by its dequantized-weights probe
-    (int4 codes for 2-4 bits, int8 for 5-8); a float weight, or a runtime without integer
-    kernels (the torch target), keeps the plain float price."""
+    """A float-activation layer's codes are folded into float weights when the session is
+    made, in a model with integer layers too (Cast and Mul, not DequantizeLinear): it is
+    priced by its float probes whatever its bits."""
     monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path))
     evaluator, space = resnet
-    found = evaluator.latency_probes({x.name: [8, 32] for x in space.profile.layers})
-    assert {p["weights"] for entries in found["layers"].values() for p, _ in entries} == {32, 8, 4}
-    table = LayerTable.of(found)
+    table = LayerTable.of(evaluator.latency_probes({x.name: [8, 32] for x in space.profile.layers}))
     acts = [k.name for k in space.knobs if k.kind == "act_bits"]
+    model = LatencyModel(space, table)
 
-    def policy(bits: int, integer: bool, knob: str | None = None) -> Policy:
+    def policy(bits: int) -> Policy:
         values = dict(Policy.uniform(space, bits).items())
-        values.update({a: 8 if integer and a == (knob or chosen) else 32 for a in acts})
+        values.update({a: 8 if a == acts[0] else 32 for a in acts})
         return Policy.from_values(space, values)
 
-    # an activation knob whose layer the table covers at 8 bits
-    chosen = next(a for a in acts if all((name, 8, 32) in table.curves for name in
-                                         layer_act_bits(space, policy(8, True, a))))  # fmt: skip
-
-    def float_ms(p: Policy, integer_kernels: bool = True) -> float:
-        """The float-activation layers' table time, as the predictor should sum it."""
-        integer, bits = layer_act_bits(space, p), layer_bits(space, p)
-        total = 0.0
-        for layer, shapes in sliced_weight_shapes(space, p):
-            if layer.name in integer:
-                continue
-            dequantized = integer and integer_kernels and bits[layer.name] < 32
-            width = (4 if bits[layer.name] <= 4 else 8) if dequantized else 32
-            ms = table.layer_ms(layer.name, shapes[0], 32, width)
-            if ms is None:  # no curve of dequantized weights (no aligned width): float's
-                ms = table.layer_ms(layer.name, shapes[0], 32)
-            total += ms or 0.0  # None: priced by its MACs
-        return total
-
-    model = LatencyModel(space, table)
-    for bits in (8, 4, 32):
-        alone, mixed = policy(bits, False), policy(bits, True)
-        assert len(layer_act_bits(space, mixed)) == 1 and not layer_act_bits(space, alone)
-        assert model.features(alone)[FLOAT_MS] == pytest.approx(float_ms(alone))
-        assert model.features(mixed)[FLOAT_MS] == pytest.approx(float_ms(mixed))
-        assert model.features(mixed)[INT_MS] > 0
-    assert float_ms(policy(8, True)) != float_ms(policy(8, True), integer_kernels=False)
-    torch_model = LatencyModel(space, LayerTable.of({**found, "integer_weights": False}))
-    assert torch_model.features(policy(8, True))[FLOAT_MS] == pytest.approx(
-        float_ms(policy(8, True), integer_kernels=False))
+    expected = sum(table.layer_ms(layer.name, shapes[0], 32) or 0.0
+                   for layer, shapes in sliced_weight_shapes(space, policy(32))
+                   if layer.name not in layer_act_bits(space, policy(32)))  # fmt: skip
+    for bits in (32, 8, 4):
+        assert len(layer_act_bits(space, policy(bits))) == 1
+        assert model.features(policy(bits))[FLOAT_MS] == pytest.approx(expected)
+        assert model.features(policy(bits))[INT_MS] > 0
 
 
 def test_the_calibration_learns_what_the_layers_alone_do_not_show(resnet, tmp_path, monkeypatch):
@@ -357,15 +315,3 @@ def test_only_a_runtime_with_integer_kernels_holds_8_bit_layers_weights_in_int8(
     assert held[False][1] == held[False][0]
 
 
-def test_dequantized_weights_borrow_the_float_curves_odd_width_ratio():
-    """Dequantized-weight probes come at aligned widths only: an odd width of such a layer
-    is priced with the float probes' ratio (ONNX Runtime's blocked kernels: float ones)."""
-    base = _conv(64, 64, 1, 3, 1, 16)
-    probes = grid(base, (32,), (8,))
-    ms = {p: p.macs * 1e-7 * (2.0 if not aligned(p) else 1.0) * (3.0 if p.weights == 8 else 1.0)
-          for p in probes}  # fmt: skip
-    table = LayerTable({"conv": probes}, ms, 0.0)
-    aligned_ms = table.layer_ms("conv", (32, 32, 3, 3), 32, 8)
-    odd_ms = table.layer_ms("conv", (33, 33, 3, 3), 32, 8)
-    assert aligned_ms == pytest.approx(base.at(32, 32, 32).macs * 3e-7)
-    assert odd_ms == pytest.approx(base.at(33, 33, 32).macs * 3e-7 * 2.0)

@@ -28,9 +28,14 @@ from orchestrator.targets.onnx_artifact import write_artifact
 from search_spaces.cost import policy_cost
 from search_spaces.onnx_layout import (
     CODE_TYPES,
+    cast_name,
     codes_name,
     dequantize_node_bytes,
+    field_bytes,
+    float_codes_name,
     node_name,
+    rescale_name,
+    rescale_nodes_bytes,
     scale_name,
     tensor_bytes,
 )
@@ -73,6 +78,16 @@ def test_dequantize_node_bytes_is_protobufs_own_size(key):
     assert dequantize_node_bytes(key) == node.ByteSize()
 
 
+@settings(max_examples=30, deadline=None)
+@given(key=names)
+def test_rescale_nodes_bytes_is_protobufs_own_size(key):
+    nodes = [helper.make_node("Cast", [codes_name(key)], [float_codes_name(key)],
+                              name=cast_name(key), to=onnx.TensorProto.FLOAT),
+             helper.make_node("Mul", [float_codes_name(key), scale_name(key)], [key],
+                              name=rescale_name(key))]  # fmt: skip
+    assert rescale_nodes_bytes(key) == sum(field_bytes(n.ByteSize()) for n in nodes)
+
+
 @pytest.mark.parametrize("task, pruning", [
     ("digits-cnn", "none"), ("digits-cnn", "structured"), ("digits-resnet", "structured"),
     (MOBILE_TASK, "structured"), ("digits-lstm", "auto"),
@@ -94,8 +109,9 @@ def test_the_onnx_file_is_the_predicted_size_to_the_byte_and_scores_as_the_model
 
 
 def test_quantized_weights_are_stored_as_integers():
-    """A 4-bit conv weight is int4 codes (half a byte each) behind DequantizeLinear, an 8-bit
-    one int8; the file shrinks accordingly."""
+    """A 4-bit conv weight is int4 codes (half a byte each), an 8-bit one int8, turned into
+    the float weight by Cast and Mul (its layer's activations are float); the file shrinks
+    accordingly."""
     _, _, space = _onnx_space("digits-cnn", pruning="none")
     evaluator = Evaluator(*_onnx_space("digits-cnn", pruning="none")[::2], recovery=RecoverySettings(),
                           target=ORT)  # fmt: skip
@@ -112,7 +128,9 @@ def test_quantized_weights_are_stored_as_integers():
             assert weight in types and "DequantizeLinear" not in ops
         else:
             assert types[codes_name(weight)] == CODE_TYPES[bits]
-            assert ops.count("DequantizeLinear") == sum(len(x.weights) for x in space.profile.layers)
+            weights = sum(len(x.weights) for x in space.profile.layers)
+            assert ops.count("Cast") == ops.count("Mul") == weights
+            assert "DequantizeLinear" not in ops
         sizes[bits] = len(data)
     assert sizes[4] < sizes[8] < sizes[32] / 3.5
 

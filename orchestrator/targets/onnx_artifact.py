@@ -43,10 +43,14 @@ from search_spaces.onnx_layout import (
     GroupedConv,
     OnnxLayout,
     act_name,
+    cast_name,
     code_width,
     codes_name,
     field_bytes,
+    float_codes_name,
     node_name,
+    rescale_name,
+    scale_dims,
     scale_name,
     varint_bytes,
     zero_name,
@@ -379,6 +383,32 @@ def _codes(weight: torch.Tensor, bits: int,
     return codes * sign, torch.where(factor != 0, scale * factor.abs(), scale)
 
 
+def _coded_weight(key: str, codes: torch.Tensor, scale: torch.Tensor, width: int,
+                  integer: bool) -> tuple[list, list]:  # fmt: skip
+    """A weight as codes (`width` bits), per-row scales and the nodes that make the float
+    tensor `key` of them (search_spaces/onnx_layout.py, `weight_encoding`): for an
+    `integer` layer a DequantizeLinear with a zero point (what ONNX Runtime fuses into its
+    integer kernel), otherwise Cast and Mul (folded when the session is made)."""
+    from onnx import helper
+
+    shape = tuple(codes.shape)
+    tensors = [_tensor(codes_name(key), shape, CODE_TYPES[width], _code_bytes(codes, width))]
+    if integer:
+        tensors += [_tensor(scale_name(key), (shape[0],), FLOAT32, _raw(scale)),
+                    _tensor(zero_name(key), (shape[0],), CODE_TYPES[width],
+                            _code_bytes(torch.zeros(shape[0]), width))]  # fmt: skip
+        return tensors, [helper.make_node(
+            "DequantizeLinear", [codes_name(key), scale_name(key), zero_name(key)], [key],
+            name=node_name(key), axis=0)]  # fmt: skip
+    tensors.append(_tensor(scale_name(key), scale_dims(shape), FLOAT32, _raw(scale)))
+    return tensors, [
+        helper.make_node("Cast", [codes_name(key)], [float_codes_name(key)], name=cast_name(key),
+                         to=FLOAT32),
+        helper.make_node("Mul", [float_codes_name(key), scale_name(key)], [key],
+                         name=rescale_name(key)),
+    ]  # fmt: skip
+
+
 def write_artifact(layout: OnnxLayout, model: nn.Module, bits: Mapping[str, int],
                    activations: Mapping[str, Any] | None = None) -> bytes:  # fmt: skip
     """The candidate `model` (rebuilt, recovered; its quantized weights fake-quantized to
@@ -416,24 +446,9 @@ def write_artifact(layout: OnnxLayout, model: nn.Module, bits: Mapping[str, int]
                     if b else None)  # fmt: skip
         if encoding is not None and encoding[0] == "codes":
             codes, scale = _codes(tensor, b, factors.get(key))
-            width = code_width(b, zero)
-            graph.initializer.extend([_tensor(codes_name(key), shape, CODE_TYPES[width],
-                                              _code_bytes(codes, width)),
-                                      _tensor(scale_name(key), (shape[0],), FLOAT32,
-                                              _raw(scale.float()))])  # fmt: skip
-            inputs = [codes_name(key), scale_name(key)]
-            if zero:  # ONNX Runtime's integer kernels take a weight with its zero point
-                graph.initializer.append(
-                    _tensor(
-                        zero_name(key),
-                        (shape[0],),
-                        CODE_TYPES[width],
-                        _code_bytes(torch.zeros(shape[0]), width),
-                    )
-                )
-                inputs.append(zero_name(key))
-            nodes.append(helper.make_node("DequantizeLinear", inputs, [key], name=node_name(key),
-                                          axis=0))  # fmt: skip
+            tensors, made = _coded_weight(key, codes, scale, code_width(b, zero), zero)
+            graph.initializer.extend(tensors)
+            nodes.extend(made)
         else:
             if key in factors:
                 tensor = tensor * factors[key].view(-1, *[1] * (tensor.dim() - 1))
@@ -445,7 +460,7 @@ def write_artifact(layout: OnnxLayout, model: nn.Module, bits: Mapping[str, int]
         nodes.extend(_with_pairs(layout, graph, activations))
     else:
         nodes.extend(graph.node)
-    # a weight's DequantizeLinear reads only initializers: first in topological order
+    # the nodes that make a weight of its codes read only initializers: first in order
     del graph.node[:]
     graph.node.extend(nodes)
     return proto.SerializeToString()

@@ -105,10 +105,8 @@ class OrtRunner(Runner):
                 if (act := layout.activation_keys.get(layer.weights[0].key)) is not None}  # fmt: skip
 
     def probe_ms(self, probe: Any) -> float:
-        # a probe of dequantized weights runs as in a model with integer layers: QDQ on
-        integer = probe.act < FLOAT_BITS or probe.weights < FLOAT_BITS
         session = session_of(probe_bytes(probe), threads=self.settings.latency.threads,
-                             device=self.device, integer=integer)  # fmt: skip
+                             device=self.device, integer=probe.act < FLOAT_BITS)  # fmt: skip
         feeds = {"x": np.random.default_rng(0).standard_normal(probe.input).astype(np.float32)}
         return time_ms(lambda: session.run(None, feeds))
 
@@ -117,10 +115,10 @@ def probe_bytes(probe: Any) -> bytes:
     """A one-node ONNX model of a latency probe (orchestrator/latency_table.py): Conv or
     Gemm, random weights; at 8-bit activations a QuantizeLinear/DequantizeLinear pair on
     the input and the output and int8 weights behind DequantizeLinear, the pattern ONNX
-    Runtime fuses into QLinearConv / QGemm, as in a candidate's artifact; on float
-    activations with `weights` below float, int8 or int4 codes behind DequantizeLinear
-    (timed in a session that keeps it, as an integer model's does). `Identity`: a model
-    that does nothing (one run's fixed cost)."""
+    Runtime fuses into QLinearConv / QGemm, as in a candidate's artifact; float weights
+    otherwise (a candidate's float-activation layer has its codes folded into float
+    weights when its session is made). `Identity`: a model that does nothing (one run's
+    fixed cost)."""
     from onnx import TensorProto, helper, numpy_helper
 
     from orchestrator.targets.onnx_artifact import OPSET
@@ -140,7 +138,7 @@ def probe_bytes(probe: Any) -> bytes:
     if probe.op == "Identity":
         nodes.append(helper.make_node("Identity", [x], ["y"]))
     else:
-        inits += _probe_weight(probe, nodes, 8 if integer else probe.weights)
+        inits += _probe_weight(probe, nodes, integer)
         if probe.op == "Conv":
             nodes.append(helper.make_node("Conv", [x, "w"], ["y"], group=probe.groups,
                                           kernel_shape=list(probe.kernel),
@@ -158,24 +156,20 @@ def probe_bytes(probe: Any) -> bytes:
     return model.SerializeToString()
 
 
-def _probe_weight(probe: Any, nodes: list, width: int) -> list:
-    """The initializers of a probe's weight `w`: float, or int8 / int4 codes (`width`) per
-    output channel behind DequantizeLinear (its node added to `nodes`)."""
-    from onnx import TensorProto, helper, numpy_helper
+def _probe_weight(probe: Any, nodes: list, integer: bool) -> list:
+    """The initializers of a probe's weight `w`: float, or for an `integer` probe int8
+    codes per output channel behind DequantizeLinear (its node added to `nodes`)."""
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
     shape = ([probe.out, probe.input[1] // probe.groups, *probe.kernel] if probe.op == "Conv"
              else [probe.out, probe.input[1]])  # fmt: skip
-    if width >= FLOAT_BITS:
+    if not integer:
         return [numpy_helper.from_array((rng.standard_normal(shape) * 0.05).astype(np.float32), "w")]
     nodes.append(helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], axis=0))
-    scales = numpy_helper.from_array(np.full(probe.out, 0.01, np.float32), "w_s")
-    if width == 8:
-        return [numpy_helper.from_array(rng.integers(-127, 128, size=shape, dtype=np.int8), "w_q"),
-                scales, numpy_helper.from_array(np.zeros(probe.out, np.int8), "w_z")]  # fmt: skip
-    codes = rng.integers(-7, 8, size=shape)
-    return [helper.make_tensor("w_q", TensorProto.INT4, shape, codes.reshape(-1).tolist()),
-            scales, helper.make_tensor("w_z", TensorProto.INT4, [probe.out], [0] * probe.out)]
+    return [numpy_helper.from_array(rng.integers(-127, 128, size=shape, dtype=np.int8), "w_q"),
+            numpy_helper.from_array(np.full(probe.out, 0.01, np.float32), "w_s"),
+            numpy_helper.from_array(np.zeros(probe.out, np.int8), "w_z")]  # fmt: skip
 
 
 def _tuple(inputs: Any) -> tuple:
