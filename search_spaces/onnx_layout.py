@@ -4,8 +4,8 @@ candidate, and the cost model prices it before any worker builds it).
 An ONNX file is one protobuf message (ModelProto). A candidate's file is the base
 model's export (the *skeleton*: its graph without the weights of the state dict) plus,
 per state tensor, either one float initializer or, for a quantized weight, its integer
-codes, one float32 scale per output row and a `DequantizeLinear` node (axis 0) that gives
-the float tensor its old name; grouped convolutions get their new `group`. Protobuf's
+codes, one float32 scale per output row and the nodes that give the float tensor its old
+name (a `DequantizeLinear`, or `Cast` and `Mul`: `weight_encoding`); grouped convolutions get their new `group`. Protobuf's
 encoding is simple enough to count: every field is a tag (one byte for the field numbers
 used here, all below 16), and a length-delimited field adds its length as a varint. So
 the file's size is arithmetic over names, shapes and bits (`OnnxLayout.file_bytes`); the

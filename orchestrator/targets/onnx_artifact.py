@@ -6,9 +6,10 @@ that follows a Conv into it (`Fold`: exact, per output channel) and keeps the gr
 without the state tensors: an `OnnxLayout` (search_spaces/onnx_layout.py), which also
 prices every candidate's file to the byte. `write_artifact` fills the skeleton
 with a rebuilt candidate's tensors: float initializers, or for a quantized weight its
-integer codes (int8, or int4 two to a byte), one float32 scale per output row and a
-`DequantizeLinear` node (axis 0) named as the float tensor was, so the rest of the graph
-is unchanged; a grouped convolution gets the `group` its sliced weight implies. Nothing is
+integer codes (int8, or int4 two to a byte), one float32 scale per output row and the
+nodes that make the float tensor of them under its old name, so the rest of the graph is
+unchanged (`_coded_weight`: DequantizeLinear for a layer on 8-bit activations, Cast and
+Mul for a float one); a grouped convolution gets the `group` its sliced weight implies. Nothing is
 exported per candidate: writing is a copy of the tensors into protobuf, milliseconds.
 
 A candidate whose graph the skeleton does not fit (a structural constant that depends on a
