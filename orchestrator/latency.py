@@ -6,25 +6,27 @@ evaluator times probes): each Conv/Linear layer is priced at its kept widths and
 activation bits by the table, timed alone on the worker's hardware; a candidate costs
 `c0 + c1 x (its float layers' table ms) + c2 x (its 8-bit layers') + c3 x (MACs of layers
 the table lacks) + c4 x (MB of weights the runtime holds) + c5 x (MB of them beyond a
-share of the last-level cache)`. The last three are what no layer alone shows: a probe
-runs with its weights hot in the core's own caches, a model's layers fetch theirs (c4);
-resnet18's float weights (47 MB) stream from memory on every run, so the whole model took
-5.3 ms where its layers alone sum to 2.7; at W8A8 (12 MB) 1.1-1.3 against 1.0 (c5). An
-8-bit probe pays a quantize of its input and a dequantize of its output that a chain of
-8-bit layers pays only at its ends, so 8-bit layers get their own c2. The coefficients
+share of the last-level cache) + c6 x (M elements of activations that change layout) + c7
+x (layout changes)`. The last four are what no layer alone shows: a probe runs with its
+weights hot in the core's own caches, a model's layers fetch theirs (c4); resnet18's float
+weights (47 MB) stream from memory on every run, so the whole model took 5.3 ms where its
+layers alone sum to 2.7; at W8A8 (12 MB) 1.1-1.3 against 1.0 (c5). And ONNX Runtime holds
+8-bit activations in NHWC, float ones in blocks of 8 channels (NCHWc) where the channel
+counts allow, in NCHW otherwise: every change between neighbouring layers is a Transpose,
+a reorder and a quantize or dequantize of the tensor between them (c6, c7; a probe pays
+its own both ends, a run of like layers only at its ends, so 8-bit layers also get their
+own c2). mobilenet_v2 policies with 5-21 of 53 layers on 8-bit activations ran 0.25-0.29
+ms, slower than the same cut all float (0.20) or all 8-bit (0.18). The coefficients
 start from the base model's measurement (c1 = c2 = 1, the rest of its time on its
 streamed bytes or on c0); while fewer than FIT_AFTER distinct candidates are measured
 that start is calibrated by two factors (8-bit layers, the rest); then they are fitted by
 non-negative least squares at the cache share (CACHE_SHARES) the measurements agree with
 best, c1 and c2 at least MAC_FLOOR of their start, a timing far off the first fit
-(OUTLIER) left out of the second. Replayed on five kept studies of benchmarks/latency.py
-(the same measurements, predicted again), this took the median error from 9.5 / 12.5% to
-4.3 / 4.8% (resnet18) and from 11.3 / 14.2 / 16.0% to 6.9 / 7.5 / 6.4% (mobilenet_v2);
-live, on this shared 2-core machine, six runs measured 6.5-20% (resnet18) and 14-23%
-(mobilenet_v2), no better than the code before in the same session (8-13%, 13-14%, and
-35% in one noisy window): the same file re-timed strays by 0.6-15% median there, and
-the table cannot see the layout changes between float and 8-bit layers (resnet18 with
-7-13 of its layers on 8-bit activations ran 2.3-4.0 ms, all predicted at 3.0).
+(OUTLIER) left out of the second. Replayed on a mobilenet_v2 study of
+benchmarks/latency.py (its measurements predicted again, in five orders), the layout
+features took the median error from 6.9-12.8% to 6.6-8.6%; on 60 random policies of each
+model re-timed on a quiet machine, 6.4-7.8% -> 3.3-7.7% (mobilenet_v2) and 6.3-7.5% ->
+5.6-8.0% (resnet18).
 
 Without a table (a custom evaluator): priced from the work the candidate keeps, from the
 policy alone (the cost model's shapes): its multiply-accumulates in layers whose channel
@@ -71,9 +73,15 @@ WORK = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])  # the features that count MACs
 # the layers it does not, and the weight bytes the runtime holds, all of them and those
 # beyond the worker's last-level cache (streamed from memory on every run)
 TABLE_FEATURES = ("constant", "float layers' table ms", "8-bit layers' table ms",
-                  "MACs outside the table", "MB held", "MB beyond the cache")  # fmt: skip
-FLOAT_MS, INT_MS, OUTSIDE, HELD, BEYOND = range(1, len(TABLE_FEATURES))
-TABLE_WORK = np.array([0.0, 1.0, 1.0, 0.0, 0.0, 0.0])  # the prior's part a fit may not drop
+                  "MACs outside the table", "MB held", "MB beyond the cache",
+                  "M elements changing layout", "layout changes")  # fmt: skip
+FLOAT_MS, INT_MS, OUTSIDE, HELD, BEYOND, CHANGED, CHANGES = range(1, len(TABLE_FEATURES))
+TABLE_WORK = np.array([0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # the prior's part a fit keeps
+# how ONNX Runtime's CPU kernels hold a layer's activations: 8-bit ones NHWC (a Transpose
+# and a quantize or dequantize at each end of a run of them), float ones in blocks of
+# ALIGN channels (NCHWc, reordered at each end of a run) where its channels allow, plain
+# NCHW otherwise; a layout change costs in proportion to the tensor that changes
+INTEGER, BLOCKED, PLAIN = "integer", "blocked", "plain"
 INT8_BYTES = 1
 # how much of the last-level cache a model's weights get: the workers of a node share it
 # (and activations use it); the fit picks the share its measurements agree with best
@@ -81,6 +89,15 @@ CACHE_SHARES = (0.25, 0.5, 1.0)
 OUTLIER, OUTLIER_FLOOR = 3.0, 0.25  # a timing this far off the fit (relative) is left out
 PRIOR_SHARE = 0.25  # before the fit: resnet18 at 64x64 fell off the cliff between 12 and
 # 26 MB of float weights on a 32 MB cache here
+
+
+def _layout(weight_shape: tuple[int, ...], integer: bool) -> str:
+    """How the runtime holds the activations of a layer with this weight (INTEGER, BLOCKED
+    or PLAIN)."""
+    if integer:
+        return INTEGER
+    channels = [c for c in weight_shape[:2] if c > 1]  # out, in (per group)
+    return BLOCKED if all(c % ALIGN == 0 for c in channels) else PLAIN
 
 
 class LatencyModel:
@@ -122,7 +139,7 @@ class LatencyModel:
         x = np.zeros(len(TABLE_FEATURES))
         x[0] = 1.0
         integer = layer_act_bits(self.space, policy)
-        held = 0
+        held, before = 0, None
         for layer, shapes in sliced_weight_shapes(self.space, policy):
             act = integer.get(layer.name, FLOAT_BITS)
             numel = sum(math.prod(shape) for shape in shapes)
@@ -131,8 +148,14 @@ class LatencyModel:
             ms = self.table.layer_ms(layer.name, shapes[0], act)
             if ms is None:
                 x[OUTSIDE] += numel * layer.uses
-            else:
-                x[INT_MS if act < FLOAT_BITS else FLOAT_MS] += ms
+                continue
+            x[INT_MS if act < FLOAT_BITS else FLOAT_MS] += ms
+            if self.table.integer_weights:  # a runtime of integer kernels: ONNX Runtime's
+                layout = _layout(shapes[0], int8)
+                if before is not None and layout != before:
+                    x[CHANGED] += self.table.input_elements(layer.name, shapes[0]) / 1e6
+                    x[CHANGES] += 1
+                before = layout
         x[HELD] = x[BEYOND] = held / 2**20
         return x
 

@@ -381,16 +381,27 @@ class LayerTable:
         base = self.base.get(layer)
         if base is None or (layer, act) not in self.curves:
             return None
-        out = int(weight_shape[0])
-        if base.op == "Gemm":
-            inputs = int(weight_shape[1])
-        else:
-            depthwise = base.groups > 1 and base.groups == base.input[1] == base.out
-            inputs = out if depthwise else int(weight_shape[1]) * base.groups
-        probe = base.at(out, inputs, act)
+        probe = base.at(int(weight_shape[0]), _inputs(base, weight_shape), act)
         x, y, ratio = self.curves[(layer, act)]
         ms = _interpolate(x, y, probe.macs)
         return ms if aligned(probe) else ms * ratio
+
+
+    def input_elements(self, layer: str, weight_shape: Sequence[int]) -> int | None:
+        """Elements of the layer's input (at the latency batch) with this sliced weight."""
+        base = self.base.get(layer)
+        if base is None:
+            return None
+        return math.prod(base.input) // base.input[1] * _inputs(base, weight_shape)
+
+
+def _inputs(base: Probe, weight_shape: Sequence[int]) -> int:
+    """Input channels of the layer of `base` with a sliced weight of `weight_shape`."""
+    if base.op == "Gemm":
+        return int(weight_shape[1])
+    if _depthwise(base):
+        return int(weight_shape[0])
+    return int(weight_shape[1]) * base.groups
 
 
 def _interpolate(x: np.ndarray, y: np.ndarray, macs: float) -> float:

@@ -452,7 +452,9 @@ def test_sbatch_script_starts_head_then_workers_runs_the_search_and_stops_ray(tm
     run = [c for c in calls if c.startswith("prunesearch")]
     assert run == ["prunesearch run cluster/search-gpu.yaml --address auto --resume "
                    "RAY_ADDRESS=10.1.2.3:6379 RAY_AUTH_MODE=token"]  # fmt: skip
-    assert calls.index(head) < calls.index(workers[0]) < calls.index(run[0])
+    # the worker steps run in the background: their stubs may log after the search starts
+    # on a loaded machine (the real script waits for their nodes to join, in Python)
+    assert calls.index(head) < calls.index(run[0])
     # the token is made before Ray starts, Ray is stopped after the search
     token = next(c for c in calls if "get-auth-token --generate" in c)
     assert calls.index(token) < calls.index(head)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from orchestrator.config import make_config
 from orchestrator.evaluate import Evaluator, RecoverySettings
-from orchestrator.latency import BEYOND, FLOAT_MS, HELD, INT_MS, LatencyModel
+from orchestrator.latency import BEYOND, CHANGED, CHANGES, FLOAT_MS, HELD, INT_MS, LatencyModel
 from orchestrator.latency_table import (
     ALIGN,
     LayerTable,
@@ -255,6 +255,41 @@ def test_a_float_layer_costs_the_same_whatever_its_weight_bits_in_an_integer_mod
         assert model.features(policy(bits))[INT_MS] > 0
 
 
+def test_layout_changes_are_counted_between_integer_blocked_and_plain_layers(
+    resnet, tmp_path, monkeypatch
+):
+    """ONNX Runtime holds 8-bit activations NHWC, float ones NCHWc where the channels are
+    multiples of 8, NCHW otherwise: each change between neighbouring layers is counted
+    with the elements of the tensor that changes (the later layer's input); none on the
+    torch target, none in a model of one layout."""
+    monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path))
+    evaluator, space = resnet
+    found = evaluator.latency_probes({x.name: [8, 32] for x in space.profile.layers})
+    table = LayerTable.of(found)
+    model = LatencyModel(space, table)
+    acts = {k.layers[0]: k.name for k in space.knobs if k.kind == "act_bits"}
+    order = [layer.name for layer, _ in sliced_weight_shapes(space, Policy.uniform(space, 32))]
+    layers = [name for name in order if name in table.base and name in acts]
+    assert len(layers) == len(order)  # every layer in the table and with an activation knob
+    bits = {name: 8 if i % 2 else 32 for i, name in enumerate(layers)}
+    values = dict(Policy.uniform(space, 32).items())
+    values.update({acts[name]: b for name, b in bits.items()})
+    mixed = Policy.from_values(space, values)
+    shapes = dict((layer.name, s[0]) for layer, s in sliced_weight_shapes(space, mixed))
+    # the layers the table prices (the 10-way fc has no curve: priced by its MACs, and
+    # left out of the layouts); every neighbour among them differs
+    priced = [n for n in layers if table.layer_ms(n, shapes[n], bits[n]) is not None]
+    assert priced == layers[:-1]
+    changed = priced[1:]
+    x = model.features(mixed)
+    assert x[CHANGES] == len(changed) > 0
+    assert x[CHANGED] == pytest.approx(sum(table.input_elements(n, shapes[n]) for n in changed) / 1e6)
+    for uniform in (Policy.uniform(space, 32), _w8a8(space)):
+        assert model.features(uniform)[CHANGES] == model.features(uniform)[CHANGED] == 0
+    torch_model = LatencyModel(space, LayerTable.of({**found, "integer_weights": False}))
+    assert torch_model.features(mixed)[CHANGES] == 0
+
+
 def test_the_calibration_learns_what_the_layers_alone_do_not_show(resnet, tmp_path, monkeypatch):
     """measured = c0 + c1 x float layers' table ms + c2 x 8-bit layers' + c4 x MB held +
     c5 x MB beyond the cache: fitted once candidates are measured; a whole model slower
@@ -268,7 +303,8 @@ def test_the_calibration_learns_what_the_layers_alone_do_not_show(resnet, tmp_pa
     table = LayerTable.of(found)
     model = LatencyModel(space, table)
     rng = np.random.default_rng(0)
-    truth = np.array([0.02, 1.3, 0.7, 0.0, 0.05, 0.4])  # ms per MB held, beyond half the cache
+    # ms per MB held, beyond half the cache; per M elements changing layout, per change
+    truth = np.array([0.02, 1.3, 0.7, 0.0, 0.05, 0.4, 0.3, 0.001])
 
     def measured(policy):
         return float(model._beyond(model.features(policy), 0.5) @ truth)
