@@ -191,9 +191,12 @@ class GroupedConv:
     attribute_rest: int  # the group attribute's bytes without its `i` field
 
     def group_of(self, shape: tuple[int, ...]) -> int:
-        """`group` for a weight of `shape` [out, in/groups, ...]: cutting whole groups
-        scales `out`, cutting channels within every group scales both."""
-        return self.group * shape[0] * self.weight[1] // (self.weight[0] * shape[1])
+        """`group` for a weight of `shape` [out, in/groups, ...]: a depthwise conv keeps
+        one group per channel; any other keeps its groups, its cuts taking the same place
+        in each (search_spaces/layers/conv.py), its inputs and outputs per group cut
+        apart (regnet_y_400mf: 8 -> 7 inputs and 8 -> 5 outputs in each of 13 groups)."""
+        depthwise = self.weight[1] == 1 and self.group == self.weight[0]
+        return shape[0] if depthwise else self.group
 
     def bytes(self, group: int) -> int:
         return self.node_rest + field_bytes(self.attribute_rest + 1 + varint_bytes(group))

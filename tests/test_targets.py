@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 
@@ -28,6 +29,7 @@ from orchestrator.targets.onnx_artifact import write_artifact
 from search_spaces.cost import policy_cost
 from search_spaces.onnx_layout import (
     CODE_TYPES,
+    GroupedConv,
     cast_name,
     codes_name,
     dequantize_node_bytes,
@@ -271,6 +273,36 @@ def test_a_skeleton_shared_by_equal_initializers_is_not_merged():
     assert batchnorm and set(batchnorm) <= used | folded and not used & folded
     data = write_artifact(space.artifact, model, {})
     assert len(data) == policy_cost(space, Policy.from_values(space, space.extreme_values("max"))).size_bytes
+
+
+def test_a_grouped_conv_keeps_its_groups_and_a_depthwise_one_a_group_per_channel():
+    grouped = GroupedConv(node=0, key="w", group=13, weight=(104, 8, 3, 3), node_rest=0,
+                          attribute_rest=0)  # fmt: skip
+    assert grouped.group_of((65, 7, 3, 3)) == grouped.group_of((104, 8, 3, 3)) == 13
+    depthwise = GroupedConv(node=0, key="w", group=32, weight=(32, 1, 3, 3), node_rest=0,
+                            attribute_rest=0)  # fmt: skip
+    assert depthwise.group_of((24, 1, 3, 3)) == 24
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                    reason="torchvision is not installed (the dev extra has it)")  # fmt: skip
+def test_regnets_grouped_convs_cut_within_their_groups_run_in_onnx_runtime():
+    """regnet_y_400mf's grouped convs lose inputs and outputs per group apart (13 groups of
+    8 -> 7 in, 5 out): the file's `group` stays 13, at 8-bit activations too."""
+    loaded, _, space = _onnx_space("orchestrator.tasks.vision:regnet_y_400mf",
+                                   space={"act_bits": [8, 32]})  # fmt: skip
+    evaluator = Evaluator(loaded, space, recovery=RecoverySettings(), target=ORT)
+    rng = random.Random(0)
+    cut_apart = 0  # grouped (not depthwise) convs whose inputs per group were cut
+    for _ in range(2):
+        policy = Policy.from_values(space, {k.name: rng.choice(k.choices) for k in space.knobs})
+        model = evaluator.compressed_model(policy)
+        artifact = evaluator.artifact_of(model, policy)
+        assert len(artifact.data) == policy_cost(space, policy).size_bytes
+        assert np.isfinite(artifact.model(loaded.validation()[0][0]).numpy()).all()
+        state = model.state_dict()
+        cut_apart += sum(1 < state[c.key].shape[1] < c.weight[1] for c in space.artifact.convs)
+    assert cut_apart  # the case this test is about
 
 
 @pytest.mark.parametrize("bits", [32, 8, 4])
