@@ -113,7 +113,9 @@ def _check(row: Any, size: int, metric: float, latency: float, *,
     trial = int(row.trial)
     if size != int(row.size_bytes):
         raise ExportError(f"the ONNX file of trial {trial} takes {size} bytes but the trial "
-                          f"recorded {int(row.size_bytes)}; nothing was written")  # fmt: skip
+                          f"recorded {int(row.size_bytes)} (a study recorded by an earlier "
+                          "prunesearch, whose files folded no BatchNorm? export it with that "
+                          "version); nothing was written")  # fmt: skip
     if not abs(metric - row.metric) <= METRIC_TOLERANCE:
         raise ExportError(f"the ONNX file of trial {trial} scores {metric:.6f} in ONNX Runtime "
                           f"but the trial recorded {row.metric:.6f} (another device or "
