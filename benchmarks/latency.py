@@ -65,9 +65,14 @@ def _setup(config) -> tuple:
 
 def _table(space, evaluator) -> str:
     """The layer table's probes and the seconds to time them (cold cache)."""
+    from search_spaces.cost import sliced_weight_shapes
+    from search_spaces.policy import Policy
+
     acts = {layer.name: [8, 32] for layer in space.profile.layers}
+    smallest = Policy.from_values(space, space.extreme_values("min"))  # as the search asks
+    least = {layer.name: list(s[0]) for layer, s in sliced_weight_shapes(space, smallest)}
     start = time.perf_counter()
-    found = evaluator.latency_probes(acts)
+    found = evaluator.latency_probes(acts, least)
     seconds = time.perf_counter() - start
     probes = sum(len(v) for v in found["layers"].values())
     return f"{len(found['layers'])} layers, {probes} probes, {seconds:.1f} s"

@@ -25,6 +25,10 @@ from orchestrator.task import Task
 from search_spaces import SearchSpace
 from search_spaces.kinds import kind_of
 
+# the timings the latency predictor starts from are the fastest of this many rounds: the
+# driver's own start-up runs beside them, and one disturbed round would skew every price
+ANCHOR_ROUNDS = 3
+
 _BN = nn.modules.batchnorm._BatchNorm
 
 
@@ -148,15 +152,26 @@ class Evaluator:
         return float(self.task.metric(artifact.model, self.validation))
 
     def base_latency(self) -> float:
-        """The unchanged model's median latency in the target runtime (ms)."""
+        """The unchanged model's median latency in the target runtime (ms), the fastest of
+        ANCHOR_ROUNDS (the predictor starts from it, timed while the driver starts up)."""
         self.rebuilder.restore()
-        return self.runner.latency(self.runner.artifact(self.rebuilder.model, {}),
-                                   self.latency_inputs)[0]  # fmt: skip
+        artifact = self.runner.artifact(self.rebuilder.model, {})
+        return min(self.runner.latency(artifact, self.latency_inputs)[0]
+                   for _ in range(ANCHOR_ROUNDS))  # fmt: skip
 
-    def latency_probes(self, acts: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+    def policy_latency(self, policy: Mapping[str, int | float]) -> float:
+        """The median latency of `policy`'s artifact in the target runtime (ms), unscored,
+        the fastest of ANCHOR_ROUNDS (as `base_latency`)."""
+        artifact = self.artifact_of(self.compressed_model(policy), policy)
+        return min(self.runner.latency(artifact, self.latency_inputs)[0]
+                   for _ in range(ANCHOR_ROUNDS))  # fmt: skip
+
+    def latency_probes(self, acts: Mapping[str, Sequence[int]],
+                       least: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:  # fmt: skip
         """The per-layer latency table's probes of the named layers at their activation
-        bits (orchestrator/latency_table.py), read from this machine's cache or timed here
-        in the target runtime: plain data for the driver's LayerTable."""
+        bits (orchestrator/latency_table.py), and with `least` each at its smallest weight
+        shape in the space too, read from this machine's cache or timed here in the
+        target runtime: plain data for the driver's LayerTable."""
         from orchestrator.latency_table import (
             OVERHEAD,
             cache_bytes,
@@ -169,7 +184,8 @@ class Evaluator:
 
         self.rebuilder.restore()
         base = geometry(self.rebuilder.model, self.latency_inputs, acts, call_model)
-        probes = {name: grid(probe, acts[name]) for name, probe in base.items()}
+        least = least or {}
+        probes = {name: grid(probe, acts[name], least.get(name)) for name, probe in base.items()}
         order = probe_order(probes)
         machine_id = machine(self.target.name, self.device, self.runner.settings.latency.threads)
         times, timed = measure(order, machine_id, self.runner.probe_ms)

@@ -19,7 +19,9 @@ own c2). mobilenet_v2 policies with 5-21 of 53 layers on 8-bit activations ran 0
 ms, slower than the same cut all float (0.20) or all 8-bit (0.18). The coefficients
 start from the base model's measurement (c1 = c2 = 1, the rest of its time on its
 streamed bytes or on c0); while fewer than FIT_AFTER distinct candidates are measured
-that start is calibrated by two factors (8-bit layers, the rest); then they are fitted by
+that start is calibrated by two factors (8-bit layers, the rest), from the first on
+uniform W8A8's time too where the space has 8-bit activations (the driver has a worker
+time it beside the base model: orchestrator/search.py, `_latency_anchors`); then they are fitted by
 non-negative least squares at the cache share (CACHE_SHARES) the measurements agree with
 best, c1 and c2 at least MAC_FLOOR of their start, a timing far off the first fit
 (OUTLIER) left out of the second. Replayed on a mobilenet_v2 study of

@@ -19,9 +19,11 @@ not). The table measures that up front.
   layer's codes reach it through Cast and Mul, which it folds also in a model with
   integer layers, where it would keep a DequantizeLinear and dequantize on every run).
 - **Grid.** Per layer and activation precision: the full width, half and a quarter (in
-  and out channels scaled together, kept multiples of ALIGN where the layer's are), and
-  one width off the ALIGN grid (its ratio to the aligned curve prices odd widths, which
-  ONNX Runtime's blocked CPU kernels run slower). Between points, linear in MACs.
+  and out channels scaled together, kept multiples of ALIGN where the layer's are), one
+  width off the ALIGN grid, and the least width the space gives the layer. Aligned
+  widths are linear in MACs between their points; a width off the grid is priced at the
+  aligned curve times the ratio its neighbouring odd probes measured (ONNX Runtime's
+  blocked CPU kernels run odd widths slower, and tiny ones slower than their MACs say).
 - **Cache.** Probes are keyed by their geometry, so one table serves every model and
   study with the same layers; it lives in the user cache directory, one JSON file per
   machine type (CPU model or GPU name, runtime and version, threads), written atomically.
@@ -156,9 +158,12 @@ def _scaled(count: int, share: float) -> int:
     return max(1, round(count * share))
 
 
-def grid(base: Probe, acts: Sequence[int]) -> list[Probe]:
+def grid(base: Probe, acts: Sequence[int], least: Sequence[int] | None = None) -> list[Probe]:
     """The probes of one layer: GRID widths per activation precision, then one width off
-    the ALIGN grid (where the layer has more than ALIGN channels)."""
+    the ALIGN grid (where the layer has more than ALIGN channels), then the layer with the
+    `least` weight shape the space can give it: below the GRID a layer's time stops
+    following its MACs (mobilenet_v2's first depthwise conv at 3 of its 32 channels took
+    34 us on 8-bit activations, 15 us at all 32)."""
     found = []
     for act in acts:
         found += [base.at(out, inputs, act) for out, inputs in _widths(base)]
@@ -166,6 +171,8 @@ def grid(base: Probe, acts: Sequence[int]) -> list[Probe]:
             half = found[-2]  # the GRID point at 0.5
             odd = half.out + 1
             found.append(base.at(odd, odd if _depthwise(base) else half.input[1] + 1, act))
+        if least is not None:
+            found.append(base.at(int(least[0]), _inputs(base, least), act))
     return list(dict.fromkeys(found))
 
 
@@ -342,8 +349,9 @@ class LayerTable:
         self.integer_weights = integer_weights
         self.base = {layer: found[0] for layer, found in probes.items() if found}
         self.probes = sum(len(found) for found in probes.values())
-        # per (layer, activation bits): MACs, ms, odd-width ratio
-        self.curves: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, float]] = {}
+        # per (layer, activation bits): the aligned widths' MACs and ms, and the widths
+        # off the ALIGN grid as (MACs, their ms over the aligned curve's there)
+        self.curves: dict[tuple[str, int], tuple[np.ndarray, ...]] = {}
         for layer, found in probes.items():
             for act in sorted({p.act for p in found}):
                 same = [p for p in found if p.act == act and p in ms]
@@ -351,12 +359,11 @@ class LayerTable:
                 if not points:
                     continue
                 x, y = np.array([p[0] for p in points], float), np.array([p[1] for p in points])
-                odd = [(p.macs, max(ms[p] - overhead, 0.0)) for p in same if not aligned(p)]
-                ratio = 1.0
-                if odd:
-                    expected = _interpolate(x, y, odd[0][0])
-                    ratio = odd[0][1] / expected if expected > 0 else 1.0
-                self.curves[(layer, act)] = (x, y, ratio)
+                odd = sorted((p.macs, max(ms[p] - overhead, 0.0)) for p in same if not aligned(p))
+                ratios = [(m, t / e if (e := _interpolate(x, y, m)) > 0 else 1.0) for m, t in odd]
+                ratios = ratios or [(0.0, 1.0)]
+                self.curves[(layer, act)] = (x, y, np.array([r[0] for r in ratios], float),
+                                             np.array([r[1] for r in ratios], float))  # fmt: skip
 
     @classmethod
     def of(cls, found: Mapping[str, Any]) -> LayerTable:
@@ -382,9 +389,9 @@ class LayerTable:
         if base is None or (layer, act) not in self.curves:
             return None
         probe = base.at(int(weight_shape[0]), _inputs(base, weight_shape), act)
-        x, y, ratio = self.curves[(layer, act)]
+        x, y, odd_macs, ratios = self.curves[(layer, act)]
         ms = _interpolate(x, y, probe.macs)
-        return ms if aligned(probe) else ms * ratio
+        return ms if aligned(probe) else ms * float(np.interp(probe.macs, odd_macs, ratios))
 
 
     def input_elements(self, layer: str, weight_shape: Sequence[int]) -> int | None:

@@ -125,7 +125,7 @@ def baselines(pricing: Pricing, *, within_budget: bool) -> list[Values]:
     layer 8-bit weights and activations): on the front beside uniform 8-bit, within a
     budget at the largest uniform keep that fits."""
     space = pricing.space
-    integer = functools.partial(_integer, space)
+    integer = functools.partial(integer_values, space)
     if not (within_budget and pricing.budget.priced):
         found = [uniform_values(space, bits) for bits in UNIFORM_BASELINE_BITS]
         found += [v for v in map(integer, found) if v is not None]
@@ -149,7 +149,7 @@ def baselines(pricing: Pricing, *, within_budget: bool) -> list[Values]:
     return list(unique.values())
 
 
-def _integer(space: SearchSpace, values: Values) -> Values | None:
+def integer_values(space: SearchSpace, values: Values) -> Values | None:
     """A uniform 8-bit policy with its activations in 8 bits too (W8A8: what integer
     kernels run), where the space has activation knobs; None otherwise."""
     bits = {values[k.name] for k in space.searchable if k.kind == BITS.name}

@@ -81,11 +81,13 @@ class Proposer:
     def __init__(self, prepared: Prepared, study: optuna.Study, *, record: Record,
                  flight: Flight, guidance: Guidance = Guidance(),
                  requeue: Sequence[Mapping[str, Any]] = (), first: bool = True,
-                 base_latency: float | None = None, latency_table: Any = None) -> None:  # fmt: skip
+                 base_latency: float | None = None, latency_table: Any = None,
+                 latency_anchors: Sequence[tuple[Mapping[str, Any], float]] = ()) -> None:  # fmt: skip
         """`requeue`: params of a resumed study's interrupted trials; `first`: this driver
         created the study, so it queues the baselines and seeds (a joining one does not);
         `base_latency`: the unchanged model's, measured by a worker (a latency limit);
-        `latency_table`: the per-layer table the predictor prices layers with."""
+        `latency_table`: the per-layer table the predictor prices layers with;
+        `latency_anchors`: (policy values, ms) measured beside the base (W8A8)."""
         config, space = prepared.config, prepared.space
         self.study, self.record, self.flight = study, record, flight
         self.target = config.trials
@@ -95,6 +97,8 @@ class Proposer:
         if self.latency is not None and base_latency is not None:  # the unchanged model's
             self.latency.observe(Policy.from_values(space, reference_values(space.knobs)),
                                  base_latency)  # fmt: skip
+            for values, measured in latency_anchors:
+                self.latency.observe(Policy.from_values(space, values), measured)
         self.pricing = Pricing(space, prepared.budget, self.latency)
         self.mover = Mover(self.pricing, guidance.loss or LossModel.prior(space))
         self.repairs = config.repair

@@ -84,9 +84,14 @@ class _Worker:
         measure = getattr(self.evaluator, "base_latency", None)  # a custom evaluator may not
         return measure() if measure is not None else None
 
-    def latency_probes(self, acts: dict[str, list[int]]) -> dict[str, Any] | None:
+    def policy_latency(self, policy: dict[str, Any]) -> float | None:
+        measure = getattr(self.evaluator, "policy_latency", None)
+        return measure(policy) if measure is not None else None
+
+    def latency_probes(self, acts: dict[str, list[int]],
+                       least: dict[str, list[int]] | None = None) -> dict[str, Any] | None:  # fmt: skip
         probe = getattr(self.evaluator, "latency_probes", None)
-        return probe(acts) if probe is not None else None
+        return probe(acts, least) if probe is not None else None
 
     def evaluate(
         self, policy: dict[str, Any], context: dict[str, Any] | None = None
@@ -225,11 +230,21 @@ class WorkerPool:
             raise WorkerStartError(f"measuring the unchanged model's latency failed: "
                                    f"{_cause(exc)}") from exc  # fmt: skip
 
-    def latency_probes(self, acts: dict[str, list[int]]) -> dict[str, Any] | None:
+    def policy_latency(self, policy: dict[str, Any]) -> float | None:
+        """A policy's latency, measured on a worker (None: its evaluator does not measure
+        latency)."""
+        try:
+            return self._get([self._idle[0].policy_latency.remote(policy)])[0]
+        except RayError as exc:
+            raise WorkerStartError(f"measuring a uniform policy's latency failed: "
+                                   f"{_cause(exc)}") from exc  # fmt: skip
+
+    def latency_probes(self, acts: dict[str, list[int]],
+                       least: dict[str, list[int]] | None = None) -> dict[str, Any] | None:  # fmt: skip
         """The per-layer latency table's probes, timed on a worker (orchestrator/
         latency_table.py); None: its evaluator times none."""
         try:
-            return self._get([self._idle[0].latency_probes.remote(acts)])[0]
+            return self._get([self._idle[0].latency_probes.remote(acts, least)])[0]
         except RayError as exc:
             raise WorkerStartError(f"timing the layers' latency probes failed: "
                                    f"{_cause(exc)}") from exc  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import types
 
 import numpy as np
 import onnx
@@ -33,7 +34,7 @@ from orchestrator.targets import TargetSettings
 from orchestrator.targets.eager import _module_of
 from orchestrator.targets.onnxrt import probe_bytes
 from search_spaces.cost import sliced_weight_shapes
-from search_spaces.kinds import layer_act_bits
+from search_spaces.kinds import layer_act_bits, reference_values
 from search_spaces.policy import Policy
 
 # a probe's cache key: its geometry and activation bits (tables timed by earlier versions
@@ -166,6 +167,32 @@ def test_the_table_interpolates_widths_never_probed_and_prices_odd_ones_by_their
     assert sizes == sorted(sizes)
 
 
+def test_the_least_width_of_the_space_is_probed_and_odd_widths_take_their_neighbours_ratio():
+    """A layer is also probed at the smallest weight the space gives it: there a layer's
+    time stops following its MACs (a 3-channel depthwise conv ran slower than a
+    32-channel one on 8-bit activations). An odd width between two odd probes is priced
+    at the aligned curve times their ratios interpolated in MACs."""
+    base = _conv(64, 64, 1, 3, 1, 16)
+    probes = grid(base, (32,), least=(3, 5, 3, 3))
+    tiny = base.at(3, 5, 32)
+    assert tiny in probes and not aligned(tiny)
+    assert len(probes) == len(grid(base, (32,))) + 1
+    assert grid(base, (32,), least=(16, 16, 3, 3)) == grid(base, (32,))  # a GRID point already
+    half_odd = next(p for p in grid(base, (32,)) if not aligned(p))
+    ms = {p: p.macs * 1e-7 * (1.0 if aligned(p) else 4.0 if p == tiny else 2.0) for p in probes}
+    table = LayerTable({"conv": probes}, ms, 0.0)
+    assert table.layer_ms("conv", (3, 5, 3, 3), 32) == pytest.approx(4.0 * tiny.macs * 1e-7)
+    assert table.layer_ms("conv", (half_odd.out, half_odd.input[1], 3, 3), 32) == pytest.approx(
+        2.0 * half_odd.macs * 1e-7)
+    between = base.at(9, 11, 32)
+    assert tiny.macs < between.macs < half_odd.macs
+    share = (between.macs - tiny.macs) / (half_odd.macs - tiny.macs)
+    assert table.layer_ms("conv", (9, 11, 3, 3), 32) == pytest.approx(
+        (4.0 + share * (2.0 - 4.0)) * between.macs * 1e-7)
+    # the aligned widths keep their own curve
+    assert table.layer_ms("conv", (32, 32, 3, 3), 32) == pytest.approx(base.at(32, 32, 32).macs * 1e-7)
+
+
 @pytest.fixture(scope="module")
 def resnet():
     config = make_config({"task": "digits-resnet", "target": "onnxruntime", "space": ACTS})
@@ -288,6 +315,41 @@ def test_layout_changes_are_counted_between_integer_blocked_and_plain_layers(
         assert model.features(uniform)[CHANGES] == model.features(uniform)[CHANGED] == 0
     torch_model = LatencyModel(space, LayerTable.of({**found, "integer_weights": False}))
     assert torch_model.features(mixed)[CHANGES] == 0
+
+
+def test_w8a8_timed_beside_the_base_prices_integer_models_from_the_start(
+    resnet, tmp_path, monkeypatch
+):
+    """The driver times uniform W8A8 at full width on a worker before the search (the
+    budget's W8A8 baseline is chosen by prediction, and 8-bit layers alone are no guide
+    to a run of them): with the base model's time, the predictor then prices both as
+    measured."""
+    from orchestrator.search import _latency_anchors
+
+    monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path))
+    evaluator, space = resnet
+    asked = []
+
+    class Pool:  # the worker pool's one call here, answered by a real evaluator
+        def policy_latency(self, values):
+            asked.append(values)
+            return evaluator.policy_latency(values)
+
+    prepared = types.SimpleNamespace(space=space)
+    [(values, w8a8_ms)] = _latency_anchors(prepared, Pool())
+    policy = Policy.from_values(space, values)
+    assert policy.hash == _w8a8(space).hash and asked == [values] and w8a8_ms > 0
+    table = LayerTable.of(evaluator.latency_probes({x.name: [8, 32] for x in space.profile.layers}))
+    model = LatencyModel(space, table)
+    reference = Policy.from_values(space, reference_values(space.knobs))
+    base_ms = evaluator.base_latency()
+    model.observe(reference, base_ms)
+    model.observe(policy, w8a8_ms)
+    assert model.predict(policy) == pytest.approx(w8a8_ms, rel=1e-6)
+    assert model.predict(reference) == pytest.approx(base_ms, rel=1e-6)
+    # a space without 8-bit activations has no such anchor
+    plain = build_space(make_config({"task": "digits-resnet", "target": "onnxruntime"}))[2]
+    assert _latency_anchors(types.SimpleNamespace(space=plain), Pool()) == []
 
 
 def test_the_calibration_learns_what_the_layers_alone_do_not_show(resnet, tmp_path, monkeypatch):
