@@ -110,6 +110,7 @@ class LatencyModel:
         self._coef: np.ndarray | None = None
         self._share = PRIOR_SHARE  # of the cache, the weights' (the table's MB feature)
         self._errors: list[float] = []  # |predicted / measured - 1| of each measured prediction
+        self._timed: dict[tuple[float, ...], list[float]] = {}  # by features: what was measured
 
     def features(self, policy: Mapping[str, int | float]) -> np.ndarray:
         """[1, float MACs in aligned layers, float MACs in the others, layers not aligned,
@@ -185,15 +186,32 @@ class LatencyModel:
             return
         if predicted is not None:
             self._errors.append(abs(predicted / latency_ms - 1.0))
-        self._rows.append(self.features(policy))
+        row = self.features(policy)
+        self._rows.append(row)
         self._measured.append(float(latency_ms))
+        self._timed.setdefault(tuple(row.tolist()), []).append(float(latency_ms))
         self._coef = None
+
+    def timed(self, policy: Mapping[str, int | float]) -> float | None:
+        """The median of what policies priced as `policy` measured (the base model, W8A8
+        timed before the search, a candidate measured): no prediction needed, nor its
+        margin. None where none was."""
+        return self.priced(policy)[1]
 
     def predict(self, policy: Mapping[str, int | float]) -> float | None:
         """Milliseconds, or None before any measurement."""
+        return self.priced(policy)[0]
+
+    def priced(self, policy: Mapping[str, int | float]) -> tuple[float | None, float | None]:
+        """(`predict`, `timed`) of a policy, its features computed once (a repair prices
+        thousands of policies)."""
         if not self._measured:
-            return None
+            return None, None
         x = self.features(policy)
+        found = self._timed.get(tuple(x.tolist()))
+        return self._predicted(x), (float(np.median(found)) if found else None)
+
+    def _predicted(self, x: np.ndarray) -> float:
         if self._coef is None:
             self._coef = self._fit()
         if self.table is not None:

@@ -85,20 +85,27 @@ class Pricing:
         return policy_cost(self.space, self.policy(values))
 
     def predicted_latency(self, policy: Policy) -> float | None:
+        return self._latency(policy)[0]
+
+    def _latency(self, policy: Policy) -> tuple[float | None, float | None]:
+        """(predicted, timed) ms of `policy` under a latency limit (orchestrator/latency.py)."""
         if self.budget.latency_ms is None or self.latency is None:
-            return None
-        return self.latency.predict(policy)
+            return None, None
+        return self.latency.priced(policy)
 
     def violations(self, values: Mapping[str, Any]) -> dict[str, float]:
         """Per limit, the relative excess (the cost model's). Latency as predicted, raised
         by the predictor's typical error: repairs, fills and moves aim below the limit by
         that much, so most of what they propose measures within it (the ask itself calls a
-        candidate over only beyond that error: proposer.py)."""
+        candidate over only beyond that error: proposer.py); as measured where a policy
+        priced alike was (W8A8 timed before the search: the budget's W8A8 baseline at
+        full width is taken when its time fits, not only when it fits with a margin)."""
         policy = self.policy(values)
         found = self.budget.violations(policy_cost(self.space, policy))
-        predicted = self.predicted_latency(policy)
+        predicted, timed = self._latency(policy)
         if predicted is not None:
-            found["latency"] = self.budget.latency_violation(predicted * (1 + self.latency.margin))
+            aimed = timed if timed is not None else predicted * (1 + self.latency.margin)
+            found["latency"] = self.budget.latency_violation(aimed)
         return found
 
     def excess(self, values: Mapping[str, Any]) -> float:

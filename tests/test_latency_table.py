@@ -347,6 +347,15 @@ def test_w8a8_timed_beside_the_base_prices_integer_models_from_the_start(
     model.observe(policy, w8a8_ms)
     assert model.predict(policy) == pytest.approx(w8a8_ms, rel=1e-6)
     assert model.predict(reference) == pytest.approx(base_ms, rel=1e-6)
+    # a timed policy is within a limit its time keeps (an untimed one aims below it by the
+    # predictor's margin): the budget's W8A8 baseline at full width
+    from orchestrator.budget import Budget
+    from orchestrator.proposals import Pricing
+
+    pricing = Pricing(space, Budget(latency_ms=1.02 * w8a8_ms), model)
+    assert model.timed(policy) == pytest.approx(w8a8_ms) and pricing.excess(values) == 0
+    assert model.timed(_w8a8(space, 0.5)) is None
+    assert model.predict(policy) * (1 + model.margin) > 1.02 * w8a8_ms
     # a space without 8-bit activations has no such anchor
     plain = build_space(make_config({"task": "digits-resnet", "target": "onnxruntime"}))[2]
     assert _latency_anchors(types.SimpleNamespace(space=plain), Pool()) == []
