@@ -208,6 +208,14 @@ def test_onnx_runtime_runs_8_bit_layers_as_integer_kernels(tmp_path):
     artifact = evaluator.artifact_of(evaluator.compressed_model(w4a8), w4a8)
     ops = _optimized_ops(artifact.data, tmp_path / "w4a8.onnx")
     assert ops["QLinearConv"] == kinds["Conv2d"] and ops["QGemm"] == kinds["Linear"]
+    # float weights under 8-bit activations: int8 codes too (a float weight ONNX Runtime
+    # quantizes itself, into a slower kernel); the file is W8A8's size, as priced
+    w32a8 = _uniform(space, 32, 8)
+    artifact = evaluator.artifact_of(evaluator.compressed_model(w32a8), w32a8)
+    assert len(artifact.data) == policy_cost(space, w32a8).size_bytes
+    assert policy_cost(space, w32a8).size_bytes == policy_cost(space, policy).size_bytes
+    types = {t.name: t.data_type for t in onnx.load_from_string(artifact.data).graph.initializer}
+    assert all(types.get(f"{x.weights[0].key}_quantized") == 3 for x in space.profile.layers)
     # one layer on 8-bit activations, the others' 8-bit weights folded into float ones when
     # the session is made (Cast and Mul: a DequantizeLinear would stay for the QDQ fusion
     # and dequantize on every run): one integer kernel, no weight left to dequantize

@@ -49,6 +49,7 @@ from search_spaces.onnx_layout import (
     codes_name,
     field_bytes,
     float_codes_name,
+    integer_bits,
     node_name,
     rescale_name,
     scale_dims,
@@ -425,6 +426,7 @@ def write_artifact(layout: OnnxLayout, model: nn.Module, bits: Mapping[str, int]
     factors = _fold_state(layout, state)
     shapes = {key: tuple(state[key].shape) for key, _, _ in layout.tensors}
     activations = activations or {}
+    bits = integer_bits(bits, activations)  # a layer on 8-bit activations: int8 weights
     biases = layout.integer_biases(shapes, bits, activations)
     nodes = []
     for key, element, data_type in layout.tensors:
