@@ -289,7 +289,8 @@ def _latency_table(prepared: Prepared, pool: Any, *, quiet: bool) -> Any:
     space = prepared.space
     smallest = Policy.from_values(space, space.extreme_values("min"))
     lowest = layer_act_bits(space, smallest)
-    acts = {x.name: sorted({FLOAT_BITS, lowest.get(x.name, FLOAT_BITS)}) for x in space.profile.layers}
+    acts = {x.name: sorted({FLOAT_BITS, lowest.get(x.name, FLOAT_BITS)})
+            for x in space.profile.layers}  # fmt: skip
     least = {layer.name: list(shapes[0]) for layer, shapes in sliced_weight_shapes(space, smallest)}
     start = time.monotonic()
     found = pool.latency_probes(acts, least)

@@ -5,12 +5,12 @@ An ONNX file is one protobuf message (ModelProto). A candidate's file is the bas
 model's export (the *skeleton*: its graph without the weights of the state dict) plus,
 per state tensor, either one float initializer or, for a quantized weight, its integer
 codes, one float32 scale per output row and the nodes that give the float tensor its old
-name (a `DequantizeLinear`, or `Cast` and `Mul`: `weight_encoding`); grouped convolutions get their new `group`. Protobuf's
-encoding is simple enough to count: every field is a tag (one byte for the field numbers
-used here, all below 16), and a length-delimited field adds its length as a varint. So
-the file's size is arithmetic over names, shapes and bits (`OnnxLayout.file_bytes`); the
-builder (orchestrator/targets/onnx_artifact.py) writes exactly these fields, and a test holds the two
-to the byte.
+name (a `DequantizeLinear`, or `Cast` and `Mul`: `weight_encoding`); grouped convolutions
+get their new `group`. Protobuf's encoding is simple enough to count: every field is a tag
+(one byte for most field numbers used here), and a length-delimited field adds its length
+as a varint. So the file's size is arithmetic over names, shapes and bits
+(`OnnxLayout.file_bytes`); the builder (orchestrator/targets/onnx_artifact.py) writes
+exactly these fields, and a test holds the two to the byte.
 
 A BatchNormalization right after a Conv is folded into it in the skeleton (`Fold`): its
 four tensors and its node are gone, the Conv gets its bias.
@@ -119,7 +119,8 @@ def rescale_nodes_bytes(key: str) -> int:
     Cast (codes -> float, attribute `to`) and Mul (by the per-row scales), each with
     inputs, output, name and op_type."""
     cast = (text_bytes(codes_name(key)) + text_bytes(float_codes_name(key))
-            + text_bytes(cast_name(key)) + text_bytes("Cast") + field_bytes(CAST_TO_FLOAT))  # fmt: skip
+            + text_bytes(cast_name(key)) + text_bytes("Cast")
+            + field_bytes(CAST_TO_FLOAT))  # fmt: skip
     mul = (text_bytes(float_codes_name(key)) + text_bytes(scale_name(key)) + text_bytes(key)
            + text_bytes(rescale_name(key)) + text_bytes("Mul"))  # fmt: skip
     return field_bytes(cast) + field_bytes(mul)
@@ -315,7 +316,8 @@ class Fold:
 @dataclass(frozen=True, kw_only=True)
 class OnnxLayout:
     """What prices and builds a candidate's ONNX file: the skeleton and where the state
-    tensors go. Made once from the base model by the driver (orchestrator/targets/onnx_artifact.py)."""
+    tensors go. Made once from the base model by the driver
+    (orchestrator/targets/onnx_artifact.py)."""
 
     skeleton: bytes  # the ModelProto without the state tensors' initializers
     model_rest: int  # the ModelProto's bytes without its graph field
