@@ -65,12 +65,9 @@ def _setup(config) -> tuple:
 
 def _table(space, evaluator) -> str:
     """The layer table's probes and the seconds to time them (cold cache)."""
-    from search_spaces.cost import sliced_weight_shapes
-    from search_spaces.policy import Policy
+    from orchestrator.search import latency_probe_request
 
-    acts = {layer.name: [8, 32] for layer in space.profile.layers}
-    smallest = Policy.from_values(space, space.extreme_values("min"))  # as the search asks
-    least = {layer.name: list(s[0]) for layer, s in sliced_weight_shapes(space, smallest)}
+    acts, least = latency_probe_request(space)  # as the search asks
     start = time.perf_counter()
     found = evaluator.latency_probes(acts, least)
     seconds = time.perf_counter() - start

@@ -93,13 +93,17 @@ PRIOR_SHARE = 0.25  # before the fit: resnet18 at 64x64 fell off the cliff betwe
 # 26 MB of float weights on a 32 MB cache here
 
 
+def _aligned(weight_shape: tuple[int, ...]) -> bool:
+    """Whether a layer's channel counts (out, in per group; 1 aside) fill ALIGN blocks."""
+    return all(c % ALIGN == 0 for c in weight_shape[:2] if c > 1)
+
+
 def _layout(weight_shape: tuple[int, ...], integer: bool) -> str:
     """How the runtime holds the activations of a layer with this weight (INTEGER, BLOCKED
     or PLAIN)."""
     if integer:
         return INTEGER
-    channels = [c for c in weight_shape[:2] if c > 1]  # out, in (per group)
-    return BLOCKED if all(c % ALIGN == 0 for c in channels) else PLAIN
+    return BLOCKED if _aligned(weight_shape) else PLAIN
 
 
 class LatencyModel:
@@ -128,8 +132,7 @@ class LatencyModel:
                 x[4] += macs
                 x[5] += 1
                 continue
-            channels = [c for c in shapes[0][:2] if c > 1]  # out, in (per group)
-            aligned = all(c % ALIGN == 0 for c in channels)
+            aligned = _aligned(shapes[0])
             x[1 if aligned else 2] += macs
             x[3] += not aligned
         return x

@@ -102,9 +102,7 @@ class Probe:
     def at(self, out: int, inputs: int, act: int) -> Probe:
         """This layer with `out` output and `inputs` input channels (a depthwise conv
         keeps one group per channel; other grouped convs keep their group count)."""
-        groups = self.groups
-        if self.groups > 1 and self.groups == self.input[1] == self.out:
-            groups = out
+        groups = out if _depthwise(self) else self.groups
         return replace(self, input=(self.input[0], inputs, *self.input[2:]), out=out,
                        groups=groups, act=act)  # fmt: skip
 

@@ -277,21 +277,29 @@ def open_driver(prepared: Prepared, pool: Any, *, sampler: str, quiet: bool,
                   stats=stats, driver_id=driver_id)  # fmt: skip
 
 
-def _latency_table(prepared: Prepared, pool: Any, *, quiet: bool) -> Any:
-    """The per-layer latency table of the space's layers, at float and (where a layer has
-    an activation knob) 8-bit activations, from a worker: timed there, or read from its
-    machine's cache (orchestrator/latency_table.py). None: the evaluator times none."""
-    from orchestrator.latency_table import LayerTable
+def latency_probe_request(space: Any) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """What the per-layer table probes for `space`: each layer's activation bits (float,
+    and 8 where it has such a knob) and its least weight shape (the space's smallest
+    policy's), as a worker's `latency_probes` takes them."""
     from search_spaces.config import FLOAT_BITS
     from search_spaces.cost import sliced_weight_shapes
     from search_spaces.kinds import layer_act_bits
 
-    space = prepared.space
     smallest = Policy.from_values(space, space.extreme_values("min"))
     lowest = layer_act_bits(space, smallest)
     acts = {x.name: sorted({FLOAT_BITS, lowest.get(x.name, FLOAT_BITS)})
             for x in space.profile.layers}  # fmt: skip
     least = {layer.name: list(shapes[0]) for layer, shapes in sliced_weight_shapes(space, smallest)}
+    return acts, least
+
+
+def _latency_table(prepared: Prepared, pool: Any, *, quiet: bool) -> Any:
+    """The per-layer latency table of the space's layers, at float and (where a layer has
+    an activation knob) 8-bit activations, from a worker: timed there, or read from its
+    machine's cache (orchestrator/latency_table.py). None: the evaluator times none."""
+    from orchestrator.latency_table import LayerTable
+
+    acts, least = latency_probe_request(prepared.space)
     start = time.monotonic()
     found = pool.latency_probes(acts, least)
     if found is None:
